@@ -1,0 +1,22 @@
+"""The optimizer engine: projector × inner Adam × residual rule × limiter, and its presets."""
+from .engine import NonFiniteGradientError, SubspaceAdamW, is_projected
+from .groups import param_groups
+from .layerwise import LayerwiseOptimizer, layerwise
+from .presets import (
+    PRESETS,
+    Fira,
+    GaLore,
+    fira_grad_clipping,
+    fira_matrix,
+    fira_no_limiter,
+    fira_no_scaling,
+    fira_only_scaling,
+    make_optimizer,
+    optimizer_methods,
+)
+
+__all__ = [
+    "SubspaceAdamW", "NonFiniteGradientError", "is_projected", "param_groups", "layerwise",
+    "LayerwiseOptimizer", "Fira", "GaLore", "fira_matrix", "fira_no_scaling", "fira_no_limiter",
+    "fira_grad_clipping", "fira_only_scaling", "PRESETS", "make_optimizer", "optimizer_methods",
+]

@@ -1,0 +1,109 @@
+"""Adam's functional core, shared by the projected (low-rank) and the plain parameters.
+
+ψ is Adam's correction of the paper (eq. 4–5), written as ``torch.optim.AdamW`` computes it::
+
+    M ← β1·M + (1 − β1)·R            V ← β2·V + (1 − β2)·R²
+    ψ(R) = (M / (1 − β1ᵗ)) / (√(V / (1 − β2ᵗ)) + ε)
+
+Every function takes lists of tensors and uses the ``torch._foreach_*`` kernels when ``foreach`` is
+true (one launch per op for the whole list instead of one per tensor), like ``torch/optim/adamw.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _bias_corrections(steps: list[int], beta1: float, beta2: float) -> tuple[list[float], list[float]]:
+    return [1.0 - beta1**t for t in steps], [math.sqrt(1.0 - beta2**t) for t in steps]
+
+
+def update_moments_(
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    foreach: bool,
+) -> None:
+    """M ← β1·M + (1 − β1)·R and V ← β2·V + (1 − β2)·R², in place."""
+    if not grads:
+        return
+    if foreach:
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        return
+    for m, v, g in zip(exp_avgs, exp_avg_sqs, grads):
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+
+
+def denominators(
+    exp_avg_sqs: list[torch.Tensor], sqrt_bc2: list[float], eps: float, *, foreach: bool
+) -> list[torch.Tensor]:
+    """√(V / (1 − β2ᵗ)) + ε for each tensor (new tensors)."""
+    if foreach:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, sqrt_bc2)
+        torch._foreach_add_(denom, eps)
+        return denom
+    return [v.sqrt().div_(c).add_(eps) for v, c in zip(exp_avg_sqs, sqrt_bc2)]
+
+
+def directions(
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[int],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    foreach: bool,
+) -> list[torch.Tensor]:
+    """ψ(R) for each tensor, from moments already updated at step ``t`` (1-based)."""
+    if not exp_avgs:
+        return []
+    bc1, sqrt_bc2 = _bias_corrections(steps, beta1, beta2)
+    denom = denominators(exp_avg_sqs, sqrt_bc2, eps, foreach=foreach)
+    if foreach:
+        psi = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_div_(psi, bc1)
+        return psi
+    return [m.div(d).div_(c) for m, d, c in zip(exp_avgs, denom, bc1)]
+
+
+def adamw_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    foreach: bool,
+) -> None:
+    """One AdamW step on plain parameters, as ``torch.optim.AdamW`` does it (decoupled decay first)."""
+    if not params:
+        return
+    if weight_decay != 0.0:
+        if foreach:
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        else:
+            for p in params:
+                p.mul_(1.0 - lr * weight_decay)
+    update_moments_(exp_avgs, exp_avg_sqs, grads, beta1=beta1, beta2=beta2, foreach=foreach)
+    bc1, sqrt_bc2 = _bias_corrections(steps, beta1, beta2)
+    denom = denominators(exp_avg_sqs, sqrt_bc2, eps, foreach=foreach)
+    step_sizes = [-lr / c for c in bc1]
+    if foreach:
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+        return
+    for p, m, d, s in zip(params, exp_avgs, denom, step_sizes):
+        p.addcdiv_(m, d, value=s)

@@ -1,0 +1,85 @@
+"""Residual rules: what happens to the part of the gradient outside the subspace, G − P·R.
+
+GaLore discards it. Fira adds it back scaled by the norm-based factor φ (paper eq. 8–11)::
+
+    S = φ(R) ∘ (G − P·R)
+    φ(R) = ‖ψ(R)‖ / ‖R‖                       matrix level  (eq. 10)
+    φ(R)_i = ‖ψ(R)_{:,i}‖ / ‖R_{:,i}‖           column level  (eq. 11)
+
+The column level takes one factor per column of G that survives the projection (rows for a right
+projection). Rules:
+
+* ``discard``       GaLore: update = α·P·ψ(R)
+* ``add``           GaLore-add (Fira w/o scaling): S = G − P·R, unscaled
+* ``scale_matrix``  Fira-matrix: S with the matrix-level φ
+* ``scale_column``  Fira: S with the column-level φ
+* ``only_scaling``  Fira-only-scaling (review discussion): update = φ ∘ G, no subspace term
+
+The residual is exactly ``G − P·PᵀG`` (orthogonal to the subspace) whatever α is. The official
+``fira`` package subtracts ``α·P·R`` instead; ``residual_convention="official"`` reproduces that
+(κ = α below), ``"exact"`` (default) uses κ = 1.
+
+The engine never materialises S: it needs φ and ‖S‖ only, because with orthonormal P each column
+satisfies ‖G_i − κ·P·R_i‖² = ‖G_i‖² − (2κ − κ²)·‖R_i‖² (Pythagoras), and the update
+α·P·ψ + c·φ∘(G − κ·P·R) is assembled as one ``addmm_`` of ``P·(α·ψ − c·κ·φ∘R)`` plus ``c·φ∘G``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .projector import column_dim, project_back
+
+RESIDUAL_RULES = ("discard", "add", "scale_matrix", "scale_column", "only_scaling")
+RESIDUAL_CONVENTIONS = ("exact", "official")
+COLUMN_RULES = ("scale_column", "only_scaling")
+
+# Added to ‖R‖ in φ's denominator, as the official Fira code does, so that a zero column of R
+# (a column of G orthogonal to the subspace) gives a large but finite factor.
+PHI_EPS = 1e-8
+
+
+@dataclass
+class ScaledResidual:
+    """φ, broadcastable to both G and R (0-d for matrix-level rules), and ‖S‖ as a 0-d fp32 tensor."""
+
+    phi: torch.Tensor
+    norm: torch.Tensor
+
+
+def _norms(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+    if dim is None:
+        return torch.linalg.vector_norm(t, dtype=torch.float32)
+    return torch.linalg.vector_norm(t, dim=dim, keepdim=True, dtype=torch.float32)
+
+
+def scaled_residual(
+    rule: str, grad: torch.Tensor, low: torch.Tensor, psi: torch.Tensor, side: str, kappa: float
+) -> ScaledResidual | None:
+    """φ and ‖S‖ for ``rule`` (None for ``discard``), from G, R = Pᵀ·G and ψ(R)."""
+    if rule == "discard":
+        return None
+    dim = column_dim(side) if rule in COLUMN_RULES else None
+    grad_sq = _norms(grad, dim).square()
+    if rule == "add":
+        phi = torch.ones((), dtype=torch.float32, device=grad.device)
+    else:
+        low_norm = _norms(low, dim)
+        phi = _norms(psi, dim) / (low_norm + PHI_EPS)
+    if rule == "only_scaling":
+        residual_sq = grad_sq
+    else:
+        low_sq = _norms(low, dim).square() if rule == "add" else low_norm.square()
+        residual_sq = (grad_sq - (2.0 * kappa - kappa * kappa) * low_sq).clamp_min_(0.0)
+    norm = (phi.square() * residual_sq).sum().sqrt()
+    return ScaledResidual(phi=phi, norm=norm)
+
+
+def explicit_residual(
+    grad: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, kappa: float = 1.0
+) -> torch.Tensor:
+    """G − κ·P·R materialised (for analysis and tests; the engine's step never builds it)."""
+    from .projector import project
+
+    return grad - kappa * project_back(project(grad, left, right), left, right)

@@ -1,0 +1,64 @@
+"""What Adam's moments do when the projection changes (``on_switch``).
+
+* ``keep``       GaLore's behaviour: the moments stay as they are, now read in the new basis. If the
+                 low-rank shape changed (adaptive rank) they cannot be kept and are reset.
+* ``reproject``  AdaRankGrad's: rotate the moments into the new subspace with Q = P_newᵀ·P_old
+                 (right projections: Q = Q_old·Q_newᵀ on the other side)::
+
+                     M_new = Q·M_old              (exact for the first moment's linear map)
+                     V_new = (Q∘Q)·V_old          (second moment)
+
+                 The second-moment map is the variance of Q·r for a low-rank gradient r with
+                 independent zero-mean coordinates of variances V_old: non-negative, exact when Q is
+                 a signed permutation (the same subspace, re-ordered), and it never invents
+                 curvature outside what the old subspace had seen.
+* ``reset``      zero moments and restart Adam's bias correction.
+"""
+from __future__ import annotations
+
+import torch
+
+ON_SWITCH = ("keep", "reproject", "reset")
+
+
+def _rotations(
+    old_left: torch.Tensor | None,
+    old_right: torch.Tensor | None,
+    new_left: torch.Tensor | None,
+    new_right: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(Q_left, Q_right) so that R_new ≈ Q_left·R_old·Q_right for the same gradient."""
+    q_left = new_left.T @ old_left if new_left is not None else None
+    q_right = old_right @ new_right.T if new_right is not None else None
+    return q_left, q_right
+
+
+def _apply(t: torch.Tensor, q_left: torch.Tensor | None, q_right: torch.Tensor | None) -> torch.Tensor:
+    if q_left is not None:
+        t = q_left @ t
+    if q_right is not None:
+        t = t @ q_right
+    return t
+
+
+def switch_moments_(
+    state: dict,
+    policy: str,
+    new_left: torch.Tensor | None,
+    new_right: torch.Tensor | None,
+    low_shape: torch.Size,
+) -> None:
+    """Carry ``state``'s moments from its current projection to (new_left, new_right)."""
+    if policy not in ON_SWITCH:
+        raise ValueError(f"on_switch must be one of {ON_SWITCH}, got {policy!r}")
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    if policy == "reproject":
+        q_left, q_right = _rotations(state.get("proj_left"), state.get("proj_right"), new_left, new_right)
+        state["exp_avg"] = _apply(exp_avg, q_left, q_right)
+        sq = lambda q: None if q is None else q.square()  # noqa: E731
+        state["exp_avg_sq"] = _apply(exp_avg_sq, sq(q_left), sq(q_right)).clamp_min_(0.0)
+        return
+    if policy == "reset" or exp_avg.shape != low_shape:
+        state["exp_avg"] = torch.zeros(low_shape, dtype=exp_avg.dtype, device=exp_avg.device)
+        state["exp_avg_sq"] = torch.zeros(low_shape, dtype=exp_avg.dtype, device=exp_avg.device)
+        state["adam_step"] = 0
