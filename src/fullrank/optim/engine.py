@@ -25,7 +25,7 @@ from .limiter import STATE_KEY as LIMITER_STATE_KEY
 from .limiter import limit_factor
 from .options import validate_common, validate_projected, validate_projected_state
 from .projector import add_projected_back_, compute_projection, low_rank_shape, project, projection_side
-from .residual import scaled_residual
+from .residual import norm_dtype, scaled_residual
 from .switch import switch_moments_
 
 _SEED_STRIDE = 1_000_003
@@ -107,6 +107,8 @@ class SubspaceAdamW(Optimizer):
             foreach=foreach,
         )
         self.skipped_steps = 0
+        if not isinstance(params, torch.Tensor):  # torch fills defaults into the caller's dicts: copy them
+            params = [dict(p) if isinstance(p, dict) else p for p in params]
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -140,15 +142,15 @@ class SubspaceAdamW(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, param in zip(saved_ids, params):
             norm = saved_state.get(saved_id, {}).get(LIMITER_STATE_KEY)
-            if norm is not None:  # keep fp32: Optimizer.load_state_dict casts to the param's dtype
-                self.state[param][LIMITER_STATE_KEY] = norm.to(device=param.device, dtype=torch.float32)
+            if norm is not None:  # keep its dtype: Optimizer.load_state_dict casts to the param's
+                self.state[param][LIMITER_STATE_KEY] = norm.to(device=param.device)
         offset = 0
         for group in self.param_groups:
             self._validate_group(group, offset)
             if is_projected(group):
                 for param, name in zip(group["params"], parameter_names(group, offset)):
                     if self.state.get(param):
-                        validate_projected_state(self.state[param], param, name)
+                        validate_projected_state(self.state[param], param, name, group["rank"])
             offset += len(group["params"])
         self.skipped_steps = skipped
 
@@ -235,7 +237,7 @@ class SubspaceAdamW(Optimizer):
             if not state:
                 state["step"] = 0
                 state["adam_step"] = 0
-                state[LIMITER_STATE_KEY] = torch.zeros((), dtype=torch.float32, device=param.device)
+                state[LIMITER_STATE_KEY] = torch.zeros((), dtype=norm_dtype(param.dtype), device=param.device)
             if state["step"] % group["update_proj_gap"] == 0:
                 self._refresh_projection(group, ordinal, grad, state)
             lows.append(project(grad, state.get("proj_left"), state.get("proj_right")))

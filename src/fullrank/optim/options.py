@@ -87,16 +87,17 @@ def validate_projected(group: dict, names: list[str]) -> None:
         check_range(f"rank of parameter {name!r} {tuple(param.shape)}", rank, 1, min(param.shape), integer=True)
 
 
-def validate_projected_state(state: dict, param: torch.Tensor, name: str) -> None:
-    """Loaded projection state must fit the parameter (catches a resume from another config)."""
+def validate_projected_state(state: dict, param: torch.Tensor, name: str, rank: int) -> None:
+    """Loaded projection state must fit the parameter and the group's rank (catches a resume from
+    another configuration)."""
     m, n = param.shape
     left, right, exp_avg = state.get("proj_left"), state.get("proj_right"), state.get("exp_avg")
-    if left is not None and (left.dim() != 2 or left.shape[0] != m or left.shape[1] > min(m, n)):
-        raise ValueError(f"optimizer state of {name!r}: proj_left {tuple(left.shape)} does not fit a {m}×{n} weight")
-    if right is not None and (right.dim() != 2 or right.shape[1] != n or right.shape[0] > min(m, n)):
-        raise ValueError(f"optimizer state of {name!r}: proj_right {tuple(right.shape)} does not fit a {m}×{n} weight")
     if exp_avg is not None and left is None and right is None:
         raise ValueError(f"optimizer state of {name!r} has moments but no projection: it was saved by a plain group")
+    if left is not None and tuple(left.shape) != (m, rank):
+        raise ValueError(f"optimizer state of {name!r}: proj_left {tuple(left.shape)} does not fit a {m}×{n} weight at rank {rank}")
+    if right is not None and tuple(right.shape) != (rank, n):
+        raise ValueError(f"optimizer state of {name!r}: proj_right {tuple(right.shape)} does not fit a {m}×{n} weight at rank {rank}")
     if exp_avg is not None:
         rows = left.shape[1] if left is not None else m
         cols = right.shape[0] if right is not None else n

@@ -62,13 +62,15 @@ def compute_projection(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Top-``rank`` singular subspace of ``grad``: ``(proj_left, proj_right, singular_values)``.
 
-    The matrices are returned in the gradient's dtype (as GaLore does); the side not used is None.
+    The matrices are returned in the gradient's dtype (as GaLore does), each in a storage of its
+    own; the side not used is None.
     """
     U, S, Vh = top_singular_vectors(
         grad, rank, backend, oversample=oversample, power_iters=power_iters, generator=generator
     )
-    left = U.to(grad.dtype) if side in ("left", "both") else None
-    right = Vh.to(grad.dtype) if side in ("right", "both") else None
+    # Copies, not views: a slice of U or Vh would keep the whole factor's storage alive.
+    left = U.to(grad.dtype, copy=True).contiguous() if side in ("left", "both") else None
+    right = Vh.to(grad.dtype, copy=True).contiguous() if side in ("right", "both") else None
     return left, right, S
 
 

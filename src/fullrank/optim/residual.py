@@ -42,16 +42,21 @@ PHI_EPS = 1e-8
 
 @dataclass
 class ScaledResidual:
-    """φ, broadcastable to both G and R (0-d for matrix-level rules), and ‖S‖ as a 0-d fp32 tensor."""
+    """φ, broadcastable to both G and R (0-d for matrix-level rules), and ‖S‖ as a 0-d tensor (≥ fp32)."""
 
     phi: torch.Tensor
     norm: torch.Tensor
 
 
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms are accumulated in at least fp32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _norms(t: torch.Tensor, dim: int | None) -> torch.Tensor:
     if dim is None:
-        return torch.linalg.vector_norm(t, dtype=torch.float32)
-    return torch.linalg.vector_norm(t, dim=dim, keepdim=True, dtype=torch.float32)
+        return torch.linalg.vector_norm(t, dtype=norm_dtype(t.dtype))
+    return torch.linalg.vector_norm(t, dim=dim, keepdim=True, dtype=norm_dtype(t.dtype))
 
 
 def scaled_residual(
@@ -63,7 +68,7 @@ def scaled_residual(
     dim = column_dim(side) if rule in COLUMN_RULES else None
     grad_sq = _norms(grad, dim).square()
     if rule == "add":
-        phi = torch.ones((), dtype=torch.float32, device=grad.device)
+        phi = torch.ones((), dtype=norm_dtype(grad.dtype), device=grad.device)
     else:
         low_norm = _norms(low, dim)
         phi = _norms(psi, dim) / (low_norm + PHI_EPS)

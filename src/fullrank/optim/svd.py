@@ -5,7 +5,7 @@ randomized range finder with oversampling and power iterations of Halko, Martins
 (2011, Algorithms 4.4 and 5.1): it costs a few matmuls with an (r + p)-column sketch instead of a
 full decomposition, and is what AdaRankGrad uses.
 
-Both return ``(U, S, Vh)`` in fp32 with ``U`` (m×k), ``S`` (k,), ``Vh`` (k×n), singular values in
+Both return ``(U, S, Vh)`` in at least fp32 with ``U`` (m×k), ``S`` (k,), ``Vh`` (k×n), singular values in
 descending order, for ``k = rank``.
 """
 from __future__ import annotations
@@ -15,9 +15,14 @@ import torch
 SVD_BACKENDS = ("exact", "randomized")
 
 
+def _working_precision(matrix: torch.Tensor) -> torch.Tensor:
+    """fp32 for half-precision inputs (as GaLore does), the input's own precision otherwise."""
+    return matrix.to(torch.promote_types(matrix.dtype, torch.float32))
+
+
 def exact_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` singular triplets by a full fp32 SVD (GaLore's projector)."""
-    U, S, Vh = torch.linalg.svd(matrix.float(), full_matrices=False)
+    """Top-``rank`` singular triplets by a full SVD in at least fp32 (GaLore's projector)."""
+    U, S, Vh = torch.linalg.svd(_working_precision(matrix), full_matrices=False)
     return U[:, :rank], S[:rank], Vh[:rank, :]
 
 
@@ -35,7 +40,7 @@ def randomized_svd(
     with ``power_iters`` rounds of ``Y = A·(Aᵀ·Y)`` (re-orthonormalised by QR each half-step for
     stability), then take the exact SVD of the small matrix ``Qᵀ·A``.
     """
-    A = matrix.float()
+    A = _working_precision(matrix)
     m, n = A.shape
     transposed = m < n
     if transposed:  # sketch the longer side: the QRs then act on the smaller dimension

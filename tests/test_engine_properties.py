@@ -1,0 +1,170 @@
+"""Properties of the engine's parts: residual, limiter, randomized SVD, presets, plain AdamW."""
+import math
+
+import pytest
+import torch
+
+import fullrank
+from fullrank.optim.limiter import limit_factor
+from fullrank.optim.projector import compute_projection, project
+from fullrank.optim.residual import explicit_residual
+from fullrank.optim.svd import exact_svd, randomized_svd
+
+
+@pytest.mark.parametrize("shape,side", [((20, 9), "right"), ((9, 20), "left"), ((15, 15), "both")])
+@pytest.mark.parametrize("kappa", [1.0])
+def test_residual_is_orthogonal_to_the_subspace(shape, side, kappa):
+    G = torch.randn(shape, dtype=torch.float64)
+    left, right, _ = compute_projection(G, 4, side)
+    S = explicit_residual(G, left, right, kappa)
+    assert S.norm() > 0.1 * G.norm()
+    if left is not None:
+        assert (left.T @ S).abs().max() < 1e-10
+    if right is not None:
+        assert (S @ right.T).abs().max() < 1e-10
+    assert torch.allclose(project(G, left, right), project(G - S, left, right))
+
+
+def test_official_residual_is_not_orthogonal_when_alpha_below_one():
+    G = torch.randn(20, 9, dtype=torch.float64)
+    left, right, _ = compute_projection(G, 4, "right")
+    leak = explicit_residual(G, left, right, kappa=0.25) @ right.T
+    assert torch.allclose(leak, 0.75 * (G @ right.T))
+
+
+def test_discard_is_galore():
+    torch.manual_seed(0)
+    W1 = torch.nn.Parameter(torch.randn(16, 10))
+    W2 = torch.nn.Parameter(W1.detach().clone())
+    galore = fullrank.GaLore([{"params": [W1], "rank": 4, "update_proj_gap": 3}], lr=0.01)
+    engine = fullrank.SubspaceAdamW([{"params": [W2], "rank": 4, "update_proj_gap": 3}], lr=0.01,
+                                    scale=0.25, residual="discard", limiter="none")
+    for _ in range(7):
+        g = torch.randn(16, 10)
+        W1.grad, W2.grad = g.clone(), g.clone()
+        galore.step()
+        engine.step()
+    assert torch.equal(W1, W2)
+    # GaLore's update lies in the subspace: W moved only inside span(Q) of the last refresh window.
+    assert galore.state[W1]["exp_avg"].shape == (16, 4)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 1.01, 1.5])
+def test_norm_growth_limiter_caps_ratio_exactly_and_only_when_triggered(gamma):
+    state = {"residual_norm": torch.tensor(0.0)}
+    norms = [2.0, 2.5, 2.0, 2.0, 10.0, 0.1, 0.1000001]
+    previous = None
+    for raw in norms:
+        factor = limit_factor("norm_growth", torch.tensor(raw), state, gamma=gamma, clip_threshold=1.0)
+        limited = raw * factor.item()
+        if previous is None or raw <= gamma * previous:
+            assert factor.item() == 1.0  # untouched
+        else:
+            assert limited / previous == pytest.approx(gamma, rel=1e-6)
+        assert state["residual_norm"].item() == pytest.approx(limited, rel=1e-6)
+        previous = limited
+
+
+def test_norm_growth_with_infinite_gamma_never_limits():
+    state = {"residual_norm": torch.tensor(0.0)}
+    for raw in (1.0, 100.0, 1e6):
+        assert limit_factor("norm_growth", torch.tensor(raw), state, gamma=math.inf, clip_threshold=1.0).item() == 1.0
+
+
+def test_clip_limiter():
+    state = {}
+    assert limit_factor("clip", torch.tensor(4.0), state, gamma=1.01, clip_threshold=2.0).item() == 0.5
+    assert limit_factor("clip", torch.tensor(1.0), state, gamma=1.01, clip_threshold=2.0).item() == 1.0
+    assert limit_factor("none", torch.tensor(4.0), state, gamma=1.01, clip_threshold=2.0) is None
+
+
+def spectral_gap_matrix(m, n, rank, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, rank + 5, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(n, rank + 5, generator=g)).Q
+    s = torch.cat([torch.linspace(10, 5, rank), torch.full((5,), 0.05)])
+    return U @ torch.diag(s) @ V.T
+
+
+@pytest.mark.parametrize("shape", [(200, 60), (60, 200)])
+def test_randomized_svd_finds_the_exact_subspace(shape):
+    A = spectral_gap_matrix(*shape, rank=8)
+    U_e, S_e, Vh_e = exact_svd(A, 8)
+    U_r, S_r, Vh_r = randomized_svd(A, 8, oversample=8, power_iters=2, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(U_r @ U_r.T, U_e @ U_e.T, atol=1e-4)
+    assert torch.allclose(Vh_r.T @ Vh_r, Vh_e.T @ Vh_e, atol=1e-4)
+    assert torch.allclose(S_r, S_e, rtol=1e-4)
+    assert torch.allclose(U_r.T @ U_r, torch.eye(8), atol=1e-5)
+
+
+def test_randomized_backend_in_the_engine_trains_like_exact():
+    torch.manual_seed(0)
+    A = spectral_gap_matrix(40, 30, rank=4)
+    results = {}
+    for backend in ("exact", "randomized"):
+        W = torch.nn.Parameter(torch.zeros(40, 30))
+        opt = fullrank.Fira([{"params": [W], "rank": 4}], lr=0.05, svd=backend)
+        for _ in range(20):
+            W.grad = W.detach() - A
+            opt.step()
+        results[backend] = W.detach().clone()
+    assert torch.allclose(results["exact"], results["randomized"], atol=1e-4)
+
+
+def test_plain_group_is_torch_adamw():
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(5, 3))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    ours = fullrank.SubspaceAdamW([p1], lr=0.01, weight_decay=0.1)
+    ref = torch.optim.AdamW([p2], lr=0.01, weight_decay=0.1)
+    for _ in range(5):
+        g = torch.randn(5, 3)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-7)
+
+
+def test_foreach_and_single_tensor_paths_agree():
+    torch.manual_seed(0)
+    shapes = [(8, 5), (5, 8), (6, 6), (7,)]
+    runs = {}
+    for foreach in (False, True):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        opt = fullrank.Fira([{"params": ps[:3], "rank": 2, "update_proj_gap": 2}, {"params": ps[3:]}],
+                            lr=0.01, foreach=foreach)
+        for _ in range(4):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        runs[foreach] = [p.detach().clone() for p in ps]
+    for a, b in zip(runs[False], runs[True]):
+        torch.testing.assert_close(a, b)
+
+
+def test_parameters_without_gradient_are_skipped():
+    a = torch.nn.Parameter(torch.randn(6, 4))
+    b = torch.nn.Parameter(torch.randn(6, 4))
+    opt = fullrank.Fira([{"params": [a, b], "rank": 2}])
+    before = b.detach().clone()
+    a.grad = torch.randn(6, 4)
+    opt.step()
+    assert torch.equal(b, before) and len(opt.state[b]) == 0 and opt.state[a]["step"] == 1
+
+
+def test_ablation_presets_choose_their_parts():
+    W = torch.nn.Parameter(torch.randn(6, 4))
+    groups = [{"params": [W], "rank": 2}]
+    expected = {
+        "galore": ("discard", "none"), "fira": ("scale_column", "norm_growth"),
+        "fira_matrix": ("scale_matrix", "norm_growth"), "fira_no_scaling": ("add", "none"),
+        "fira_no_limiter": ("scale_column", "none"), "fira_grad_clipping": ("scale_column", "clip"),
+        "fira_only_scaling": ("only_scaling", "norm_growth"),
+    }
+    for name, (rule, limiter) in expected.items():
+        group = fullrank.make_optimizer(name, groups, lr=0.01).param_groups[0]
+        assert (group["residual"], group["limiter"], group["scale"], group["lr"]) == (rule, limiter, 0.25, 0.01), name
+    assert isinstance(fullrank.make_optimizer("adamw", groups, lr=0.01), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="method must be one of"):
+        fullrank.make_optimizer("adam8bit", groups)
