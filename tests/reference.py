@@ -57,8 +57,13 @@ def phi_of(rule, psi, R, side):
 
 def reference_run(W0, grads, *, rank, update_proj_gap, scale, lr, betas=(0.9, 0.999), eps=1e-8,
                   weight_decay=0.0, residual="scale_column", limiter="norm_growth", gamma=1.01,
-                  clip_threshold=1.0, proj_type="std", convention="exact"):
-    """Weights after each step, and the S norms, for the gradient sequence ``grads``."""
+                  clip_threshold=1.0, proj_type="std", convention="exact", granularity="column",
+                  multiplier=1.0):
+    """Weights after each step, and the S norms, for the gradient sequence ``grads``.
+
+    ``granularity`` (column | tensor) and ``multiplier`` apply to ``only_scaling`` (APOLLO's
+    channel/tensor factor and its √scale on the limited update).
+    """
     beta1, beta2 = betas
     W = W0.clone()
     M = V = left = right = None
@@ -77,7 +82,8 @@ def reference_run(W0, grads, *, rank, update_proj_gap, scale, lr, betas=(0.9, 0.
         if residual == "discard":
             update = scale * up(psi, left, right)  # GaLore, eq. 3
         else:
-            phi = phi_of("scale_column" if residual == "only_scaling" else residual, psi, R, side)
+            level = {"column": "scale_column", "tensor": "scale_matrix"}[granularity]
+            phi = phi_of(level if residual == "only_scaling" else residual, psi, R, side)
             kappa = scale if convention == "official" else 1.0
             if residual == "only_scaling":
                 S = phi * G
@@ -92,7 +98,7 @@ def reference_run(W0, grads, *, rank, update_proj_gap, scale, lr, betas=(0.9, 0.
                 if norm > clip_threshold:
                     S = S * (clip_threshold / norm)
             s_norms.append(S.norm().item())
-            update = S if residual == "only_scaling" else scale * up(psi, left, right) + S  # eq. 7
+            update = multiplier * S if residual == "only_scaling" else scale * up(psi, left, right) + S  # eq. 7
         W = W * (1 - lr * weight_decay) - lr * update
         history.append(W.clone())
     return history, s_norms

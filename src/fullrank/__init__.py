@@ -5,8 +5,12 @@ Constraint?"), GaLore and their ablations as one ``torch.optim`` engine, ``Subsp
 """
 from . import memory
 from .optim import (
+    APOLLO,
     PRESETS,
+    APOLLO_Mini,
+    AdaRankGrad,
     Fira,
+    FiraAdaptive,
     GaLore,
     LayerwiseOptimizer,
     NonFiniteGradientError,
@@ -26,8 +30,8 @@ OPTIMIZER_METHODS = optimizer_methods()
 __version__ = "0.1.0"
 
 __all__ = [
-    "SubspaceAdamW", "Fira", "GaLore", "fira_matrix", "fira_no_scaling", "fira_no_limiter",
-    "fira_grad_clipping", "fira_only_scaling", "PRESETS", "OPTIMIZER_METHODS", "make_optimizer",
-    "optimizer_methods", "param_groups", "layerwise", "LayerwiseOptimizer", "NonFiniteGradientError",
-    "memory",
+    "SubspaceAdamW", "Fira", "GaLore", "AdaRankGrad", "FiraAdaptive", "APOLLO", "APOLLO_Mini",
+    "fira_matrix", "fira_no_scaling", "fira_no_limiter", "fira_grad_clipping", "fira_only_scaling",
+    "PRESETS", "OPTIMIZER_METHODS", "make_optimizer", "optimizer_methods", "param_groups", "layerwise",
+    "LayerwiseOptimizer", "NonFiniteGradientError", "memory",
 ]

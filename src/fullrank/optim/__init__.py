@@ -3,8 +3,12 @@ from .engine import NonFiniteGradientError, SubspaceAdamW, is_projected
 from .groups import param_groups
 from .layerwise import LayerwiseOptimizer, layerwise
 from .presets import (
+    APOLLO,
     PRESETS,
+    APOLLO_Mini,
+    AdaRankGrad,
     Fira,
+    FiraAdaptive,
     GaLore,
     fira_grad_clipping,
     fira_matrix,
@@ -17,6 +21,7 @@ from .presets import (
 
 __all__ = [
     "SubspaceAdamW", "NonFiniteGradientError", "is_projected", "param_groups", "layerwise",
-    "LayerwiseOptimizer", "Fira", "GaLore", "fira_matrix", "fira_no_scaling", "fira_no_limiter",
-    "fira_grad_clipping", "fira_only_scaling", "PRESETS", "make_optimizer", "optimizer_methods",
+    "LayerwiseOptimizer", "Fira", "GaLore", "AdaRankGrad", "FiraAdaptive", "APOLLO", "APOLLO_Mini",
+    "fira_matrix", "fira_no_scaling", "fira_no_limiter", "fira_grad_clipping", "fira_only_scaling", "PRESETS",
+    "make_optimizer", "optimizer_methods",
 ]

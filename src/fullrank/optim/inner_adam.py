@@ -5,6 +5,18 @@
     M ← β1·M + (1 − β1)·R            V ← β2·V + (1 − β2)·R²
     ψ(R) = (M / (1 − β1ᵗ)) / (√(V / (1 − β2ᵗ)) + ε)
 
+``adam_convention="transformers"`` is instead the convention of ``transformers``' AdamW, which the
+official GaLore, Fira and APOLLO packages copy::
+
+    ψ(R) = M / (√V + ε)                 the update is then multiplied by  c_t = √(1 − β2ᵗ) / (1 − β1ᵗ)
+    W ← (W − η·c_t·update)·(1 − η·λ)    (decay applied after the update)
+
+The two agree except for ε (the first adds ε to √V̂, the second to √V, i.e. ε / √(1 − β2ᵗ) to √V̂) and
+for where c_t enters: a rule that reads ψ's scale before the step is taken (Fira's φ, the limiter's
+norm history) sees c_t with the first convention and not with the second. c_t moves by tens of
+percent over the first steps, so a norm-growth limiter triggers differently; after a few hundred
+steps c_t ≈ 1 and the two coincide.
+
 Every function takes lists of tensors and uses the ``torch._foreach_*`` kernels when ``foreach`` is
 true (one launch per op for the whole list instead of one per tensor), like ``torch/optim/adamw.py``.
 """
@@ -15,8 +27,18 @@ import math
 import torch
 
 
+ADAM_CONVENTIONS = ("torch", "transformers")
+
+
 def _bias_corrections(steps: list[int], beta1: float, beta2: float) -> tuple[list[float], list[float]]:
     return [1.0 - beta1**t for t in steps], [math.sqrt(1.0 - beta2**t) for t in steps]
+
+
+def step_factors(steps: list[int], beta1: float, beta2: float, convention: str) -> list[float]:
+    """c_t = √(1 − β2ᵗ) / (1 − β1ᵗ) for the ``transformers`` convention, 1 for ``torch``."""
+    if convention == "torch":
+        return [1.0] * len(steps)
+    return [math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) for t in steps]
 
 
 def update_moments_(
@@ -62,10 +84,17 @@ def directions(
     beta2: float,
     eps: float,
     foreach: bool,
+    convention: str = "torch",
 ) -> list[torch.Tensor]:
-    """ψ(R) for each tensor, from moments already updated at step ``t`` (1-based)."""
+    """ψ(R) for each tensor, from moments already updated at step ``t`` (1-based).
+
+    ``convention="transformers"`` leaves the bias correction out (see :func:`step_factors`).
+    """
     if not exp_avgs:
         return []
+    if convention == "transformers":
+        denom = denominators(exp_avg_sqs, [1.0] * len(steps), eps, foreach=foreach)
+        return torch._foreach_div(exp_avgs, denom) if foreach else [m.div(d) for m, d in zip(exp_avgs, denom)]
     bc1, sqrt_bc2 = _bias_corrections(steps, beta1, beta2)
     denom = denominators(exp_avg_sqs, sqrt_bc2, eps, foreach=foreach)
     if foreach:
@@ -88,9 +117,25 @@ def adamw_(
     eps: float,
     weight_decay: float,
     foreach: bool,
+    convention: str = "torch",
 ) -> None:
-    """One AdamW step on plain parameters, as ``torch.optim.AdamW`` does it (decoupled decay first)."""
+    """One AdamW step on plain parameters, as ``torch.optim.AdamW`` does it (decoupled decay first),
+    or as ``transformers``' AdamW with ``convention="transformers"`` (decay after the update)."""
     if not params:
+        return
+    if convention == "transformers":
+        update_moments_(exp_avgs, exp_avg_sqs, grads, beta1=beta1, beta2=beta2, foreach=foreach)
+        denom = denominators(exp_avg_sqs, [1.0] * len(steps), eps, foreach=foreach)
+        step_sizes = [-lr * c for c in step_factors(steps, beta1, beta2, convention)]
+        if foreach:
+            torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+            if weight_decay != 0.0:
+                torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+            return
+        for p, m, d, s in zip(params, exp_avgs, denom, step_sizes):
+            p.addcdiv_(m, d, value=s)
+            if weight_decay != 0.0:
+                p.mul_(1.0 - lr * weight_decay)
         return
     if weight_decay != 0.0:
         if foreach:

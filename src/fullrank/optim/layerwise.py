@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .options import check_range
+from .rank import summarize
 
 
 class LayerwiseOptimizer:
@@ -39,6 +40,19 @@ class LayerwiseOptimizer:
     @property
     def param_groups(self) -> list[dict]:
         return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def rank_summary(self) -> dict:
+        """``dict(min=, median=, max=, mean=, ranks={name: r})`` over the projected parameters, as
+        ``SubspaceAdamW.rank_summary`` (names from ``param_names``, else ``param <k>`` in hook order)."""
+        ranks = {}
+        for k, opt in enumerate(self.optimizers.values()):
+            current = getattr(opt, "current_ranks", None)
+            if current is None:
+                continue
+            named = opt.param_groups[0].get("param_names") is not None
+            for name, rank in current().items():
+                ranks[name if named else f"param {k}"] = rank
+        return summarize(ranks)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Gradients are freed by the hooks; this clears any left from an interrupted accumulation."""
@@ -80,7 +94,9 @@ def layerwise(
     Args:
         model: the model whose parameters are trained.
         make_optimizer: called once per parameter with a one-parameter list of param groups
-            (a copy of that parameter's group from ``groups``), e.g. ``lambda g: fullrank.Fira(g, lr=1e-2)``.
+            (a copy of that parameter's group from ``groups``, with ``param_ordinal``, its position in
+            ``groups``, so that seeded random draws match one optimizer over all of them), e.g.
+            ``lambda g: fullrank.Fira(g, lr=1e-2)``.
         groups: param groups, e.g. from :func:`fullrank.param_groups`; default one group of all
             trainable parameters.
         accumulation_steps: backward passes per optimizer step (gradient accumulation).
@@ -90,6 +106,7 @@ def layerwise(
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     optimizers: dict[nn.Parameter, torch.optim.Optimizer] = {}
+    ordinal = 0
     for group in groups:
         names = group.get("param_names")
         for k, param in enumerate(group["params"]):
@@ -97,6 +114,8 @@ def layerwise(
                 raise ValueError("layerwise: groups hold a parameter that is not a trainable parameter of model")
             single = {key: value for key, value in group.items() if key not in ("params", "param_names")}
             single["params"] = [param]
+            single["param_ordinal"] = ordinal  # seeds random draws as one optimizer over ``groups`` would
+            ordinal += 1
             if names is not None:
                 single["param_names"] = [names[k]]
             optimizers[param] = make_optimizer([single])

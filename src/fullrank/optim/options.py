@@ -6,13 +6,17 @@ import numbers
 
 import torch
 
+from .inner_adam import ADAM_CONVENTIONS
 from .limiter import LIMITERS
-from .projector import PROJ_TYPES
-from .residual import COLUMN_RULES, RESIDUAL_CONVENTIONS, RESIDUAL_RULES
+from .projector import PROJ_TYPES, projection_side
+from .random_proj import SEED_KEY, stores_seed_only
+from .rank import is_adaptive, max_rank_of, rank_bounds
+from .residual import RESIDUAL_CONVENTIONS, RESIDUAL_RULES, SCALING_GRANULARITIES, uses_columns
 from .svd import SVD_BACKENDS
 from .switch import ON_SWITCH
 
 NONFINITE_POLICIES = ("raise", "skip")
+PROJECTORS = ("svd", "random")
 
 _CHOICES = {
     "proj_type": PROJ_TYPES,
@@ -22,6 +26,9 @@ _CHOICES = {
     "svd": SVD_BACKENDS,
     "on_switch": ON_SWITCH,
     "nonfinite": NONFINITE_POLICIES,
+    "projector": PROJECTORS,
+    "scaling_granularity": SCALING_GRANULARITIES,
+    "adam_convention": ADAM_CONVENTIONS,
 }
 
 
@@ -55,6 +62,7 @@ def validate_common(group: dict) -> None:
     check_range("eps", group["eps"], 0.0, math.inf)
     check_range("weight_decay", group["weight_decay"], 0.0, math.inf)
     check_choice("nonfinite", group["nonfinite"])
+    check_choice("adam_convention", group["adam_convention"])
 
 
 def check_choice(name: str, value) -> None:
@@ -64,7 +72,8 @@ def check_choice(name: str, value) -> None:
 
 def validate_projected(group: dict, names: list[str]) -> None:
     """Options of a projected group, and every parameter's shape against the rank."""
-    for key in ("proj_type", "residual", "limiter", "residual_convention", "svd", "on_switch"):
+    for key in ("proj_type", "residual", "limiter", "residual_convention", "svd", "on_switch", "projector",
+                "scaling_granularity"):
         check_choice(key, group[key])
     check_range("update_proj_gap", group["update_proj_gap"], 1, math.inf, integer=True)
     check_range("scale", group["scale"], 0.0, math.inf, low_open=True)
@@ -72,11 +81,26 @@ def validate_projected(group: dict, names: list[str]) -> None:
     check_range("clip_threshold", group["clip_threshold"], 0.0, math.inf, low_open=True)
     check_range("oversample", group["oversample"], 0, math.inf, integer=True)
     check_range("power_iters", group["power_iters"], 0, math.inf, integer=True)
-    if group["residual"] in COLUMN_RULES and group["proj_type"] == "full":
+    check_range("scaling_multiplier", group["scaling_multiplier"], 0.0, math.inf, low_open=True)
+    check_range("refresh_threshold", group["refresh_threshold"], 0.0, 1.0, high_open=True)
+    check_range("refresh_beta", group["refresh_beta"], 0.0, 1.0, high_open=True)
+    if uses_columns(group["residual"], group["scaling_granularity"]) and group["proj_type"] == "full":
         raise ValueError(
             f"residual={group['residual']!r} scales columns and needs a one-sided projection; "
             f"proj_type must be one of {PROJ_TYPES[:4]}, got 'full'"
         )
+    _validate_adaptive(group)
+    if group["projector"] == "random":
+        if is_adaptive(group):
+            raise ValueError("rank_energy (adaptive rank) reads the gradient's spectrum and needs projector='svd', "
+                             "got projector='random'")
+        if group["refresh_threshold"] > 0:
+            raise ValueError("refresh_threshold > 0 (convergence-triggered refresh) needs projector='svd': a random "
+                             "subspace captures a share of the gradient set by its dimensions, not by convergence")
+        if stores_seed_only(group) and group["on_switch"] == "reproject":
+            raise ValueError("on_switch='reproject' needs an orthonormal projection; with projector='random' and "
+                             "residual='only_scaling' P is APOLLO's Gaussian sketch: on_switch must be one of "
+                             "('keep', 'reset')")
     rank = group["rank"]
     for param, name in zip(group["params"], names):
         if param.dim() != 2:
@@ -85,23 +109,67 @@ def validate_projected(group: dict, names: list[str]) -> None:
                 "put it in a group without 'rank'"
             )
         check_range(f"rank of parameter {name!r} {tuple(param.shape)}", rank, 1, min(param.shape), integer=True)
+        if is_adaptive(group):
+            check_range(f"min_rank of parameter {name!r} {tuple(param.shape)}", group["min_rank"], 1,
+                        min(param.shape), integer=True)
 
 
-def validate_projected_state(state: dict, param: torch.Tensor, name: str, rank: int) -> None:
-    """Loaded projection state must fit the parameter and the group's rank (catches a resume from
+def _validate_adaptive(group: dict) -> None:
+    """``rank_energy`` η in (0, 1] (None: fixed rank), 1 ≤ min_rank ≤ max_rank."""
+    if group["rank_energy"] is not None:
+        check_range("rank_energy", group["rank_energy"], 0.0, 1.0, low_open=True)
+    check_range("min_rank", group["min_rank"], 1, math.inf, integer=True)
+    if group["max_rank"] is not None:
+        check_range("max_rank", group["max_rank"], 1, math.inf, integer=True)
+    if is_adaptive(group) and group["min_rank"] > max_rank_of(group):
+        raise ValueError(
+            f"min_rank must be an integer in [1, max_rank={max_rank_of(group)}], got {group['min_rank']!r} "
+            "(min_rank > max_rank)"
+        )
+
+
+def validate_projected_state(state: dict, param: torch.Tensor, name: str, group: dict) -> None:
+    """Loaded projection state must fit the parameter and the group's rank: the rank itself for a
+    fixed-rank group, any rank in [min_rank, max_rank] for an adaptive one (catches a resume from
     another configuration)."""
     m, n = param.shape
+    low, high = rank_bounds(group, (m, n))
+    at = f"rank {low}" if low == high else f"a rank in [{low}, {high}]"
     left, right, exp_avg = state.get("proj_left"), state.get("proj_right"), state.get("exp_avg")
+    seed = state.get(SEED_KEY)
+    if seed is not None:
+        if not stores_seed_only(group):
+            raise ValueError(f"optimizer state of {name!r} holds a projection seed: it was saved with "
+                             "projector='random' and residual='only_scaling', this group does not use them")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"optimizer state of {name!r}: proj_seed must be an int, got {seed!r}")
+        side = projection_side(group["proj_type"], (m, n))
+        rows = group["rank"] if side in ("left", "both") else m
+        cols = group["rank"] if side in ("right", "both") else n
+        if exp_avg is not None and tuple(exp_avg.shape) != (rows, cols):
+            raise ValueError(f"optimizer state of {name!r}: moments {tuple(exp_avg.shape)} do not match the projection "
+                             f"({rows}, {cols}) at rank {group['rank']}")
+        return
     if exp_avg is not None and left is None and right is None:
         raise ValueError(f"optimizer state of {name!r} has moments but no projection: it was saved by a plain group")
-    if left is not None and tuple(left.shape) != (m, rank):
-        raise ValueError(f"optimizer state of {name!r}: proj_left {tuple(left.shape)} does not fit a {m}×{n} weight at rank {rank}")
-    if right is not None and tuple(right.shape) != (rank, n):
-        raise ValueError(f"optimizer state of {name!r}: proj_right {tuple(right.shape)} does not fit a {m}×{n} weight at rank {rank}")
+    if left is not None and (left.shape[0] != m or not low <= left.shape[1] <= high):
+        raise ValueError(
+            f"optimizer state of {name!r}: proj_left {tuple(left.shape)} does not fit a {m}×{n} weight at {at}"
+        )
+    if right is not None and (right.shape[1] != n or not low <= right.shape[0] <= high):
+        raise ValueError(
+            f"optimizer state of {name!r}: proj_right {tuple(right.shape)} does not fit a {m}×{n} weight at {at}"
+        )
+    if left is not None and right is not None and left.shape[1] != right.shape[0]:
+        raise ValueError(f"optimizer state of {name!r}: proj_left {tuple(left.shape)} and proj_right "
+                         f"{tuple(right.shape)} do not match (different ranks)")
     if exp_avg is not None:
         rows = left.shape[1] if left is not None else m
         cols = right.shape[0] if right is not None else n
-        if tuple(exp_avg.shape) != (rows, cols):
-            raise ValueError(
-                f"optimizer state of {name!r}: moments {tuple(exp_avg.shape)} do not match the projection ({rows}, {cols})"
-            )
+        exp_avg_sq = state.get("exp_avg_sq")
+        for moment in (exp_avg, exp_avg_sq):
+            if moment is None or tuple(moment.shape) != (rows, cols):
+                shown = None if moment is None else tuple(moment.shape)
+                raise ValueError(
+                    f"optimizer state of {name!r}: moments {shown} do not match the projection ({rows}, {cols})"
+                )

@@ -1,16 +1,19 @@
-"""Named configurations of ``SubspaceAdamW``: Fira, GaLore and the paper's ablations (Table 4).
+"""Named configurations of ``SubspaceAdamW``: Fira, GaLore, the paper's ablations (Table 4), and the
+subspace dynamics of AdaRankGrad and APOLLO.
 
 Each preset only chooses options; group keys still override them, as in any ``torch.optim``
-optimizer. Paper defaults: lr 0.01, T = 200, α = 0.25 (models under 1B; 0.0625 for 1B and 7B),
-γ = 1.01.
+optimizer (APOLLO-Mini's rank 1 excepted: it is what defines the method). Paper defaults: lr 0.01,
+T = 200, α = 0.25 (models under 1B; 0.0625 for 1B and 7B), γ = 1.01.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 from .engine import SubspaceAdamW
+from .options import check_range
 
 PAPER_LR = 1e-2
 PAPER_SCALE = 0.25
@@ -38,6 +41,101 @@ class GaLore(SubspaceAdamW):
         options.setdefault("residual", "discard")
         options.setdefault("limiter", "none")
         super().__init__(params, lr, betas, eps, weight_decay, scale=scale, **options)
+
+
+ADAPTIVE_RANK_ENERGY = 0.9
+ADAPTIVE_REFRESH_THRESHOLD = 0.5
+
+
+class AdaRankGrad(SubspaceAdamW):
+    """AdaRankGrad (Refael et al., ICLR 2025): Adam in a subspace whose rank follows the gradient's.
+
+    At every refresh each matrix gets the smallest rank r keeping ``rank_energy`` η of ‖G‖²_F
+    (bounded by ``min_rank`` and ``max_rank``, which defaults to the group's ``rank``: the state
+    never exceeds GaLore's at that rank), found by the randomized range finder; a subspace is
+    refreshed once Adam has converged inside it (``refresh_threshold``, ``update_proj_gap`` an upper
+    bound), and the moments are rotated into the new subspace (``on_switch="reproject"``). The
+    residual is discarded, as in GaLore. α defaults to GaLore's 0.25 (the paper's update has none,
+    α = 1) so that, at equal lr, a comparison with GaLore isolates the subspace dynamics.
+    """
+
+    def __init__(self, params, lr=PAPER_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 rank_energy: float = ADAPTIVE_RANK_ENERGY,
+                 refresh_threshold: float = ADAPTIVE_REFRESH_THRESHOLD,
+                 scale: float = PAPER_SCALE, **options):
+        options.setdefault("residual", "discard")
+        options.setdefault("limiter", "none")
+        options.setdefault("svd", "randomized")
+        options.setdefault("on_switch", "reproject")
+        super().__init__(params, lr, betas, eps, weight_decay, rank_energy=rank_energy,
+                         refresh_threshold=refresh_threshold, scale=scale, **options)
+
+
+class FiraAdaptive(Fira):
+    """Fira's norm-scaled residual and norm-growth limiter on AdaRankGrad's adaptive subspace.
+
+    The subspace as in :class:`AdaRankGrad` (adaptive rank, randomized range finder,
+    convergence-triggered refresh, re-projected moments); the residual G − P·R outside it is added
+    back as Fira does (eq. 8–12), so the update stays full-rank whatever the rank falls to.
+    """
+
+    def __init__(self, params, lr=PAPER_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 rank_energy: float = ADAPTIVE_RANK_ENERGY,
+                 refresh_threshold: float = ADAPTIVE_REFRESH_THRESHOLD, **options):
+        options.setdefault("svd", "randomized")
+        options.setdefault("on_switch", "reproject")
+        super().__init__(params, lr, betas, eps, weight_decay, rank_energy=rank_energy,
+                         refresh_threshold=refresh_threshold, **options)
+
+
+_APOLLO_SCALE_TYPES = {"channel": "column", "tensor": "tensor"}
+
+
+class APOLLO(SubspaceAdamW):
+    """APOLLO (Zhu et al., MLSys 2025, Algorithm 1): SGD with AdamW's scaling, estimated in a random subspace.
+
+    A seeded Gaussian P (N(0, 1/r), regenerated from its seed: only the seed is stored) gives
+    R = Pᵀ·G; Adam's moments of R give ψ(R); the raw gradient is scaled by the channel-wise
+    (``scale_type="channel"``: one factor per column, eq. 11) or tensor-wise (``"tensor"``) factor
+    φ = ‖ψ(R)‖ / ‖R‖, limited by Fira's norm-growth limiter (γ = 1.01) and multiplied by
+    √``apollo_scale``:  W ← W·(1 − ηλ) − η·√scale·c·φ∘G. Moments are kept when P is redrawn.
+
+    ``apollo_scale`` is APOLLO's ``scale`` (named apart from the engine's α, which this rule does not
+    use). The Adam convention is the engine's (``torch``); ``adam_convention="transformers"``
+    reproduces the ``apollo-torch`` package to rounding (see ``inner_adam.py`` for the difference).
+    """
+
+    def __init__(self, params, lr=PAPER_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 apollo_scale: float = 1.0, scale_type: str = "channel", gamma: float = 1.01, **options):
+        if scale_type not in _APOLLO_SCALE_TYPES:
+            raise ValueError(f"scale_type must be one of {tuple(_APOLLO_SCALE_TYPES)}, got {scale_type!r}")
+        check_range("apollo_scale", apollo_scale, 0.0, math.inf, low_open=True)
+        options.setdefault("projector", "random")
+        options.setdefault("residual", "only_scaling")
+        options.setdefault("limiter", "norm_growth")
+        options.setdefault("on_switch", "keep")
+        options.setdefault("scaling_granularity", _APOLLO_SCALE_TYPES[scale_type])
+        options.setdefault("scaling_multiplier", math.sqrt(apollo_scale))
+        super().__init__(params, lr, betas, eps, weight_decay, gamma=gamma, **options)
+
+
+APOLLO_MINI_SCALE = 128.0
+
+
+class APOLLO_Mini(APOLLO):  # noqa: N801 (the method's published name)
+    """APOLLO-Mini: APOLLO at rank 1 with the tensor-wise factor and scale 128 (√128 ≈ 11.3 on the update).
+
+    Every projected group is run at ``rank`` (1 by default) whatever rank it carries: the rank
+    defines the method, and its state is 2·max(m, n) numbers per matrix plus one seed.
+    """
+
+    def __init__(self, params, lr=PAPER_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 apollo_scale: float = APOLLO_MINI_SCALE, scale_type: str = "tensor", rank: int = 1, **options):
+        check_range("rank", rank, 1, math.inf, integer=True)
+        if not isinstance(params, torch.Tensor):
+            params = [dict(g, rank=rank) if isinstance(g, dict) and g.get("rank") is not None else g for g in params]
+        super().__init__(params, lr, betas, eps, weight_decay, apollo_scale=apollo_scale,
+                         scale_type=scale_type, **options)
 
 
 def _preset(cls: type, doc: str, **fixed) -> Callable[..., SubspaceAdamW]:
@@ -71,6 +169,10 @@ PRESETS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "fira_no_limiter": fira_no_limiter,
     "fira_grad_clipping": fira_grad_clipping,
     "fira_only_scaling": fira_only_scaling,
+    "adarankgrad": AdaRankGrad,
+    "fira_adaptive": FiraAdaptive,
+    "apollo": APOLLO,
+    "apollo_mini": APOLLO_Mini,
 }
 
 _ADAMW_KEYS = ("params", "param_names", "lr", "betas", "eps", "weight_decay")

@@ -68,10 +68,22 @@ def compute_projection(
     U, S, Vh = top_singular_vectors(
         grad, rank, backend, oversample=oversample, power_iters=power_iters, generator=generator
     )
-    # Copies, not views: a slice of U or Vh would keep the whole factor's storage alive.
-    left = U.to(grad.dtype, copy=True).contiguous() if side in ("left", "both") else None
-    right = Vh.to(grad.dtype, copy=True).contiguous() if side in ("right", "both") else None
+    left, right = truncated_projection(U, Vh, rank, side, grad.dtype)
     return left, right, S
+
+
+def truncated_projection(
+    U: torch.Tensor | None, Vh: torch.Tensor | None, rank: int, side: str, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The first ``rank`` singular vectors as ``(proj_left, proj_right)`` in ``dtype``, the unused side
+    None (its factor may be None).
+
+    Copies, not views: a slice of U or Vh would keep the whole factor's storage alive (and with an
+    adaptive rank the factors are computed at ``max_rank``).
+    """
+    left = U[:, :rank].to(dtype, copy=True).contiguous() if side in ("left", "both") else None
+    right = Vh[:rank, :].to(dtype, copy=True).contiguous() if side in ("right", "both") else None
+    return left, right
 
 
 def low_rank_shape(

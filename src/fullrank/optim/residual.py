@@ -13,7 +13,10 @@ projection). Rules:
 * ``add``           GaLore-add (Fira w/o scaling): S = G − P·R, unscaled
 * ``scale_matrix``  Fira-matrix: S with the matrix-level φ
 * ``scale_column``  Fira: S with the column-level φ
-* ``only_scaling``  Fira-only-scaling (review discussion): update = φ ∘ G, no subspace term
+* ``only_scaling``  Fira-only-scaling (review discussion) and APOLLO's rule (Zhu et al., MLSys 2025,
+                    Algorithm 1): update = φ ∘ G, no subspace term. ``scaling_granularity`` picks
+                    the column-level φ (eq. 11, APOLLO's "channel" scaling) or the matrix-level one
+                    (eq. 10, APOLLO's "tensor" scaling, which APOLLO-Mini uses at rank 1).
 
 The residual is exactly ``G − P·PᵀG`` (orthogonal to the subspace) whatever α is. The official
 ``fira`` package subtracts ``α·P·R`` instead; ``residual_convention="official"`` reproduces that
@@ -33,7 +36,7 @@ from .projector import column_dim, project_back
 
 RESIDUAL_RULES = ("discard", "add", "scale_matrix", "scale_column", "only_scaling")
 RESIDUAL_CONVENTIONS = ("exact", "official")
-COLUMN_RULES = ("scale_column", "only_scaling")
+SCALING_GRANULARITIES = ("column", "tensor")
 
 # Added to ‖R‖ in φ's denominator, as the official Fira code does, so that a zero column of R
 # (a column of G orthogonal to the subspace) gives a large but finite factor.
@@ -59,13 +62,27 @@ def _norms(t: torch.Tensor, dim: int | None) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=dim, keepdim=True, dtype=norm_dtype(t.dtype))
 
 
+def uses_columns(rule: str, granularity: str = "column") -> bool:
+    """Whether φ is taken per column (and so needs a one-sided projection)."""
+    return rule == "scale_column" or (rule == "only_scaling" and granularity == "column")
+
+
 def scaled_residual(
-    rule: str, grad: torch.Tensor, low: torch.Tensor, psi: torch.Tensor, side: str, kappa: float
+    rule: str,
+    grad: torch.Tensor,
+    low: torch.Tensor,
+    psi: torch.Tensor,
+    side: str,
+    kappa: float,
+    granularity: str = "column",
 ) -> ScaledResidual | None:
-    """φ and ‖S‖ for ``rule`` (None for ``discard``), from G, R = Pᵀ·G and ψ(R)."""
+    """φ and ‖S‖ for ``rule`` (None for ``discard``), from G, R = Pᵀ·G and ψ(R).
+
+    ``granularity`` (``column`` | ``tensor``) applies to ``only_scaling`` only.
+    """
     if rule == "discard":
         return None
-    dim = column_dim(side) if rule in COLUMN_RULES else None
+    dim = column_dim(side) if uses_columns(rule, granularity) else None
     grad_sq = _norms(grad, dim).square()
     if rule == "add":
         phi = torch.ones((), dtype=norm_dtype(grad.dtype), device=grad.device)

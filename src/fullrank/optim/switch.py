@@ -1,18 +1,30 @@
 """What Adam's moments do when the projection changes (``on_switch``).
 
-* ``keep``       GaLore's behaviour: the moments stay as they are, now read in the new basis. If the
-                 low-rank shape changed (adaptive rank) they cannot be kept and are reset.
-* ``reproject``  AdaRankGrad's: rotate the moments into the new subspace with Q = P_newᵀ·P_old
-                 (right projections: Q = Q_old·Q_newᵀ on the other side)::
+* ``keep``       GaLore's (and APOLLO's) behaviour: the moments stay as they are, now read in the new
+                 basis. If the low-rank shape changed (adaptive rank) they cannot be kept and are
+                 reset as with ``reset``.
+* ``reproject``  AdaRankGrad's (Refael et al., ICLR 2025, moments carried across subspaces): rotate
+                 the moments into the new subspace with Q = P_newᵀ·P_old (right projections:
+                 Q = Q_old·Q_newᵀ on the other side)::
 
                      M_new = Q·M_old              (exact for the first moment's linear map)
                      V_new = (Q∘Q)·V_old          (second moment)
 
-                 The second-moment map is the variance of Q·r for a low-rank gradient r with
-                 independent zero-mean coordinates of variances V_old: non-negative, exact when Q is
-                 a signed permutation (the same subspace, re-ordered), and it never invents
-                 curvature outside what the old subspace had seen.
+                 Q is r_new×r_old, so the rank may change at the switch (adaptive rank). M_new is
+                 what M would be had every past gradient been projected on P_new through P_old
+                 (R_new = Q·R_old for a gradient in span(P_old)): exact when the new subspace is the
+                 old one rotated, or a part of it. The second moment is not a linear function of
+                 the gradients; AdaRankGrad rotates it like M, which can make it negative. The map
+                 here is the variance of Q·r for a low-rank gradient r with independent zero-mean
+                 coordinates of variances V_old: non-negative, exact when Q is a signed (partial)
+                 permutation (the same basis vectors re-ordered, flipped or dropped), it preserves
+                 the total Σ_i V_i of each column under any rotation (Q's columns are unit
+                 vectors), and it never invents curvature outside what the old subspace had seen:
+                 directions new to the subspace start at M = V = 0, as Adam starts any coordinate.
 * ``reset``      zero moments and restart Adam's bias correction.
+
+The switch allocates new tensors at the new shape (the matmuls do), so no moment is a view of a
+bigger storage.
 """
 from __future__ import annotations
 

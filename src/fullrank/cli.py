@@ -1,0 +1,142 @@
+"""The ``fullrank`` command line: ``fullrank pretrain`` and ``fullrank plot``.
+
+Every field of ``fullrank.train.config.TrainConfig`` is a flag of ``pretrain``; a YAML file given
+with ``--config`` sets the same keys and flags override it. Bad input ends with one line on
+stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from .train import config as C
+from .train.errors import ConfigError, TrainingError
+
+PRETRAIN_HELP = """\
+Pre-train a LLaMA model (paper Table 5 configs, Hugging Face transformers, random init) with
+AdamW, GaLore, Fira (and its ablations), LoRA or ReLoRA, and report validation perplexity and
+optimizer-state memory (paper Table 2).
+
+examples:
+  fullrank pretrain --config configs/tiny_fira.yaml            # CPU demo on ../shared/data
+  fullrank pretrain --model llama_60m --method fira --rank 128 --data c4 --max-steps 10000
+  torchrun --nproc_per_node 4 -m fullrank pretrain --model llama_130m --method galore \\
+      --batch-size 32 --grad-accum 4 --data c4 --max-steps 20000
+  fullrank pretrain --resume runs/llama_60m_fira                # continue from the last checkpoint
+
+Batch: tokens per step = batch_size x grad_accum x processes x seq_len (paper: 512 x 256 = 131K).
+Schedule: linear warm-up over warmup_ratio of the steps, cosine decay to min_lr_ratio x lr.
+Data: --data c4 streams allenai/c4 'en' from the Hugging Face Hub and needs internet; local
+corpora are .txt (documents separated by blank lines), .jsonl / .json.gz / .jsonl.gz (JSON Lines
+with a 'text' field, C4's shard format) or .parquet (a 'text' column) files, or folders of them.
+Relative paths, on the command line or in a --config file, resolve against the current directory.
+Outputs in the run directory: config.yaml, metrics.jsonl, checkpoints/, summary.json, loss.png.
+"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors raised as ``ConfigError`` (one line, exit status 2)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _default_text(field) -> str:
+    value = C.field_default(field)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return f" (default: {'on' if value else 'off'})"
+    if isinstance(value, list):
+        return f" (default: {','.join(value)})"
+    if isinstance(value, dict):
+        return ""
+    return f" (default: {value})"
+
+
+def _kv(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in C.FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        kind = C._base_type(field)
+        help_text = field.metadata["help"] + _default_text(field)
+        if name == "method":
+            help_text = f"optimizer method, one of: {', '.join(C.all_methods())}{_default_text(field)}"
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif kind == "dict":
+            parser.add_argument("--optim-arg", dest=name, action="append", type=_kv, default=argparse.SUPPRESS,
+                                metavar="KEY=VALUE", help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type={"int": int, "float": float}.get(kind, str),
+                                default=argparse.SUPPRESS, metavar={"int": "N", "float": "X"}.get(kind, name.upper()),
+                                help=help_text)
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="fullrank", description="Memory-efficient full-rank LLM training (Fira, GaLore).")
+    sub = parser.add_subparsers(dest="command", metavar="{pretrain,plot}", parser_class=OneLineParser)
+    sub.required = True
+    pre = sub.add_parser("pretrain", help="pre-train a LLaMA model", description=PRETRAIN_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    pre.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS,
+                     help="YAML file of config keys (the flag names with underscores); flags override it")
+    _add_config_flags(pre)
+    plot = sub.add_parser("plot", help="overlay the loss curves of run directories",
+                          description="Plot train (smoothed) and validation loss of one or more run directories in one PNG.")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("-o", "--output", default=None,
+                      help="PNG to write (default: RUN_DIR/loss.png for one run, loss_curves.png for several)")
+    plot.add_argument("--title", default=None, help="plot title")
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """Config values: the YAML file's, then the flags given on the command line."""
+    values = C.load_yaml(args.config) if getattr(args, "config", None) else {}
+    for name in C.FIELDS:
+        if hasattr(args, name):
+            value = getattr(args, name)
+            if name == "optim_args":
+                value = {**values.get("optim_args", {}), **dict(value)}
+            values[name] = C.coerce(name, value, "--" + name.replace("_", "-"))
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fullrank`` command; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "pretrain":
+            from .train.loop import pretrain
+
+            pretrain(overrides_from_args(args))
+        elif args.command == "plot":
+            from .train.plot import plot_runs
+
+            out = args.output or (Path(args.run_dirs[0]) / "loss.png" if len(args.run_dirs) == 1 else "loss_curves.png")
+            print(plot_runs([Path(d) for d in args.run_dirs], Path(out), title=args.title))
+        return 0
+    except ConfigError as err:
+        print(f"fullrank: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"fullrank: training failed: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        print(f"fullrank: {err or 'interrupted'}", file=sys.stderr)
+        return 130
+    except SystemExit as err:  # --help
+        return err.code if isinstance(err.code, int) else 0

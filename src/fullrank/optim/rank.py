@@ -1,0 +1,82 @@
+"""Adaptive rank (AdaRankGrad) and the bookkeeping of each matrix's current rank.
+
+AdaRankGrad (Refael et al., ICLR 2025) observes that the rank of layer gradients falls during
+training, towards one, and picks the rank of each subspace from the gradient itself: the smallest
+r whose truncation keeps a fraction η (the paper's information threshold η_th) of the gradient's
+energy,
+
+    r(G) = min { r : ‖G_r‖²_F ≥ η·‖G‖²_F },      ‖G_r‖²_F = σ_1² + … + σ_r²   (Eckart–Young)
+
+bounded here by ``min_rank`` and ``max_rank``. With the randomized range finder the σ_i are the
+singular values of the sketch Qᵀ·G, which never exceed G's own (Qᵀ·G is a projection of G), so the
+rank read from the sketch is never smaller than the exact one and equals it once the sketch has
+found the top subspace (spectral gap, power iterations).
+
+A matrix's rank is not stored as a number: it is the low dimension of its moments, so the state
+holds nothing the shapes do not already say, and reading it never touches the device.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def energy_rank(
+    singular_values: torch.Tensor, total_energy: torch.Tensor, eta: float, min_rank: int, max_rank: int
+) -> torch.Tensor:
+    """Smallest r with σ_1² + … + σ_r² ≥ η·``total_energy``, clamped to [min_rank, max_rank].
+
+    ``singular_values`` are in descending order (the top k of G, k ≥ max_rank or all of them);
+    ``total_energy`` is ‖G‖²_F. Returns a 0-d int64 tensor on their device: no synchronisation here,
+    the caller reads all ranks of a step at once. If the k values keep less than η of the energy
+    (a sketch that is too narrow), the rank is ``max_rank``.
+    """
+    energy = singular_values.square().cumsum(0)
+    below = (energy < eta * total_energy).sum()
+    return (below + 1).clamp(min_rank, max_rank)
+
+
+def low_rank_dim(side: str) -> int:
+    """The dimension of the moments that holds the rank: rows for left/two-sided, columns for right."""
+    return 1 if side == "right" else 0
+
+
+def current_rank(state: dict, side: str) -> int | None:
+    """The rank a matrix's state is allocated at, or None before its first step."""
+    exp_avg = state.get("exp_avg")
+    if exp_avg is None:
+        return None
+    return int(exp_avg.shape[low_rank_dim(side)])
+
+
+def summarize(ranks: dict[str, int]) -> dict:
+    """``dict(min=, median=, max=, mean=, ranks={name: r})``; the statistics are None when empty."""
+    values = list(ranks.values())
+    if not values:
+        return dict(min=None, median=None, max=None, mean=None, ranks={})
+    return dict(
+        min=min(values),
+        median=statistics.median(values),
+        max=max(values),
+        mean=statistics.fmean(values),
+        ranks=dict(ranks),
+    )
+
+
+def is_adaptive(group: dict) -> bool:
+    """The group chooses each matrix's rank from its gradient (``rank_energy`` η is set)."""
+    return group.get("rank_energy") is not None
+
+
+def max_rank_of(group: dict) -> int:
+    """The group's ``max_rank``; by default its ``rank`` (the optimizer-state budget)."""
+    return group["rank"] if group.get("max_rank") is None else group["max_rank"]
+
+
+def rank_bounds(group: dict, shape: tuple[int, int]) -> tuple[int, int]:
+    """The ranks a matrix of ``shape`` may have in ``group``: [rank, rank], or
+    [min_rank, min(max_rank, m, n)] for an adaptive group."""
+    if not is_adaptive(group):
+        return group["rank"], group["rank"]
+    return group["min_rank"], min(max_rank_of(group), *shape)

@@ -1,0 +1,78 @@
+"""When a matrix's subspace is recomputed: every T steps, or when optimisation inside it has converged.
+
+GaLore and Fira refresh P at a fixed gap T. AdaRankGrad (Refael et al., ICLR 2025) instead moves
+to a new subspace once Adam has converged inside the current one, keeping T as an upper bound.
+The test used here (``refresh_threshold`` τ > 0) is on the *captured energy* of the gradient,
+
+    e_t = ‖Pᵀ·G_t‖²_F / ‖G_t‖²_F                     (R_t = Pᵀ·G_t, orthonormal P: e_t ∈ [0, 1])
+    ē_t = β·ē_{t−1} + (1 − β)·e_t,   ē_s = e_s at the refresh step s           (β = ``refresh_beta``)
+    refresh at step t + 1  when  ē_t < τ   or   t + 1 − s ≥ T
+
+Why this test:
+
+* It measures convergence in the subspace directly: while Adam descends inside span(P) the part
+  of the gradient in that span shrinks, the part outside it does not, so e_t falls; once the
+  subspace holds less than τ of the gradient, the steps inside it have little left to do.
+* It is scale-free. An absolute test ‖Pᵀ·G‖ < ε (the projected-gradient norm) needs a different ε
+  for every layer and every phase of training, as gradient norms span orders of magnitude; a
+  fraction has one meaning everywhere and is comparable with η: with an adaptive rank the subspace
+  holds e_s ≥ η of the gradient it was computed from, so τ < η, and with ē starting at e_s a
+  triggered refresh comes at least k + 1 steps after the previous one, k the smallest integer with
+  β^k·η < τ (k = 6, a gap of 7 steps, for τ = 0.5, η = 0.9, β = 0.9).
+* The moving average is the window: a minibatch gradient is noisy, and a single step's e_t would
+  trigger on one bad batch. β = 0.9 averages over about ten steps, like Adam's first moment.
+
+It costs one norm of G and one of R per matrix and step, all on the device. The comparison ē < τ
+is read on the next step together with the non-finite check, in the step's one synchronisation,
+so the decision lags one step: the refresh at t + 1 uses the gradient G_{t+1}, like every refresh.
+A zero gradient counts as fully captured (e = 1). The test needs a subspace that is fitted to the
+gradient (``projector="svd"``): a random one captures a fraction fixed by its dimensions, not by
+convergence.
+"""
+from __future__ import annotations
+
+import torch
+
+from .residual import norm_dtype
+
+ENERGY_KEY = "captured_energy"
+LAST_REFRESH_KEY = "last_refresh"
+
+
+def uses_trigger(group: dict) -> bool:
+    """The convergence trigger is on (τ > 0)."""
+    return group["refresh_threshold"] > 0
+
+
+def refresh_due(group: dict, state: dict, flagged: bool) -> bool:
+    """Whether the matrix with ``state`` gets a new subspace at this step (``flagged``: ē < τ was read)."""
+    if "exp_avg" not in state:
+        return True
+    last = state.get(LAST_REFRESH_KEY)
+    if uses_trigger(group) and last is not None:
+        return flagged or state["step"] - last >= group["update_proj_gap"]
+    return flagged or state["step"] % group["update_proj_gap"] == 0
+
+
+def converged_flag(group: dict, state: dict) -> torch.Tensor | None:
+    """0-d bool ``ē < τ`` on the device, or None when the trigger is off or has no average yet."""
+    energy = state.get(ENERGY_KEY)
+    if energy is None or not uses_trigger(group):
+        return None
+    return energy.lt(group["refresh_threshold"])
+
+
+def captured_energy(grad: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """e = ‖R‖²_F / ‖G‖²_F as a 0-d tensor in at least fp32; 1 for a zero gradient."""
+    dtype = norm_dtype(grad.dtype)
+    grad_sq = torch.linalg.vector_norm(grad, dtype=dtype).square()
+    low_sq = torch.linalg.vector_norm(low, dtype=dtype).square()
+    return torch.where(grad_sq > 0, low_sq / grad_sq, torch.ones_like(grad_sq)).clamp_(max=1.0)
+
+
+def record_energy_(state: dict, energy: torch.Tensor, refreshed: bool, beta: float) -> None:
+    """ē ← e at a refresh, else ē ← β·ē + (1 − β)·e, in place."""
+    if refreshed or ENERGY_KEY not in state:
+        state[ENERGY_KEY] = energy
+    else:
+        state[ENERGY_KEY].lerp_(energy, 1.0 - beta)

@@ -1,0 +1,273 @@
+"""The run configuration: one dataclass, filled from defaults, then a YAML file, then flags.
+
+Every field is a flag of ``fullrank pretrain`` (``rank`` → ``--rank``) and a key of the YAML file
+given with ``--config``. Relative paths in a YAML file resolve against the current directory (the
+directory ``fullrank`` is started from), exactly like paths given as flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+LORA_METHODS = ("lora", "relora")
+
+
+def engine_methods() -> tuple[str, ...]:
+    """The optimizer methods of the engine (``fullrank.OPTIMIZER_METHODS``)."""
+    import fullrank
+
+    return tuple(fullrank.OPTIMIZER_METHODS)
+
+
+def all_methods() -> tuple[str, ...]:
+    return (*engine_methods(), *LORA_METHODS)
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def field_default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pre-training run needs. ``None`` means: derive it (see ``finalize``)."""
+
+    # --- model and method
+    model: str = _f("llama_60m", "model preset (llama_tiny, llama_20m, llama_60m, llama_130m, llama_350m, llama_1b, llama_7b) or a LlamaConfig .json file")
+    method: str = _f("fira", "optimizer method: adamw, galore, fira, the fira ablations of the engine, lora or relora")
+    rank: int | None = _f(None, "rank r of the projection (or of LoRA); default: paper Table 2 (60m:128, 130m:256, 350m:256, 1b:512, 7b:1024, tiny presets d_model/4)")
+    target_modules: list = _f(["self_attn", "mlp"], "comma-separated substrings of the nn.Linear names to project (or to adapt with LoRA)")
+    update_proj_gap: int = _f(200, "T: steps between projection refreshes (galore/fira)")
+    scale: float | None = _f(None, "alpha, the scale of the projected update (galore/fira); default 0.25, 0.0625 for llama_1b/llama_7b")
+    proj_type: str = _f("std", "projection side: std, reverse_std, left, right, full")
+    optim_args: dict = _f({}, "extra engine option KEY=VALUE (repeatable), e.g. gamma=1.01 or svd=randomized", flag_type="kv")
+    lora_alpha: float = _f(32.0, "LoRA alpha (lora/relora); the adapter is scaled by alpha/rank")
+    lora_dropout: float = _f(0.0, "LoRA dropout probability (lora/relora)")
+    relora_every: int = _f(1000, "ReLoRA: merge the adapters into the weights and restart them every N steps")
+    relora_warmup: int = _f(50, "ReLoRA: steps of lr re-warm-up after each restart")
+    relora_prune: float = _f(0.999, "ReLoRA: fraction of the LoRA parameters' Adam moments zeroed at each restart (smallest first moments first); 1.0 zeroes all")
+    # --- optimisation
+    lr: float | None = _f(None, "peak learning rate; default 1e-2 for galore/fira methods, 1e-3 for adamw/lora/relora")
+    weight_decay: float = _f(0.0, "decoupled weight decay")
+    beta1: float = _f(0.9, "Adam beta1")
+    beta2: float = _f(0.999, "Adam beta2")
+    eps: float = _f(1e-8, "Adam epsilon")
+    warmup_ratio: float = _f(0.1, "fraction of max_steps of linear lr warm-up")
+    min_lr_ratio: float = _f(0.1, "cosine decay ends at this fraction of the peak lr")
+    grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 disables)")
+    max_steps: int = _f(10000, "optimizer steps (paper: 10K for 60M, 20K for 130M, 60K for 350M, 100K for 1B)")
+    batch_size: int = _f(64, "sequences per micro-batch per process")
+    grad_accum: int = _f(8, "micro-batches per optimizer step; tokens/step = batch_size x grad_accum x processes x seq_len (paper: 512 x 256 = 131K)")
+    seq_len: int = _f(256, "tokens per sequence (documents are packed, EOS between them)")
+    seed: int = _f(42, "random seed (model initialisation, LoRA, dropout)")
+    # --- data
+    data: str = _f("c4", "'c4' (streams allenai/c4 'en' from the Hugging Face Hub: needs internet) or a local .txt/.jsonl/.json.gz/.jsonl.gz/.parquet file or folder")
+    val_data: str | None = _f(None, "validation corpus (same formats); default: the c4 validation split, or every k-th document of --data with k = 1/val_fraction")
+    val_fraction: float = _f(0.01, "fraction of the documents of --data held out for validation when --val-data is not given")
+    tokenizer: str = _f("t5-base", "hub name (needs internet), tokenizer folder, tokenizer.json or SentencePiece .model file")
+    allow_repeat: bool = _f(False, "start the training corpus again when it runs out (else the run stops early with a warning)")
+    # --- evaluation, logging, checkpoints
+    eval_every: int = _f(1000, "evaluate every N steps (0: only at the end)")
+    eval_tokens: int = _f(10_000_000, "validation tokens per evaluation (GaLore: 10M)")
+    save_every: int = _f(1000, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "number of most recent checkpoints kept")
+    out_dir: str | None = _f(None, "run directory; default runs/<model>_<method>")
+    overwrite: bool = _f(False, "replace the outputs of an existing run directory")
+    resume: str | None = _f(None, "continue the run in this run directory from its latest checkpoint")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    threads: int = _f(0, "CPU threads of PyTorch (torch.set_num_threads); 0 keeps PyTorch's default (one per core)")
+    progress: bool = _f(True, "show the tqdm progress bar")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Fields that may differ between a run and its resumption: they change no trained number.
+RESUME_FREE = ("resume", "overwrite", "out_dir", "eval_every", "save_every", "keep_checkpoints", "device", "threads", "progress")
+PATH_FIELDS = ("data", "val_data", "tokenizer", "out_dir", "resume")
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+            "list": "a list of strings", "dict": "a mapping"}[_base_type(f)]
+
+
+def _base_type(f: dataclasses.Field) -> str:
+    return str(f.type).split("|")[0].strip()
+
+
+def coerce(name: str, value: Any, source: str) -> Any:
+    """Check (and convert) one value of field ``name``; ``source`` names where it came from."""
+    if name not in FIELDS:
+        raise ConfigError(f"{source}: unknown key '{name}'; allowed keys: {', '.join(FIELDS)}")
+    f = FIELDS[name]
+    kind = _base_type(f)
+    if value is None and "None" in str(f.type):
+        return None
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, (str, Path)),
+        "bool": isinstance(value, bool),
+        "list": isinstance(value, (list, tuple, str)),
+        "dict": isinstance(value, dict),
+    }[kind]
+    if not ok:
+        raise ConfigError(f"{source}: '{name}' must be {_type_name(f)}, got {value!r}")
+    if kind == "float":
+        return float(value)
+    if kind == "str":
+        return str(value)
+    if kind == "list":
+        items = [s.strip() for s in value.split(",")] if isinstance(value, str) else [str(s) for s in value]
+        return [s for s in items if s]
+    if kind == "dict":
+        return dict(value)
+    return value
+
+
+def load_yaml(path: str) -> dict:
+    """The mapping of a YAML config file, each value type-checked."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"--config: cannot read '{path}': {' '.join(str(err).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: '{path}' must hold a mapping of config keys, got {type(data).__name__}")
+    return {str(k): coerce(str(k), v, f"--config {path}") for k, v in data.items()}
+
+
+def build(overrides: dict) -> TrainConfig:
+    """A ``TrainConfig`` from defaults and ``overrides`` (already type-checked)."""
+    return dataclasses.replace(TrainConfig(), **overrides)
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, source: str) -> TrainConfig:
+    return build({k: coerce(k, v, source) for k, v in data.items()})
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).exists()
+
+
+def finalize(cfg: TrainConfig) -> TrainConfig:
+    """Fill the derived defaults, resolve local paths to absolute ones and check the ranges.
+
+    Model-dependent checks (rank against the projected shapes, seq_len against the positions) need
+    the model config and are in ``validate_against_model``.
+    """
+    from .models import default_rank, default_scale, model_config
+
+    validate_ranges(cfg)
+    changes: dict[str, Any] = {}
+    if cfg.rank is None:
+        changes["rank"] = default_rank(cfg.model, model_config(cfg.model))
+    if cfg.lr is None:
+        changes["lr"] = 1e-3 if cfg.method in ("adamw", *LORA_METHODS) else 1e-2
+    if cfg.scale is None:
+        changes["scale"] = default_scale(cfg.model)
+    if cfg.out_dir is None:
+        changes["out_dir"] = cfg.resume or str(Path("runs") / f"{Path(cfg.model).stem}_{cfg.method}")
+    for name in ("data", "val_data", "tokenizer"):
+        value = getattr(cfg, name)
+        if value is not None and value != "c4" and _is_local(value):
+            changes[name] = str(Path(value).resolve())
+    if cfg.model.endswith(".json") and _is_local(cfg.model):
+        changes["model"] = str(Path(cfg.model).resolve())
+    cfg = dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).resolve()),
+                               resume=str(Path(cfg.resume).resolve()) if cfg.resume else None)
+
+
+def _range(name: str, value, low, high=math.inf, *, low_open=False, high_open=False, integer=False):
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {'inf' if high == math.inf else high}{')' if high_open or high == math.inf else ']'}"
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} must be {'an integer' if integer else 'a number'} in {interval}, got {value!r}")
+
+
+def validate_ranges(cfg: TrainConfig) -> None:
+    """Names and numeric ranges that need no model."""
+    methods = all_methods()
+    if cfg.method not in methods:
+        raise ConfigError(f"--method: unknown method '{cfg.method}'; allowed: {', '.join(methods)}")
+    if cfg.rank is not None:
+        _range("rank", cfg.rank, 1, integer=True)
+    if cfg.lr is not None:
+        _range("lr", cfg.lr, 0.0, low_open=True)
+    if cfg.scale is not None:
+        _range("scale", cfg.scale, 0.0, low_open=True)
+    for name in ("update_proj_gap", "max_steps", "batch_size", "grad_accum", "relora_every", "keep_checkpoints", "eval_tokens"):
+        _range(name, getattr(cfg, name), 1, integer=True)
+    for name in ("eval_every", "save_every", "relora_warmup", "threads"):
+        _range(name, getattr(cfg, name), 0, integer=True)
+    _range("seq_len", cfg.seq_len, 2, integer=True)
+    for name in ("weight_decay", "eps", "grad_clip"):
+        _range(name, getattr(cfg, name), 0.0)
+    for name in ("beta1", "beta2"):
+        _range(name, getattr(cfg, name), 0.0, 1.0, high_open=True)
+    _range("warmup_ratio", cfg.warmup_ratio, 0.0, 1.0, high_open=True)
+    _range("min_lr_ratio", cfg.min_lr_ratio, 0.0, 1.0)
+    _range("val_fraction", cfg.val_fraction, 0.0, 0.5, low_open=True)
+    _range("lora_alpha", cfg.lora_alpha, 0.0, low_open=True)
+    _range("lora_dropout", cfg.lora_dropout, 0.0, 1.0, high_open=True)
+    _range("relora_prune", cfg.relora_prune, 0.0, 1.0)
+    if not cfg.target_modules:
+        raise ConfigError("--target-modules must name at least one module, e.g. self_attn,mlp")
+    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device == "cuda" or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"--device: unknown device '{cfg.device}'; allowed: auto, cpu, cuda, cuda:N")
+    if cfg.method in LORA_METHODS and cfg.optim_args:
+        raise ConfigError(f"--optim-arg: engine options {sorted(cfg.optim_args)} do not apply to method '{cfg.method}' (AdamW on LoRA adapters)")
+
+
+def validate_against_model(cfg: TrainConfig, model_config, linears: list[tuple[str, tuple[int, int]]]) -> None:
+    """seq_len against the positions, rank against the smallest projected matrix, targets present."""
+    max_pos = model_config.max_position_embeddings
+    if cfg.seq_len > max_pos:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings; allowed: 2..{max_pos}")
+    if cfg.method == "adamw":
+        return
+    if not linears:
+        raise ConfigError(f"--target-modules {','.join(cfg.target_modules)} matches no nn.Linear of the model; use e.g. self_attn,mlp")
+    name, shape = min(linears, key=lambda item: min(item[1]))
+    smallest = min(shape)
+    if cfg.rank > smallest:
+        raise ConfigError(
+            f"--rank {cfg.rank} is larger than the smallest projected dimension ({name}: {shape[0]}x{shape[1]}); allowed: 1..{smallest}"
+        )
+
+
+def resume_mismatches(saved: TrainConfig, given: TrainConfig) -> list[str]:
+    """'key: saved vs given' for every field that changes training."""
+    out = []
+    for name in FIELDS:
+        if name in RESUME_FREE:
+            continue
+        a, b = getattr(saved, name), getattr(given, name)
+        if a != b:
+            out.append(f"{name}={a!r} (saved) vs {b!r} (given)")
+    return out
+
+
+def save_yaml(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,244 @@
+"""The pre-training loop (nanoGPT-style): micro-batches with gradient accumulation, optional global
+gradient clipping, one optimizer and scheduler step, logging, evaluation and checkpoints.
+
+``pretrain(overrides)`` runs a whole run from a dict of config values and returns its summary.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import threading
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from . import config as C
+from .checkpoint import rng_state, save_checkpoint
+from .data import CorpusExhausted, Prefetcher
+from .distributed import DistEnv, all_gather_objects, all_reduce_sum, cleanup, setup
+from .errors import TrainingError
+from .metrics import format_summary, peak_memory, ppl
+from .plot import plot_runs
+from .setup import Run, build_run, resolve_config
+
+
+def autocast(env: DistEnv):
+    """bf16 autocast on CUDA, plain fp32 on CPU."""
+    if env.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean next-token cross-entropy over the fixed validation blocks (split across processes)."""
+    model, env, bs = run.model, run.env, run.cfg.batch_size
+    model.eval()
+    mine = run.val_blocks[env.rank::env.world_size]
+    total = torch.zeros(2, dtype=torch.float64, device=env.device)
+    for i in range(0, len(mine), bs):
+        x = mine[i:i + bs].to(env.device)
+        with autocast(env):
+            loss = model(input_ids=x, labels=x).loss
+        n = x.shape[0] * (x.shape[1] - 1)  # predicted tokens
+        total += torch.stack([loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=env.device)])
+    all_reduce_sum(total, env)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def save(run: Run, step: int, data_state: dict) -> None:
+    """Checkpoint after ``step`` optimizer steps (written by the main process)."""
+    rngs = all_gather_objects(rng_state(run.env.device), run.env)
+    if run.env.main:
+        payload = {
+            "step": step, "tokens": run.tokens, "train_time": run.train_time, "config": C.to_dict(run.cfg),
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "data": data_state, "rng": rngs,
+        }
+        save_checkpoint(run.run_dir, step, payload, run.cfg.keep_checkpoints)
+    all_gather_objects(None, run.env)
+
+
+class StopFlag:
+    """Ctrl-C asks the loop to stop after the current step (and save); a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def accumulate_gradients(run: Run, ddp: torch.nn.Module, prefetch: Prefetcher) -> tuple[torch.Tensor, dict]:
+    """Forward and backward over ``grad_accum`` micro-batches (DDP all-reduces on the last one only).
+
+    Every process draws the same global micro-batch and keeps its own rows, so N processes see
+    exactly the sequences one process would with an N times larger batch. Returns the summed loss
+    and the data position after the step; raises ``CorpusExhausted`` when the corpus runs out.
+    """
+    cfg, env = run.cfg, run.env
+    rows = slice(env.rank * cfg.batch_size, (env.rank + 1) * cfg.batch_size)
+    loss_sum = torch.zeros((), device=env.device)
+    for micro in range(cfg.grad_accum):
+        batch, state = prefetch.get()
+        x = batch[rows].to(env.device, non_blocking=True)
+        sync = micro == cfg.grad_accum - 1 or not env.enabled
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            with autocast(env):
+                loss = ddp(input_ids=x, labels=x).loss
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach()
+    return loss_sum, state
+
+
+def optimizer_step(run: Run, params: list[torch.Tensor], step: int) -> tuple[float, float | None]:
+    """Optional global clipping, the optimizer and scheduler steps; returns (lr used, grad norm)."""
+    cfg, opt = run.cfg, run.optimizer
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if cfg.grad_clip > 0 else None
+    lr = opt.param_groups[0]["lr"]
+    try:
+        opt.step()
+    except RuntimeError as err:
+        if type(err).__name__ == "NonFiniteGradientError":
+            raise TrainingError(f"step {step + 1}: {err}; lower --lr, set --grad-clip or pass --optim-arg nonfinite=skip") from None
+        raise
+    run.scheduler.step()
+    opt.zero_grad(set_to_none=True)
+    return lr, grad_norm
+
+
+def train(run: Run) -> dict:
+    """Steps ``start_step`` .. ``max_steps`` (or until the corpus runs out); returns the summary."""
+    cfg, env = run.cfg, run.env
+    if cfg.method == "relora":
+        from .lora import relora_restart
+    ddp = DistributedDataParallel(run.model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.enabled else run.model
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
+    data_state = run.train_stream.state_dict()  # before the prefetch thread moves the stream on
+    prefetch = Prefetcher(run.train_stream, cfg.batch_size * env.world_size)
+    bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc=cfg.method, unit="step",
+               disable=not (cfg.progress and env.main), dynamic_ncols=True, file=sys.stderr)
+    session_tokens, session_time = 0, 0.0
+    last_eval, stopped_early, done = None, False, run.start_step
+    with StopFlag() as stop, contextlib.closing(prefetch), bar:
+        for step in range(run.start_step, cfg.max_steps):
+            t0 = time.perf_counter()
+            if cfg.method == "relora" and step > 0 and step % cfg.relora_every == 0:
+                relora_restart(run.model, run.optimizer, cfg.relora_prune)
+            try:
+                loss_sum, state = accumulate_gradients(run, ddp, prefetch)
+            except CorpusExhausted as err:
+                run.optimizer.zero_grad(set_to_none=True)
+                stopped_early = True
+                if env.main:
+                    tqdm.write(f"warning: {err} after {step} steps; stopping early (pass --allow-repeat to repeat it)", file=sys.stderr)
+                break
+            lr, grad_norm = optimizer_step(run, params, step)
+            done, data_state = step + 1, state
+            # one reduction for the logged loss and for a stop request (Ctrl-C) on any process
+            shared = all_reduce_sum(torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(stop.requested), device=env.device)]), env)
+            loss, interrupted = shared[0].item() / env.world_size, shared[1].item() > 0
+            if not math.isfinite(loss):
+                raise TrainingError(f"step {done}: the training loss is {loss}; lower --lr or set --grad-clip")
+            dt = time.perf_counter() - t0
+            run.tokens, run.train_time = run.tokens + tokens_per_step, run.train_time + dt
+            session_tokens, session_time = session_tokens + tokens_per_step, session_time + dt
+            if env.main:
+                record = {"type": "train", "step": done, "tokens": run.tokens, "loss": loss, "ppl": ppl(loss),
+                          "lr": lr, "tokens_per_s": session_tokens / session_time, "step_time_s": dt}
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                run.log.write(record)
+                bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{ppl(loss):.1f}", lr=f"{lr:.2e}",
+                                tok_s=f"{session_tokens / session_time:,.0f}", refresh=False)
+                bar.update(1)
+            if interrupted:
+                save(run, done, data_state)
+                raise KeyboardInterrupt(f"interrupted: checkpoint saved after step {done}; continue with --resume {run.run_dir}")
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
+                last_eval = (done, evaluate(run))
+                log_eval(run, *last_eval)
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
+                save(run, done, data_state)
+    if stopped_early and done > run.start_step:
+        save(run, done, data_state)
+    if last_eval is None or last_eval[0] != done:
+        last_eval = (done, evaluate(run))
+        log_eval(run, *last_eval)
+    return summarize(run, done, last_eval[1], session_tokens / session_time if session_time else 0.0, stopped_early)
+
+
+def log_eval(run: Run, step: int, loss: float) -> None:
+    if run.env.main:
+        run.log.write({"type": "eval", "step": step, "tokens": run.tokens, "val_loss": loss, "val_ppl": ppl(loss)})
+        tqdm.write(f"step {step}: val loss {loss:.4f}, val ppl {ppl(loss):.2f}", file=sys.stderr)
+
+
+def summarize(run: Run, step: int, val_loss: float, tokens_per_s: float, stopped_early: bool) -> dict:
+    import fullrank.memory
+
+    mem, kind = peak_memory(run.env.device)
+    return {
+        "model": run.cfg.model, "method": run.cfg.method, "rank": run.cfg.rank,
+        "parameters": run.n_params, "trainable_parameters": run.n_trainable,
+        "steps": step, "tokens": run.tokens, "final_val_loss": val_loss, "final_val_ppl": ppl(val_loss),
+        "optimizer_state_bytes": fullrank.memory.optimizer_state_bytes(run.optimizer),
+        "peak_memory_bytes": mem, "peak_memory_kind": kind, "tokens_per_s": tokens_per_s,
+        "train_time_s": run.train_time, "wall_time_s": time.perf_counter() - run.wall_start,
+        "world_size": run.env.world_size, "device": str(run.env.device), "stopped_early": stopped_early,
+        "run_dir": str(run.run_dir),
+    }
+
+
+def header(run: Run) -> str:
+    cfg, env = run.cfg, run.env
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
+    method = cfg.method if cfg.method == "adamw" else f"{cfg.method} (rank {cfg.rank})"
+    resumed = f", resuming after step {run.start_step}" if run.start_step else ""
+    return (
+        f"model {cfg.model}: {run.n_params:,} parameters ({run.n_params / 1e6:.2f}M), {run.n_trainable:,} trainable\n"
+        f"method {method}, lr {cfg.lr:g}, {cfg.max_steps} steps of {tokens_per_step:,} tokens "
+        f"({cfg.batch_size} x {cfg.grad_accum} x {env.world_size} x {cfg.seq_len}) on {env.device}{resumed}\n"
+        f"run dir {run.run_dir}"
+    )
+
+
+def pretrain(overrides: dict) -> dict:
+    """Run (or resume) a pre-training run; returns the summary written to ``RUN_DIR/summary.json``."""
+    wall_start = time.perf_counter()
+    cfg, ckpt = resolve_config(overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    env = setup(cfg.device)
+    try:
+        run = build_run(cfg, env, ckpt)
+        run.wall_start = wall_start
+        if env.main:
+            print(header(run), flush=True)
+        summary = train(run)
+        if env.main:
+            (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            plot_runs([run.run_dir], run.run_dir / "loss.png", title=f"{cfg.model} {cfg.method}")
+            print(format_summary(summary), flush=True)
+        return summary
+    finally:
+        cleanup()

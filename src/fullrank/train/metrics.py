@@ -1,0 +1,71 @@
+"""Metrics: the ``metrics.jsonl`` log, memory measurements and the end-of-run summary table."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+class MetricsLog:
+    """Appends one JSON object per line; on resume, drops the records after the resumed step."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            records.append(json.loads(line))
+    return records
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured): CUDA max allocated on GPU, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process_peak_rss"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_summary(s: dict) -> str:
+    """The summary as an aligned two-column table."""
+    rows = [
+        ("model", f"{s['model']} ({s['parameters'] / 1e6:.2f}M parameters, {s['trainable_parameters'] / 1e6:.2f}M trainable)"),
+        ("method", f"{s['method']} (rank {s['rank']})" if s["method"] != "adamw" else "adamw"),
+        ("steps", f"{s['steps']} ({s['tokens']:,} tokens){'  [stopped early: corpus ran out]' if s.get('stopped_early') else ''}"),
+        ("final val loss", f"{s['final_val_loss']:.4f}"),
+        ("final val ppl", f"{s['final_val_ppl']:.2f}"),
+        ("optimizer state", f"{_bytes(s['optimizer_state_bytes'])} ({s['optimizer_state_bytes']:,} bytes)"),
+        ("peak memory", f"{_bytes(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
+        ("throughput", f"{s['tokens_per_s']:,.0f} tokens/s ({s['world_size']} process{'es' if s['world_size'] > 1 else ''}, {s['device']})"),
+        ("wall time", f"{s['wall_time_s']:.1f} s"),
+        ("run dir", s["run_dir"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}} | {v}" for k, v in rows), line])

@@ -1,0 +1,93 @@
+"""LLaMA model configurations of the paper (Table 5), built with Hugging Face ``transformers``.
+
+Every preset is a ``LlamaConfig`` (RMSNorm, SwiGLU MLP, rotary position embeddings) with the T5
+vocabulary (32,000 tokens) and 1,024 positions, as GaLore's ``configs/llama_*.json``; no weights are
+downloaded: the model is initialised from the seed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .errors import ConfigError, first_line
+
+VOCAB_SIZE = 32000
+MAX_POSITIONS = 1024
+
+# name: (hidden_size, intermediate_size, attention heads, layers)
+MODEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "llama_tiny": (128, 352, 4, 4),  # CPU demo: ~9.0M parameters, 8.2M of them embeddings + lm_head
+    "llama_20m": (256, 688, 4, 4),
+    "llama_60m": (512, 1376, 8, 8),
+    "llama_130m": (768, 2048, 12, 12),
+    "llama_350m": (1024, 2736, 16, 24),
+    "llama_1b": (2048, 5461, 32, 24),
+    "llama_7b": (4096, 11008, 32, 32),
+}
+MODEL_NAMES = tuple(MODEL_SHAPES)
+
+# Paper Table 2 (rank / d_model row) and GaLore's 7B run; the CPU presets use d_model / 4.
+DEFAULT_RANKS = {
+    "llama_tiny": 32, "llama_20m": 64, "llama_60m": 128, "llama_130m": 256,
+    "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024,
+}
+# Fira's α: 0.25 below 1B parameters, 0.0625 for the 1B and 7B models (paper appendix A.2).
+LARGE_MODELS = ("llama_1b", "llama_7b")
+
+
+def model_config(name: str) -> LlamaConfig:
+    """The ``LlamaConfig`` of a preset name or of a ``config.json`` file."""
+    if name in MODEL_SHAPES:
+        hidden, inter, heads, layers = MODEL_SHAPES[name]
+        return LlamaConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=inter,
+            num_attention_heads=heads, num_key_value_heads=heads, num_hidden_layers=layers,
+            max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-6, hidden_act="silu",
+            initializer_range=0.02, tie_word_embeddings=False, use_cache=False,
+            pad_token_id=0, bos_token_id=None, eos_token_id=1,
+        )
+    path = Path(name)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"--model: config file '{name}' does not exist; give one of {', '.join(MODEL_NAMES)} or a LlamaConfig .json file")
+        try:
+            config = LlamaConfig.from_json_file(str(path))
+        except (OSError, ValueError, TypeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"--model: cannot read LlamaConfig from '{name}': {first_line(err)}") from None
+        config.use_cache = False
+        return config
+    raise ConfigError(f"--model: unknown model '{name}'; allowed: {', '.join(MODEL_NAMES)}, or a path to a LlamaConfig .json file")
+
+
+def default_rank(name: str, config: LlamaConfig) -> int:
+    """Table 2's rank for a preset, d_model / 4 otherwise."""
+    return DEFAULT_RANKS.get(name, max(1, config.hidden_size // 4))
+
+
+def default_scale(name: str) -> float:
+    return 0.0625 if name in LARGE_MODELS else 0.25
+
+
+def build_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised ``LlamaForCausalLM`` (fp32 weights), deterministic in ``seed``."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def projected_linears(model: nn.Module, target_modules) -> list[tuple[str, tuple[int, int]]]:
+    """(name, (out, in)) of every ``nn.Linear`` whose name contains a target (GaLore's rule)."""
+    return [
+        (name, tuple(module.weight.shape))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(t in name for t in target_modules)
+    ]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters), each tensor counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)

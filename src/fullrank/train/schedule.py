@@ -1,0 +1,46 @@
+"""Learning-rate schedule: linear warm-up, cosine decay to a floor, optional ReLoRA re-warm-ups."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class WarmupCosine:
+    """lr multiplier for optimizer step ``t`` (0-based), used through ``torch.optim.lr_scheduler.LambdaLR``.
+
+    ``(t + 1) / warmup`` for the first ``warmup`` steps, then a cosine from 1 down to ``min_ratio``
+    at ``max_steps``. With ``restart_every`` (ReLoRA's jagged schedule) the multiplier is also
+    ramped up again over ``restart_warmup`` steps after every restart.
+    """
+
+    max_steps: int
+    warmup: int
+    min_ratio: float = 0.1
+    restart_every: int = 0
+    restart_warmup: int = 0
+
+    def __call__(self, t: int) -> float:
+        if t < self.warmup:
+            factor = (t + 1) / self.warmup
+        else:
+            progress = min(1.0, (t - self.warmup) / max(1, self.max_steps - self.warmup))
+            factor = self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.restart_every and self.restart_warmup and t >= self.restart_every:
+            factor *= min(1.0, (t % self.restart_every + 1) / self.restart_warmup)
+        return factor
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of ``cfg`` (warm-up over ``warmup_ratio`` of the steps, floor ``min_lr_ratio``)."""
+    relora = cfg.method == "relora"
+    fn = WarmupCosine(
+        max_steps=cfg.max_steps,
+        warmup=max(1, round(cfg.warmup_ratio * cfg.max_steps)) if cfg.warmup_ratio > 0 else 0,
+        min_ratio=cfg.min_lr_ratio,
+        restart_every=cfg.relora_every if relora else 0,
+        restart_warmup=cfg.relora_warmup if relora else 0,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -1,0 +1,191 @@
+"""Everything before the first step: the resolved config, input checks, the run directory, the
+model, the optimizer, the schedule, the data streams, and the state restored from a checkpoint.
+
+All user input is checked before the run directory is touched, so a bad flag never changes it.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from . import config as C
+from .checkpoint import latest_checkpoint, load_checkpoint, set_rng_state
+from .corpus import check_corpus, make_corpora
+from .data import PackedStream, eval_blocks
+from .distributed import DistEnv, all_gather_objects
+from .errors import ConfigError
+from .metrics import MetricsLog
+from .models import build_model, count_parameters, model_config, projected_linears
+from .schedule import make_scheduler
+from .tokenizer import load_tokenizer
+
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "checkpoints")
+
+
+def resolve_config(overrides: dict) -> tuple[C.TrainConfig, Path | None]:
+    """The finalized config of a new run, or of a resumed one (checked against its checkpoint)."""
+    if not overrides.get("resume"):
+        return C.finalize(C.build(overrides)), None
+    run_dir = Path(overrides["resume"])
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume: run directory '{run_dir}' does not exist")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ConfigError(f"--resume: '{run_dir}' holds no checkpoint (checkpoints/step_*.pt)")
+    if overrides.get("out_dir") and Path(overrides["out_dir"]).resolve() != run_dir.resolve():
+        raise ConfigError(f"--out-dir: a resumed run continues in its own directory '{run_dir}'; drop --out-dir")
+    saved = C.from_dict(load_checkpoint(ckpt, lazy=True)["config"], f"checkpoint {ckpt}")
+    given = C.finalize(C.build({**C.to_dict(saved), **overrides, "out_dir": str(run_dir)}))
+    diffs = C.resume_mismatches(C.finalize(saved), given)
+    if diffs:
+        raise ConfigError(f"--resume: '{run_dir}' was trained with a different config: {'; '.join(diffs[:4])}")
+    return given, ckpt
+
+
+@dataclass
+class Run:
+    cfg: C.TrainConfig
+    env: DistEnv
+    run_dir: Path
+    model: torch.nn.Module  # unwrapped (no DDP)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_stream: PackedStream
+    val_blocks: torch.Tensor
+    log: MetricsLog | None  # main process only
+    n_params: int
+    n_trainable: int
+    start_step: int = 0
+    tokens: int = 0
+    train_time: float = 0.0
+    wall_start: float = 0.0  # time.perf_counter() when the command started
+
+
+def _warn(env: DistEnv):
+    def warn(message: str) -> None:
+        if env.main:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+
+    return warn
+
+
+def check_inputs(cfg: C.TrainConfig, env: DistEnv):
+    """Model/rank/seq_len, tokenizer, corpora: (model config, linears, tokenizer, corpora, val blocks)."""
+    mconfig = model_config(cfg.model)
+    with torch.device("meta"):  # shapes only, no memory
+        meta_model = LlamaForCausalLM(mconfig)
+    linears = projected_linears(meta_model, cfg.target_modules)
+    C.validate_against_model(cfg, mconfig, linears)
+    if cfg.method not in C.LORA_METHODS:
+        make_optimizer(cfg, meta_model)  # the engine checks its options (rank, gamma, ...) here
+    del meta_model
+    train_corpus, val_corpus = make_corpora(cfg.data, cfg.val_data, cfg.val_fraction)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if tokenizer.vocab_size > mconfig.vocab_size:
+        raise ConfigError(
+            f"--tokenizer: '{cfg.tokenizer}' has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{mconfig.vocab_size}; use a tokenizer of at most {mconfig.vocab_size} tokens or a model config with a larger vocab_size"
+        )
+    check_corpus(train_corpus, "training")
+    check_corpus(val_corpus, "validation")
+    val = eval_blocks(val_corpus, tokenizer, cfg.seq_len, mconfig.vocab_size, cfg.eval_tokens, _warn(env))
+    return mconfig, linears, tokenizer, train_corpus, val
+
+
+def check_run_dir(cfg: C.TrainConfig) -> None:
+    """Refuse to reuse a non-empty run directory unless ``--overwrite`` (checked by every process)."""
+    run_dir = Path(cfg.out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out-dir: '{run_dir}' exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
+        raise ConfigError(
+            f"--out-dir: run directory '{run_dir}' already exists and is not empty; "
+            f"pass --overwrite to replace its outputs or --resume {run_dir} to continue it"
+        )
+
+
+def prepare_run_dir(cfg: C.TrainConfig) -> Path:
+    """Create the run directory (main process); with ``--overwrite`` delete the previous run's outputs."""
+    run_dir = Path(cfg.out_dir)
+    if run_dir.is_dir():
+        for name in RUN_OUTPUTS:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    C.save_yaml(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def make_optimizer(cfg: C.TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The engine's optimizer for ``cfg.method`` (AdamW on the trainable parameters for LoRA/ReLoRA)."""
+    import fullrank
+
+    hyper = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    plain = [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
+    options = dict(cfg.optim_args)
+    try:
+        if cfg.method in C.LORA_METHODS:
+            return fullrank.make_optimizer("adamw", plain, **hyper)
+        if cfg.method == "adamw":
+            return fullrank.make_optimizer("adamw", plain, **hyper, **options)
+        groups = fullrank.param_groups(
+            model, rank=cfg.rank, target_modules=tuple(cfg.target_modules),
+            update_proj_gap=cfg.update_proj_gap, scale=cfg.scale, proj_type=cfg.proj_type,
+        )
+        options.setdefault("seed", cfg.seed)
+        return fullrank.make_optimizer(cfg.method, groups, **hyper, **options)
+    except (ValueError, TypeError) as err:
+        lines = str(err).strip().splitlines()
+        raise ConfigError(f"optimizer '{cfg.method}': {lines[0] if lines else type(err).__name__}") from None
+
+
+def build_run(cfg: C.TrainConfig, env: DistEnv, ckpt_path: Path | None) -> Run:
+    mconfig, linears, tokenizer, train_corpus, val = check_inputs(cfg, env)
+    state = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    run_dir = Path(cfg.out_dir)
+    if state is None:
+        check_run_dir(cfg)
+        all_gather_objects(None, env)  # every process has checked before the main one writes
+        if env.main:
+            prepare_run_dir(cfg)
+
+    model = build_model(mconfig, cfg.seed)
+    if cfg.method in C.LORA_METHODS:
+        from .lora import (
+            apply_lora,  # peft is imported only when needed (it is slow to import)
+        )
+
+        model = apply_lora(model, [name for name, _ in linears], cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
+    model.to(env.device)
+    n_params, n_trainable = count_parameters(model)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(optimizer, cfg)
+    run = Run(cfg, env, run_dir, model, optimizer, scheduler, None, val, None, n_params, n_trainable)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rngs = state["rng"]
+        if len(rngs) != env.world_size:
+            raise ConfigError(f"--resume: the checkpoint was written by {len(rngs)} processes, this run has {env.world_size}")
+        set_rng_state(rngs[env.rank], env.device)
+        run.start_step, run.tokens, run.train_time = int(state["step"]), int(state["tokens"]), float(state["train_time"])
+    run.train_stream = PackedStream(
+        train_corpus, tokenizer, cfg.seq_len, mconfig.vocab_size, allow_repeat=cfg.allow_repeat,
+        state=state["data"] if state is not None else None, warn=_warn(env),
+    )
+    if env.main:
+        run.log = MetricsLog(run_dir / "metrics.jsonl", resume_step=run.start_step if state is not None else None)
+    all_gather_objects(None, env)  # every process waits for the run directory
+    return run
