@@ -130,6 +130,13 @@ class C4Corpus:
         return datasets.load_dataset(*C4, split=self.split, streaming=True)
 
     def check(self) -> None:
+        from .hub import hub_reachable
+
+        if not hub_reachable():
+            raise ConfigError(
+                f"{self.flag} c4: cannot stream allenai/c4 '{self.split}': the Hugging Face Hub is not reachable "
+                "(it needs internet); give --data PATH with local .json.gz shards instead"
+            )
         try:
             next(iter(self._load()))
         except Exception as err:  # ConnectionError, hub errors, offline mode

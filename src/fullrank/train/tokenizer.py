@@ -65,12 +65,17 @@ def load_tokenizer(spec: str) -> TextTokenizer:
     if path.is_dir() or not _looks_like_path(spec):
         from transformers import AutoTokenizer
 
+        from .hub import hub_reachable
+
+        # offline, a hub name can still come from the local Hugging Face cache
+        local_only = not path.is_dir() and not hub_reachable()
         try:
-            tok = AutoTokenizer.from_pretrained(spec)
+            tok = AutoTokenizer.from_pretrained(spec, local_files_only=local_only)
         except Exception as err:  # OSError offline, ValueError for folders without a tokenizer
-            where = "folder" if path.is_dir() else "from the Hugging Face Hub (needs internet)"
+            where = "folder" if path.is_dir() else "from the Hugging Face Hub (needs internet, or a cached copy)"
+            reason = "the Hub is not reachable and it is not cached" if local_only else first_line(err)[:200]
             raise ConfigError(
-                f"--tokenizer: cannot load '{spec}' {where}: {first_line(err)[:200]}; "
+                f"--tokenizer: cannot load '{spec}' {where}: {reason}; "
                 "give a local tokenizer folder, tokenizer.json or SentencePiece .model file"
             ) from None
         return _from_hf(spec, tok)
