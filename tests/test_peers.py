@@ -14,7 +14,7 @@ EXCEPT for Fira's norm-growth limiter: ours limits the bias-corrected S, theirs 
 one, so whenever the limiter fires the ratio ‖S_t‖/‖S_{t−1}‖ it tests differs by c_t/c_{t−1}
 (tens of percent over the first steps). The default-convention Fira tests therefore use gradients
 on which neither limiter fires (checked in the test), and the ``adam_convention="transformers"``
-tests (engines that have that option) use generic gradients on which it does fire.
+tests use generic gradients on which it does fire.
 
 Tolerance: the relative error of each step's update, ‖ΔW_ours − ΔW_theirs‖ / ‖ΔW_theirs‖, must be
 below 1e-4. Both sides take the same fp32 ``torch.linalg.svd`` of the same matrix (same P, same
@@ -25,22 +25,16 @@ misplaced refresh shows up as 1e-2 to 1.
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import pytest
 import torch
 
 import fullrank
-from fullrank.optim.engine import SubspaceAdamW
 
 RANK, GAP, STEPS, LR = 8, 3, 7, 1e-2
 SHAPES = [(48, 32), (32, 48)]  # right projection (m ≥ n), left projection
 RTOL = 1e-4
-HAS_ADAM_CONVENTION = "adam_convention" in inspect.signature(SubspaceAdamW.__init__).parameters
-needs_adam_convention = pytest.mark.skipif(
-    not HAS_ADAM_CONVENTION, reason="this engine has no adam_convention option"
-)
 
 
 def generic_grads(shape, seed=1):
@@ -147,7 +141,6 @@ def test_fira_official_residual_convention_at_alpha_quarter(shape):
     assert min(relative_errors(exact, theirs)) > 1e-2  # the comparison can tell the conventions apart
 
 
-@needs_adam_convention
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("alpha, residual_convention", [(1.0, "exact"), (0.25, "official")])
 def test_fira_transformers_convention_matches_official_with_limiter(shape, alpha, residual_convention):
@@ -195,7 +188,6 @@ def test_galore_matches_galore_torch(shape):
     assert_same_updates(updates(our_galore(scale=0.25), W0, grads), theirs)
 
 
-@needs_adam_convention
 @pytest.mark.parametrize("shape", SHAPES)
 def test_galore_transformers_convention_matches_galore_torch(shape):
     """With the package's ε (1e-6) and weight decay, ``adam_convention="transformers"`` matches."""
