@@ -5,12 +5,13 @@ Every row of every table trains the same small LLaMA on the same tokens of the r
 perplexity (mean ± half-range over seeds) and the measured optimizer-state bytes.
 
     python bench/quality.py --table all --profile cpu --jobs 1     # 2-core CPU scale
-    python bench/quality.py --table all --profile gpu --jobs 8     # the numbers in docs/RESULTS.md
+    python bench/quality.py --table all --profile gpu --jobs 6     # the numbers in docs/RESULTS.md (8+ OOM an 80 GB GPU)
 
 Tables: ``table2`` (AdamW lr sweep, GaLore, Fira, LoRA, ReLoRA at rank d/4), ``table4`` (Fira
 ablations), ``rank_sweep`` (Figure 6: Fira vs GaLore at ranks 4, 16, d/4, d/2, AdamW as a line),
 ``gamma`` (rebuttal Table r1), ``convention`` (exact G − P·R vs the official package's G − α·P·R),
-``adaptive`` (AdaRankGrad, FiraAdaptive beside GaLore and Fira). Runs shared between tables are
+``lr`` (Fira and GaLore at lr 1e-2, 3e-3, 1e-3), ``adaptive`` (AdaRankGrad, FiraAdaptive beside GaLore
+and Fira, with their ranks over steps). Runs shared between tables are
 trained once (keyed by their full configuration). Run directories go to ``runs/bench/`` (ignored
 by git); the results to ``bench/results/quality_<profile>.json`` and plots to ``docs/img/``.
 """
@@ -42,6 +43,7 @@ PROFILES = {
 }
 ADAMW_LRS = (1e-2, 5e-3, 1e-3, 5e-4, 1e-4)
 GAMMAS = (1.0, 1.001, 1.01, 1.1, math.inf)
+SUBSPACE_LRS = (1e-2, 3e-3, 1e-3)  # not in the paper (lr 0.01 throughout): does Fira's direction depend on it?
 
 
 def rows_of(table: str, hidden: int) -> list[tuple[str, dict]]:
@@ -68,13 +70,16 @@ def rows_of(table: str, hidden: int) -> list[tuple[str, dict]]:
         return [("Fira, residual G − P·R (exact, ours)", dict(method="fira")),
                 ("Fira, residual G − α·P·R (official package)",
                  dict(method="fira", optim_args={"residual_convention": "official"}))]
+    if table == "lr":
+        return [(f"{name} lr={lr:g}", dict(method=method, lr=lr))
+                for lr in SUBSPACE_LRS for name, method in (("Fira", "fira"), ("GaLore", "galore"))]
     if table == "adaptive":
         return [galore, fira, ("AdaRankGrad", dict(method="adarankgrad")),
                 ("FiraAdaptive", dict(method="fira_adaptive"))]
     raise ValueError(f"table must be one of {TABLES} or 'all', got {table!r}")
 
 
-TABLES = ("table2", "table4", "rank_sweep", "gamma", "convention", "adaptive")
+TABLES = ("table2", "table4", "rank_sweep", "gamma", "convention", "lr", "adaptive")
 
 
 def run_options(profile: dict, row: dict, seed: int) -> dict:
@@ -137,6 +142,26 @@ def curve(out_dir: Path) -> list[tuple[int, float]]:
     return points
 
 
+def rank_stats(out_dir: Path) -> dict | None:
+    """Rank and optimizer-state statistics over a run's steps, from the rank fields of its metrics.
+
+    ``mean_rank`` averages the per-step mean rank over the projected matrices; the state bytes are
+    logged whenever a rank changes, so their peak and step-weighted mean are exact. None for runs
+    without a subspace optimizer (AdamW, LoRA).
+    """
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("type") == "train" and "rank_mean" in r]
+    if not train:
+        return None
+    state, current = [], None
+    for r in train:
+        current = r.get("optimizer_state_bytes", current)
+        state.append(current)
+    return dict(mean_rank=statistics.fmean(r["rank_mean"] for r in train), final_mean_rank=train[-1]["rank_mean"],
+                final_min_rank=train[-1]["rank_min"], final_max_rank=train[-1]["rank_max"],
+                state_bytes_peak=max(state), state_bytes_mean=statistics.fmean(state))
+
+
 def spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
 
@@ -192,11 +217,46 @@ def plot(table: str, profile_name: str, rows: list[dict]) -> Path:
 
 
 def markdown(table: str, rows: list[dict]) -> str:
+    if table == "adaptive":
+        lines = [f"| {table} | val ppl (mean ± half-range) | seeds | mean rank over steps | final ranks min/mean/max | "
+                 "state MiB, peak / step-mean |", "|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            k = r["ranks"] or fixed_rank_stats(r)
+            lines.append(f"| {r['label']} | {r['ppl_mean']:.2f} ± {r['ppl_spread']:.2f} | {len(r['ppl'])} | "
+                         f"{k['mean_rank']:.1f} | {k['final_min_rank']} / {k['final_mean_rank']:.1f} / {k['final_max_rank']} | "
+                         f"{k['state_bytes_peak'] / 2**20:.2f} / {k['state_bytes_mean'] / 2**20:.2f} |")
+        return "\n".join(lines)
     lines = [f"| {table} | val ppl (mean ± half-range) | seeds | optimizer state (MiB) |", "|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['ppl_mean']:.2f} ± {r['ppl_spread']:.2f} | {len(r['ppl'])} | "
                      f"{r['state_bytes'] / 2**20:.2f} |")
     return "\n".join(lines)
+
+
+def fixed_rank_stats(row: dict) -> dict:
+    """``rank_stats`` of a fixed-rank run trained before the pipeline logged ranks (constant rank and state)."""
+    r = row["options"]["rank"]
+    return dict(mean_rank=r, final_mean_rank=r, final_min_rank=r, final_max_rank=r,
+                state_bytes_peak=row["state_bytes"], state_bytes_mean=row["state_bytes"])
+
+
+def plot_adaptive_ranks(profile_name: str, rows: list[dict], run_root: Path) -> Path:
+    """Per-matrix rank over steps (seed 0) of the adaptive rows, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from fullrank.train.plot import draw_ranks, rank_history
+
+    adaptive = [r for r in rows if r["options"]["method"] in ("adarankgrad", "fira_adaptive")]
+    fig, axes = plt.subplots(1, len(adaptive), figsize=(6.5 * len(adaptive), 4.5), squeeze=False, sharey=True)
+    for ax, r in zip(axes[0], adaptive):
+        draw_ranks(ax, rank_history(run_root / run_key(r["options"])), f"{r['label']} (seed 0, max rank {r['options']['rank']})")
+    fig.tight_layout()
+    out = ROOT / "docs" / "img" / f"adaptive_ranks_{profile_name}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def main(argv=None) -> int:
@@ -207,7 +267,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--max-steps", type=int, help="override the profile's steps (quick checks)")
+    parser.add_argument("--max-steps", type=int,
+                        help="override the profile's steps (quick checks; results go to quality_<profile>-<N>steps.json)")
     parser.add_argument("--collect-only", action="store_true", help="train nothing: tabulate the runs already done")
     args = parser.parse_args(argv)
     tables = TABLES if args.table == "all" else (args.table,)
@@ -222,7 +283,9 @@ def main(argv=None) -> int:
     if args.max_steps:
         profile.update(max_steps=args.max_steps, eval_every=max(1, args.max_steps // 2),
                        update_proj_gap=max(1, args.max_steps // 3))
-    run_root = ROOT / "runs" / "bench" / args.profile
+    # a shortened run (quick check) never overwrites the profile's results or plots
+    name = args.profile if not args.max_steps else f"{args.profile}-{args.max_steps}steps"
+    run_root = ROOT / "runs" / "bench" / name
 
     jobs = {}
     for table in tables:
@@ -246,7 +309,7 @@ def main(argv=None) -> int:
                 failures[key] = str(err)
                 print(f"  FAILED {err}", flush=True)
 
-    out_path = ROOT / "bench" / "results" / f"quality_{args.profile}.json"
+    out_path = ROOT / "bench" / "results" / f"quality_{name}.json"
     results = json.loads(out_path.read_text()) if out_path.exists() else {"tables": {}}
     results.update(profile=profile, machine=machine(), seeds=args.seeds)
     for table in tables:
@@ -259,11 +322,13 @@ def main(argv=None) -> int:
             mean, half = spread(ppl)
             rows.append(dict(label=label, options=run_options(profile, row, 0), ppl=ppl, ppl_mean=mean,
                              ppl_spread=half, state_bytes=summaries[keys[0]]["optimizer_state_bytes"],
-                             curve=curve(run_root / keys[0])))
+                             curve=curve(run_root / keys[0]), ranks=rank_stats(run_root / keys[0])))
         results["tables"][table] = rows
         if rows:
             print("\n" + markdown(table, rows))
-            print(f"plot: {plot(table, args.profile, rows).relative_to(ROOT)}")
+            print(f"plot: {plot(table, name, rows).relative_to(ROOT)}")
+            if table == "adaptive" and any(r["options"]["method"] == "adarankgrad" for r in rows):
+                print(f"plot: {plot_adaptive_ranks(name, rows, run_root).relative_to(ROOT)}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"\nresults: {out_path.relative_to(ROOT)}; {len(failures)} failed runs")

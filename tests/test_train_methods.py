@@ -93,3 +93,41 @@ def test_moment_pruning_keeps_the_largest_first_moments_in_both():
     prune_moments_(m, v, 0.7)
     kept = torch.tensor([False, True, False, True, False, False, False, False, False, True])
     assert torch.equal(m != 0, kept) and torch.equal(v != 0, kept)
+
+
+def test_adaptive_ranks_are_logged_and_plotted(tiny, tmp_path, capsys):
+    """AdaRankGrad's per-matrix ranks reach metrics.jsonl (when they change), the summary and rank.png."""
+    from fullrank.train.plot import rank_history
+
+    out = tmp_path / "ada"
+    assert main(tiny_argv(tiny, out, method="adarankgrad", rank=8, max_steps=12, update_proj_gap=3,
+                          allow_repeat=True, eval_every=0, optim_arg="rank_energy=0.9")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert all(1 <= r["rank_min"] <= r["rank_median"] <= r["rank_max"] <= 8 for r in train)
+    changes = [r for r in train if "ranks" in r]
+    assert changes[0]["step"] == 1 and len(changes[0]["ranks"]) == 2 * 7  # 2 layers × q,k,v,o,gate,up,down
+    assert all(name.endswith("_proj.weight") for name in changes[0]["ranks"])
+    assert len(changes) >= 3  # refreshes every 3 steps re-choose the ranks (η = 0.9)
+    for before, after in zip(changes, changes[1:]):
+        assert before["ranks"] != after["ranks"]  # logged only when a rank changed
+        if sum(before["ranks"].values()) != sum(after["ranks"].values()):
+            assert before["optimizer_state_bytes"] != after["optimizer_state_bytes"]
+    # the state is allocated at the current ranks: bytes logged at the last change = the final bytes
+    summary = json.loads((out / "summary.json").read_text())
+    assert changes[-1]["optimizer_state_bytes"] == summary["optimizer_state_bytes"]
+    last = changes[-1]["ranks"]
+    assert summary["final_ranks"]["max"] == max(last.values()) and summary["final_ranks"]["min"] == min(last.values())
+    history = rank_history(out)
+    assert set(history) == set(last) and all(points[-1] == (12, last[name]) for name, points in history.items())
+    assert (out / "rank.png").stat().st_size > 1000
+
+    plot = tmp_path / "ranks.png"
+    assert main(["plot", "--ranks", str(out), "-o", str(plot)]) == 0 and plot.stat().st_size > 1000
+    plain = tmp_path / "adamw"
+    assert main(tiny_argv(tiny, plain, method="adamw", lr=3e-3, max_steps=2, eval_every=0)) == 0
+    assert not any("rank_min" in json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines())
+    assert json.loads((plain / "summary.json").read_text())["final_ranks"] is None
+    capsys.readouterr()
+    assert main(["plot", "--ranks", str(plain)]) == 2
+    assert "no rank records" in capsys.readouterr().err

@@ -100,6 +100,8 @@ def build_parser() -> OneLineParser:
     plot.add_argument("-o", "--output", default=None,
                       help="PNG to write (default: RUN_DIR/loss.png for one run, loss_curves.png for several)")
     plot.add_argument("--title", default=None, help="plot title")
+    plot.add_argument("--ranks", action="store_true",
+                      help="plot each projected matrix's rank over steps (one run) instead of the loss")
     return parser
 
 
@@ -124,10 +126,16 @@ def main(argv: list[str] | None = None) -> int:
 
             pretrain(overrides_from_args(args))
         elif args.command == "plot":
-            from .train.plot import plot_runs
+            from .train.plot import plot_ranks, plot_runs
 
-            out = args.output or (Path(args.run_dirs[0]) / "loss.png" if len(args.run_dirs) == 1 else "loss_curves.png")
-            print(plot_runs([Path(d) for d in args.run_dirs], Path(out), title=args.title))
+            if args.ranks:
+                if len(args.run_dirs) != 1:
+                    raise ConfigError(f"plot --ranks: takes one RUN_DIR, got {len(args.run_dirs)}")
+                out = args.output or Path(args.run_dirs[0]) / "rank.png"
+                print(plot_ranks(Path(args.run_dirs[0]), Path(out), title=args.title))
+            else:
+                out = args.output or (Path(args.run_dirs[0]) / "loss.png" if len(args.run_dirs) == 1 else "loss_curves.png")
+                print(plot_runs([Path(d) for d in args.run_dirs], Path(out), title=args.title))
         return 0
     except ConfigError as err:
         print(f"fullrank: error: {err}", file=sys.stderr)

@@ -22,8 +22,8 @@ from .checkpoint import rng_state, save_checkpoint
 from .data import CorpusExhausted, Prefetcher
 from .distributed import DistEnv, all_gather_objects, all_reduce_sum, cleanup, setup
 from .errors import TrainingError
-from .metrics import format_summary, peak_memory, ppl
-from .plot import plot_runs
+from .metrics import RankTracker, format_summary, peak_memory, ppl
+from .plot import has_rank_records, plot_ranks, plot_runs
 from .setup import Run, build_run, resolve_config
 
 
@@ -137,6 +137,7 @@ def train(run: Run) -> dict:
     prefetch = Prefetcher(run.train_stream, cfg.batch_size * env.world_size)
     bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc=cfg.method, unit="step",
                disable=not (cfg.progress and env.main), dynamic_ncols=True, file=sys.stderr)
+    ranks = RankTracker(run.optimizer)
     session_tokens, session_time = 0, 0.0
     last_eval, stopped_early, done = None, False, run.start_step
     with StopFlag() as stop, contextlib.closing(prefetch), bar:
@@ -167,6 +168,7 @@ def train(run: Run) -> dict:
                           "lr": lr, "tokens_per_s": session_tokens / session_time, "step_time_s": dt}
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
+                record.update(ranks.fields())
                 run.log.write(record)
                 bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{ppl(loss):.1f}", lr=f"{lr:.2e}",
                                 tok_s=f"{session_tokens / session_time:,.0f}", refresh=False)
@@ -202,11 +204,20 @@ def summarize(run: Run, step: int, val_loss: float, tokens_per_s: float, stopped
         "parameters": run.n_params, "trainable_parameters": run.n_trainable,
         "steps": step, "tokens": run.tokens, "final_val_loss": val_loss, "final_val_ppl": ppl(val_loss),
         "optimizer_state_bytes": fullrank.memory.optimizer_state_bytes(run.optimizer),
+        "final_ranks": final_ranks(run.optimizer),
         "peak_memory_bytes": mem, "peak_memory_kind": kind, "tokens_per_s": tokens_per_s,
         "train_time_s": run.train_time, "wall_time_s": time.perf_counter() - run.wall_start,
         "world_size": run.env.world_size, "device": str(run.env.device), "stopped_early": stopped_early,
         "run_dir": str(run.run_dir),
     }
+
+
+def final_ranks(optimizer) -> dict | None:
+    """min/median/max/mean of the projected matrices' ranks at the end (None without a subspace optimizer)."""
+    if not hasattr(optimizer, "rank_summary"):
+        return None
+    summary = optimizer.rank_summary()
+    return None if summary["min"] is None else {k: summary[k] for k in ("min", "median", "max", "mean")}
 
 
 def header(run: Run) -> str:
@@ -238,6 +249,8 @@ def pretrain(overrides: dict) -> dict:
         if env.main:
             (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
             plot_runs([run.run_dir], run.run_dir / "loss.png", title=f"{cfg.model} {cfg.method}")
+            if has_rank_records(run.run_dir):
+                plot_ranks(run.run_dir, run.run_dir / "rank.png", title=f"{cfg.model} {cfg.method}: rank per matrix")
             print(format_summary(summary), flush=True)
         return summary
     finally:

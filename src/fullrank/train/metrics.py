@@ -28,6 +28,35 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
 
 
+class RankTracker:
+    """Rank fields of the ``train`` records for a subspace optimizer (AdaRankGrad's rank over time).
+
+    Every record gets ``rank_min/median/max/mean`` over the projected matrices; the per-matrix ranks
+    (``ranks``) and the optimizer-state bytes at that moment are added whenever a rank changed
+    (and at the first step of a session), so ``metrics.jsonl`` holds each matrix's rank as a step
+    function at no cost per step. Other optimizers (AdamW, LoRA) get no fields.
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.enabled = hasattr(optimizer, "rank_summary")
+        self.last_ranks = None
+
+    def fields(self) -> dict:
+        if not self.enabled:
+            return {}
+        summary = self.optimizer.rank_summary()
+        if summary["min"] is None:
+            return {}
+        fields = {f"rank_{k}": summary[k] for k in ("min", "median", "max", "mean")}
+        if summary["ranks"] != self.last_ranks:
+            from ..memory import optimizer_state_bytes
+
+            self.last_ranks = summary["ranks"]
+            fields.update(ranks=summary["ranks"], optimizer_state_bytes=optimizer_state_bytes(self.optimizer))
+        return fields
+
+
 def read_metrics(path: Path) -> list[dict]:
     records = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
@@ -61,6 +90,8 @@ def format_summary(s: dict) -> str:
         ("final val loss", f"{s['final_val_loss']:.4f}"),
         ("final val ppl", f"{s['final_val_ppl']:.2f}"),
         ("optimizer state", f"{_bytes(s['optimizer_state_bytes'])} ({s['optimizer_state_bytes']:,} bytes)"),
+        *([("ranks", "min {min}, median {median:g}, max {max}, mean {mean:.1f}".format(**s["final_ranks"]))]
+          if s.get("final_ranks") else []),
         ("peak memory", f"{_bytes(s['peak_memory_bytes'])} ({s['peak_memory_kind']})"),
         ("throughput", f"{s['tokens_per_s']:,.0f} tokens/s ({s['world_size']} process{'es' if s['world_size'] > 1 else ''}, {s['device']})"),
         ("wall time", f"{s['wall_time_s']:.1f} s"),
