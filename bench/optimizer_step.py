@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -286,6 +287,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    machine = tm.machine_info(device)  # before the measurements: its load average is the one at the start
     stem = "optimizer_step" if (args.device, args.dtype) == ("cpu", "float32") else f"optimizer_step_{args.device}_{args.dtype}"
     out = args.out or tm.RESULTS_DIR / f"{stem}.json"
     plot_path = args.plot or tm.DOCS_IMG_DIR / f"{out.stem}_speed.png"
@@ -350,7 +352,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "optimizer_step",
         "command": "python bench/optimizer_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": tm.machine_info(device),
+        "machine": machine,
         "config": {"layers": args.layers, "rank": args.rank, "gap": args.gap, "dtype": args.dtype,
                    "steps": args.steps, "refresh_reps": args.refresh_reps, "weight_decay": args.weight_decay,
                    "lr": 1e-3, "projected_params": n_proj, "plain_params": n_plain,
@@ -363,7 +365,7 @@ def main(argv=None) -> dict:
         "measured_elsewhere_ratio_vs_adamw": ELSEWHERE,
     }
     try:
-        result["machine"]["load_average_at_end"] = list(__import__("os").getloadavg())
+        result["machine"]["load_average_at_end"] = list(os.getloadavg())
     except OSError:
         pass
     tm.write_json(out, result)

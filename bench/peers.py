@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import traceback
 import warnings
@@ -153,6 +154,7 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    machine = tm.machine_info(device)  # before the measurements: its load average is the one at the start
     stem = "peers" if (args.device, args.dtype) == ("cpu", "float32") else f"peers_{args.device}_{args.dtype}"
     out = args.out or tm.RESULTS_DIR / f"{stem}.json"
     plot_path = args.plot or tm.DOCS_IMG_DIR / f"{out.stem}_speed.png"
@@ -244,7 +246,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "peers",
         "command": "python bench/peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": tm.machine_info(device),
+        "machine": machine,
         "packages": {p: tm.package_version(p) for p in ("torch", "transformers", *PEER_PACKAGES.values())},
         "config": {"layers": args.layers, "hidden": 768, "intermediate": 2048, "heads": 12, "vocab": 32000,
                    "batch": args.batch, "seq": args.seq, "rank": args.rank, "gap": args.gap, "dtype": args.dtype,
@@ -255,7 +257,7 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     try:
-        result["machine"]["load_average_at_end"] = list(__import__("os").getloadavg())
+        result["machine"]["load_average_at_end"] = list(os.getloadavg())
     except OSError:
         pass
     tm.write_json(out, result)

@@ -168,3 +168,16 @@ def test_ablation_presets_choose_their_parts():
     assert isinstance(fullrank.make_optimizer("adamw", groups, lr=0.01), torch.optim.AdamW)
     with pytest.raises(ValueError, match="method must be one of"):
         fullrank.make_optimizer("adam8bit", groups)
+
+
+@pytest.mark.parametrize("shape", [(64, 5), (65, 3), (200, 7), (300, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_column_norms_over_row_blocks_equal_vector_norm(shape, dtype):
+    """The CPU path of ``_norms(t, 0)`` (squares summed over blocks of 64 rows) = torch's vector_norm."""
+    from fullrank.optim.residual import _norms
+
+    t = (torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 3).to(dtype)
+    expected = torch.linalg.vector_norm(t, dim=0, keepdim=True, dtype=torch.promote_types(dtype, torch.float32))
+    got = _norms(t, 0)
+    assert got.shape == expected.shape == (1, shape[1]) and got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=2e-6 if dtype != torch.float64 else 1e-12, atol=0)

@@ -195,6 +195,23 @@ def test_non_finite_gradient_can_skip_the_step_and_count_it():
     assert opt.skipped_steps == 1 and opt.state[model.self_attn.weight]["step"] == 2
 
 
+def test_huge_finite_gradients_are_not_taken_for_non_finite():
+    """‖G‖₂ overflows fp32 for entries near 1e19 (the fast check's sum of squares), yet every entry
+    is finite and Adam's v = (1 − β₂)·g² still fits: the step must run, not raise or skip."""
+    torch.manual_seed(0)
+    model = TinyBlock()
+    opt = make(model, nonfinite="skip")
+    before = model.self_attn.weight.detach().clone()
+    ids, y = batch(3)
+    nn.functional.cross_entropy(model(ids).flatten(0, 1), y.flatten()).backward()
+    model.self_attn.weight.grad.mul_(1e20)
+    assert not math.isfinite(torch.linalg.vector_norm(model.self_attn.weight.grad).item())
+    opt.step()
+    assert opt.skipped_steps == 0 and opt.state[model.self_attn.weight]["step"] == 1
+    assert torch.isfinite(model.self_attn.weight).all() and not torch.equal(model.self_attn.weight, before)
+    assert all(torch.isfinite(v).all() for v in opt.state[model.self_attn.weight].values() if torch.is_tensor(v))
+
+
 def test_measured_state_matches_the_formula_per_matrix():
     """2·r·(larger side) moments + r·(smaller side) projection + 1 limiter scalar, per m×n matrix."""
     r = 4

@@ -56,9 +56,20 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+CPU_ROW_BLOCK = 64
+
+
 def _norms(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """‖t‖, or the norms along ``dim`` (kept as a size-1 dimension), accumulated in ≥ fp32."""
     if dim is None:
         return torch.linalg.vector_norm(t, dtype=norm_dtype(t.dtype))
+    if dim == 0 and t.device.type == "cpu" and t.shape[0] > CPU_ROW_BLOCK:
+        # torch's CPU kernel reduces a strided dimension ~10× slower than a contiguous one; summing
+        # squares over blocks of rows keeps the reads contiguous and the temporary at 64 rows
+        total = torch.zeros((1, t.shape[1]), dtype=norm_dtype(t.dtype))
+        for block in t.split(CPU_ROW_BLOCK, dim=0):
+            total += block.to(total.dtype).square().sum(dim=0, keepdim=True)
+        return total.sqrt_()
     return torch.linalg.vector_norm(t, dim=dim, keepdim=True, dtype=norm_dtype(t.dtype))
 
 
