@@ -213,3 +213,18 @@ def write_json(path: Path, payload: dict) -> None:
 
 def mib(n_bytes: float) -> float:
     return n_bytes / 2**20
+
+
+def finish(result: dict, out: Path, plot_path: Path, report, plot) -> None:
+    """Record the load average at the end, write ``out``, print the report, draw the chart."""
+    try:
+        result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    except OSError:
+        pass
+    write_json(out, result)
+    report(result)
+    try:
+        plot(result, plot_path)
+        print(f"\nwrote {out} and {plot_path}")
+    except ImportError:
+        print(f"\nwrote {out} (matplotlib not installed: no chart)")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -364,17 +363,7 @@ def main(argv=None) -> dict:
         "targets": targets,
         "measured_elsewhere_ratio_vs_adamw": ELSEWHERE,
     }
-    try:
-        result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    except OSError:
-        pass
-    tm.write_json(out, result)
-    print_report(result)
-    try:
-        plot(result, plot_path)
-        print(f"\nwrote {out} and {plot_path}")
-    except ImportError:
-        print(f"\nwrote {out} (matplotlib not installed: no chart)")
+    tm.finish(result, out, plot_path, print_report, plot)
     return result
 
 

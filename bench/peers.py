@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import traceback
 import warnings
@@ -256,17 +255,7 @@ def main(argv=None) -> dict:
         "forward_backward": tm.summary(fwd_bwd),
         "rows": rows,
     }
-    try:
-        result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    except OSError:
-        pass
-    tm.write_json(out, result)
-    print_report(result)
-    try:
-        plot(result, plot_path)
-        print(f"\nwrote {out} and {plot_path}")
-    except ImportError:
-        print(f"\nwrote {out} (matplotlib not installed: no chart)")
+    tm.finish(result, out, plot_path, print_report, plot)
     return result
 
 

@@ -62,6 +62,13 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     ax.set_title(title or ("loss curves" if len(curves) > 1 else curves[0][0].resolve().name))
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    """Write ``fig`` to ``out`` (creating its folder) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,9 +141,4 @@ def plot_ranks(run_dir: Path, out: Path, title: str | None = None) -> Path:
         raise ConfigError(f"plot: '{run_dir}' has no rank records (it was not trained with a subspace optimizer)")
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     draw_ranks(ax, history, title or f"{Path(run_dir).resolve().name}: rank per matrix")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
