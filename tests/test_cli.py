@@ -57,6 +57,8 @@ def with_flags(tiny, out, **flags):
     ({"device": "tpu"}, ["--device", "cpu", "cuda"]),
     ({"optim_arg": "gamma=0.5"}, ["gamma", "0.5"]),
     ({"optim_arg": "colour=blue"}, ["optimizer 'fira'", "colour"]),
+    ({"optim_arg": "eps=1e-7"}, ["--optim-arg eps", "use --eps"]),
+    ({"optim_arg": "betas=0.9"}, ["--optim-arg betas", "use --beta1 and --beta2"]),
     ({"target_modules": "conv"}, ["--target-modules", "conv"]),
 ])
 def test_bad_input_is_one_line(flags, expected, tiny, tmp_path, capsys):
@@ -133,16 +135,18 @@ def test_yaml_config_and_flag_override(tiny, tmp_path, monkeypatch, capsys):
     cfg.write_text(
         f"model: {tiny['model']}\nmethod: galore\nrank: 4\nmax_steps: 3\nseq_len: 32\nbatch_size: 2\n"
         f"grad_accum: 1\ndata: {os.path.relpath(tiny['data'], tmp_path)}\nval_data: {tiny['val']}\n"
-        f"tokenizer: {tiny['tokenizer']}\neval_tokens: 64\nout_dir: runs/yaml\noptim_args: {{seed: 3}}\n"
+        f"tokenizer: {tiny['tokenizer']}\neval_tokens: 64\nout_dir: runs/yaml\noptim_args: {{seed: 3, gamma: inf}}\n"
+        "lr: 1e-3\n"  # YAML 1.1 reads 1e-3 and inf as strings: they must still be numbers
     )
-    assert main(["pretrain", "--config", str(cfg), "--max-steps", "2", "--no-progress"]) == 0
+    assert main(["pretrain", "--config", str(cfg), "--max-steps", "2", "--no-progress", "--optim-arg", "refresh_beta=1e-1"]) == 0
     out = capsys.readouterr().out
     assert "parameters" in out and "final val ppl" in out
     import yaml
 
     saved = yaml.safe_load((tmp_path / "runs" / "yaml" / "config.yaml").read_text())
     assert saved["max_steps"] == 2 and saved["method"] == "galore" and saved["rank"] == 4
-    assert saved["data"] == str(Path(tiny["data"]).resolve()) and saved["optim_args"] == {"seed": 3}
+    assert saved["data"] == str(Path(tiny["data"]).resolve()) and saved["lr"] == 1e-3
+    assert saved["optim_args"] == {"seed": 3, "gamma": float("inf"), "refresh_beta": 0.1}
 
 
 def test_plot_overlays_runs(finished_run, tmp_path, capsys):

@@ -106,6 +106,16 @@ def _base_type(f: dataclasses.Field) -> str:
     return str(f.type).split("|")[0].strip()
 
 
+def _number(text: str, default: Any) -> Any:
+    """``text`` as an int or float when it is one (YAML 1.1 reads ``1e-3`` and ``inf`` as strings)."""
+    for kind in (int, float):
+        try:
+            return kind(text.strip())
+        except ValueError:
+            pass
+    return default
+
+
 def coerce(name: str, value: Any, source: str) -> Any:
     """Check (and convert) one value of field ``name``; ``source`` names where it came from."""
     if name not in FIELDS:
@@ -114,6 +124,10 @@ def coerce(name: str, value: Any, source: str) -> Any:
     kind = _base_type(f)
     if value is None and "None" in str(f.type):
         return None
+    if kind in ("int", "float") and isinstance(value, str):
+        value = _number(value, value)
+    if kind == "dict" and isinstance(value, dict):
+        value = {k: _number(v, v) if isinstance(v, str) else v for k, v in value.items()}
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -238,6 +252,12 @@ def validate_ranges(cfg: TrainConfig) -> None:
         raise ConfigError(f"--device: unknown device '{cfg.device}'; allowed: auto, cpu, cuda, cuda:N")
     if cfg.method in LORA_METHODS and cfg.optim_args:
         raise ConfigError(f"--optim-arg: engine options {sorted(cfg.optim_args)} do not apply to method '{cfg.method}' (AdamW on LoRA adapters)")
+    for key in cfg.optim_args:
+        flag = {"betas": "beta1", "rank": "rank", "update_proj_gap": "update_proj_gap", "scale": "scale",
+                "proj_type": "proj_type"}.get(key, key if key in ("lr", "weight_decay", "eps") else None)
+        if flag is not None:
+            raise ConfigError(f"--optim-arg {key}: set by its own flag; use --{flag.replace('_', '-')}"
+                              + (" and --beta2" if key == "betas" else ""))
 
 
 def validate_against_model(cfg: TrainConfig, model_config, linears: list[tuple[str, tuple[int, int]]]) -> None:
