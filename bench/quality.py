@@ -331,7 +331,7 @@ def main(argv=None) -> int:
                 print(f"plot: {plot_adaptive_ranks(name, rows, run_root).relative_to(ROOT)}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    print(f"\nresults: {out_path.relative_to(ROOT)}; {len(failures)} failed runs")
+    print(f"\nresults: {out_path.relative_to(ROOT)}; {len(failures)} {'missing' if args.collect_only else 'failed'} runs")
     return 1 if failures and not args.collect_only else 0
 
 
