@@ -4,7 +4,7 @@ Every row of every table trains the same small LLaMA on the same tokens of the r
 ``../shared/data/`` (Wikipedia, T5 tokenizer) from the same seeds, and reports the final validation
 perplexity (mean ± half-range over seeds) and the measured optimizer-state bytes.
 
-    python bench/quality.py --table all --profile cpu --jobs 1     # 2-core CPU scale
+    python bench/quality.py --table all --profile cpu --jobs 2 --threads 1   # 2-core CPU scale
     python bench/quality.py --table all --profile gpu --jobs 6     # the numbers in docs/RESULTS.md (8+ OOM an 80 GB GPU)
 
 Tables: ``table2`` (AdamW lr sweep, GaLore, Fira, LoRA, ReLoRA at rank d/4), ``table4`` (Fira
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FULLRANK_DATA", ROOT.parent / "shared" / "data"))
 
 PROFILES = {
-    # llama_tiny (hidden 128, 4 layers): ~80 s a run on 2 CPU cores.
+    # llama_tiny (hidden 128, 4 layers): ~5.7 min a run on one core (--jobs 2 --threads 1 on 2 cores).
     "cpu": dict(model="llama_tiny", hidden=128, batch_size=8, grad_accum=1, max_steps=150,
                 update_proj_gap=50, eval_every=50, eval_tokens=65_536),
     # llama_20m (hidden 256, 4 layers), 16K tokens a step, 6.5M tokens a run.
