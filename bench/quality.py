@@ -259,6 +259,45 @@ def plot_adaptive_ranks(profile_name: str, rows: list[dict], run_root: Path) -> 
     return out
 
 
+def recheck(jobs: dict, run_root: Path, name: str, args) -> int:
+    """Retrain every cached run of ``jobs`` from scratch and compare its validation losses with the cache.
+
+    Training is deterministic for a given machine and thread count, so the current code reproduces
+    a cached run when every validation loss is equal to the last bit. Writes
+    ``bench/results/quality_<profile>_recheck.json``; exit status 1 when any run differs.
+    """
+    import shutil
+
+    cached = {k: o for k, o in jobs.items() if (run_root / k / "summary.json").exists()}
+    scratch = run_root.parent / f"{name}-recheck"
+    print(f"rechecking {len(cached)} cached runs ({len(jobs) - len(cached)} not cached) into {scratch}", flush=True)
+    for key in cached:
+        shutil.rmtree(scratch / key, ignore_errors=True)
+    rows = []
+    with futures.ThreadPoolExecutor(args.jobs) as pool:
+        pending = {pool.submit(train, options, scratch / key, args.device, args.threads): key for key, options in cached.items()}
+        for done in futures.as_completed(pending):
+            key = pending[done]
+            done.result()
+            before, after = curve(run_root / key), curve(scratch / key)
+            worst = max((abs(a[1] - b[1]) for a, b in zip(before, after)), default=math.inf)
+            row = dict(key=key, method=cached[key]["method"], seed=cached[key]["seed"], options=cached[key],
+                       cached_ppl=math.exp(before[-1][1]), rerun_ppl=math.exp(after[-1][1]),
+                       max_abs_val_loss_diff=worst if len(before) == len(after) else math.inf)
+            row["identical"] = row["max_abs_val_loss_diff"] == 0.0
+            rows.append(row)
+            print(f"  {key} {row['method']} seed {row['seed']}: ppl {row['cached_ppl']:.4f} cached, "
+                  f"{row['rerun_ppl']:.4f} now, max |Δ val loss| {row['max_abs_val_loss_diff']:.3g}", flush=True)
+    out = ROOT / "bench" / "results" / f"quality_{name}_recheck.json"
+    from _timing import git_info  # bench/ is the script's folder
+
+    out.write_text(json.dumps(dict(machine=machine(), **git_info(), threads=args.threads, runs=rows),
+                              indent=1, default=str) + "\n")
+    same = sum(r["identical"] for r in rows)
+    print(f"\n{same} of {len(rows)} runs reproduced bit for bit; results: {out.relative_to(ROOT)}")
+    return 0 if same == len(rows) else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", default="all", help=f"one of {', '.join(TABLES)} or 'all'")
@@ -270,6 +309,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int,
                         help="override the profile's steps (quick checks; results go to quality_<profile>-<N>steps.json)")
     parser.add_argument("--collect-only", action="store_true", help="train nothing: tabulate the runs already done")
+    parser.add_argument("--recheck", action="store_true",
+                        help="retrain the selected runs that are cached, into a scratch folder, and report whether "
+                             "the current code reproduces their validation losses (after an engine change)")
     args = parser.parse_args(argv)
     tables = TABLES if args.table == "all" else (args.table,)
     for table in tables:
@@ -293,6 +335,8 @@ def main(argv=None) -> int:
             for seed in range(args.seeds):
                 options = run_options(profile, row, seed)
                 jobs.setdefault(run_key(options), options)
+    if args.recheck:
+        return recheck(jobs, run_root, name, args)
     print(f"{len(jobs)} distinct runs for {', '.join(tables)} ({args.profile} profile, {args.jobs} at a time)", flush=True)
     summaries, failures = {}, {}
     started = time.time()

@@ -97,47 +97,62 @@ def start(shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
 
+# ---------------------------------------------------------------------------- optimizer factories
+def official(package: str, class_name: str, scale_key: str):
+    """``factory(scale, eps, weight_decay)`` → ``make(param)`` building the package's optimizer on one matrix."""
+
+    def factory(scale, eps=1e-12, weight_decay=0.0):
+        module = pytest.importorskip(package)
+
+        def make(param):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return getattr(module, class_name)(
+                    [{"params": [param], "rank": RANK, "update_proj_gap": GAP, scale_key: scale, "proj_type": "std"}],
+                    lr=LR, eps=eps, weight_decay=weight_decay, no_deprecation_warning=True,
+                )
+
+        return make
+
+    return factory
+
+
+def ours(preset):
+    """The same for one of our presets (``scale`` is GaLore's α), with engine ``options``."""
+
+    def factory(scale, eps=1e-12, weight_decay=0.0, **options):
+        def make(param):
+            return preset([{"params": [param], "rank": RANK, "update_proj_gap": GAP}],
+                          lr=LR, eps=eps, weight_decay=weight_decay, scale=scale, **options)
+
+        return make
+
+    return factory
+
+
+official_fira, our_fira = official("fira", "FiraAdamW", "alpha"), ours(fullrank.Fira)
+official_galore, our_galore = official("galore_torch", "GaLoreAdamW", "scale"), ours(fullrank.GaLore)
+
+
 # ---------------------------------------------------------------------------- fira
-def official_fira(alpha, eps=1e-12, weight_decay=0.0):
-    fira = pytest.importorskip("fira")
-
-    def make(param):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fira.FiraAdamW(
-                [{"params": [param], "rank": RANK, "update_proj_gap": GAP, "alpha": alpha, "proj_type": "std"}],
-                lr=LR, eps=eps, weight_decay=weight_decay, no_deprecation_warning=True,
-            )
-
-    return make
-
-
-def our_fira(alpha, eps=1e-12, weight_decay=0.0, **options):
-    def make(param):
-        return fullrank.Fira([{"params": [param], "rank": RANK, "update_proj_gap": GAP}],
-                             lr=LR, eps=eps, weight_decay=weight_decay, scale=alpha, **options)
-
-    return make
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fira_matches_official_at_alpha_1(shape):
     """α = 1: G − P·R and the official G − α·P·R coincide, so the default (exact) residual matches."""
     W0, grads = start(shape), quiet_grads(shape)
-    theirs = updates(official_fira(alpha=1.0), W0, grads)
-    ours = updates(our_fira(alpha=1.0), W0, grads)
+    theirs = updates(official_fira(1.0), W0, grads)
+    ours = updates(our_fira(1.0), W0, grads)
     assert_same_updates(ours, theirs)
     # The limiter did not fire (else the conventions would legitimately differ, see the docstring).
-    assert_same_updates(updates(our_fira(alpha=1.0, limiter="none"), W0, grads), ours, rtol=1e-6)
+    assert_same_updates(updates(our_fira(1.0, limiter="none"), W0, grads), ours, rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fira_official_residual_convention_at_alpha_quarter(shape):
     """α = 0.25: ``residual_convention="official"`` (G − α·P·R) reproduces the package; "exact" does not."""
     W0, grads = start(shape), quiet_grads(shape)
-    theirs = updates(official_fira(alpha=0.25), W0, grads)
-    assert_same_updates(updates(our_fira(alpha=0.25, residual_convention="official"), W0, grads), theirs)
-    exact = updates(our_fira(alpha=0.25, residual_convention="exact"), W0, grads)
+    theirs = updates(official_fira(0.25), W0, grads)
+    assert_same_updates(updates(our_fira(0.25, residual_convention="official"), W0, grads), theirs)
+    exact = updates(our_fira(0.25, residual_convention="exact"), W0, grads)
     assert min(relative_errors(exact, theirs)) > 1e-2  # the comparison can tell the conventions apart
 
 
@@ -148,44 +163,22 @@ def test_fira_transformers_convention_matches_official_with_limiter(shape, alpha
     limiter fires, with the package's default ε (1e-6) and weight decay."""
     W0, grads = start(shape), generic_grads(shape)
     kw = dict(eps=1e-6, weight_decay=0.1)
-    theirs = updates(official_fira(alpha=alpha, **kw), W0, grads)
-    ours = updates(our_fira(alpha=alpha, residual_convention=residual_convention,
+    theirs = updates(official_fira(alpha, **kw), W0, grads)
+    ours = updates(our_fira(alpha, residual_convention=residual_convention,
                             adam_convention="transformers", **kw), W0, grads)
     assert_same_updates(ours, theirs)
-    unlimited = updates(our_fira(alpha=alpha, residual_convention=residual_convention,
+    unlimited = updates(our_fira(alpha, residual_convention=residual_convention,
                                  adam_convention="transformers", limiter="none", **kw), W0, grads)
     assert max(relative_errors(unlimited, ours)) > 1e-2  # the limiter did fire: it was compared too
 
 
 # ---------------------------------------------------------------------------- galore-torch
-def official_galore(scale, eps=1e-12, weight_decay=0.0):
-    galore_torch = pytest.importorskip("galore_torch")
-
-    def make(param):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return galore_torch.GaLoreAdamW(
-                [{"params": [param], "rank": RANK, "update_proj_gap": GAP, "scale": scale, "proj_type": "std"}],
-                lr=LR, eps=eps, weight_decay=weight_decay, no_deprecation_warning=True,
-            )
-
-    return make
-
-
-def our_galore(scale, eps=1e-12, weight_decay=0.0, **options):
-    def make(param):
-        return fullrank.GaLore([{"params": [param], "rank": RANK, "update_proj_gap": GAP}],
-                               lr=LR, eps=eps, weight_decay=weight_decay, scale=scale, **options)
-
-    return make
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_galore_matches_galore_torch(shape):
     """GaLore (``residual="discard"``) has no limiter: generic gradients, α = 0.25."""
     W0, grads = start(shape), generic_grads(shape)
-    theirs = updates(official_galore(scale=0.25), W0, grads)
-    assert_same_updates(updates(our_galore(scale=0.25), W0, grads), theirs)
+    theirs = updates(official_galore(0.25), W0, grads)
+    assert_same_updates(updates(our_galore(0.25), W0, grads), theirs)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -193,5 +186,5 @@ def test_galore_transformers_convention_matches_galore_torch(shape):
     """With the package's ε (1e-6) and weight decay, ``adam_convention="transformers"`` matches."""
     W0, grads = start(shape), generic_grads(shape)
     kw = dict(eps=1e-6, weight_decay=0.1)
-    theirs = updates(official_galore(scale=0.25, **kw), W0, grads)
-    assert_same_updates(updates(our_galore(scale=0.25, adam_convention="transformers", **kw), W0, grads), theirs)
+    theirs = updates(official_galore(0.25, **kw), W0, grads)
+    assert_same_updates(updates(our_galore(0.25, adam_convention="transformers", **kw), W0, grads), theirs)
