@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fullrank
-from fullrank.memory import optimizer_state_bytes
+from fullrank.memory import optimizer_state_bytes, projected_state_bytes
 
 
 class TinyBlock(nn.Module):
@@ -225,7 +225,20 @@ def test_measured_state_matches_the_formula_per_matrix():
         elements = sum(v.numel() for v in opt.state[p].values() if isinstance(v, torch.Tensor))
         assert elements == 2 * r * max(m, n) + r * min(m, n) + 1
     expected = sum(2 * r * max(s) + r * min(s) + 1 for s in shapes) * 4
-    assert optimizer_state_bytes(opt) == expected
+    assert optimizer_state_bytes(opt) == projected_state_bytes(opt) == expected
+
+
+def test_projected_state_bytes_leave_out_the_plain_group():
+    """The plain AdamW group's moments (2 per element) count in the whole state, not in the projected part."""
+    r, bias = 4, nn.Parameter(torch.randn(7))
+    matrix = nn.Parameter(torch.randn(32, 12))
+    opt = fullrank.Fira([{"params": [matrix], "rank": r}, {"params": [bias]}])
+    matrix.grad, bias.grad = torch.randn_like(matrix), torch.randn_like(bias)
+    opt.step()
+    projected = (2 * r * 32 + r * 12 + 1) * 4
+    assert projected_state_bytes(opt) == projected
+    assert optimizer_state_bytes(opt) == projected + 2 * 7 * 4
+    assert optimizer_state_bytes(opt, [bias]) == 2 * 7 * 4
 
 
 def test_galore_state_is_smaller_than_adamw():
@@ -257,6 +270,7 @@ def test_layerwise_updates_equal_the_ordinary_loop(accumulation):
     for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
     assert optimizer_state_bytes(handle) == optimizer_state_bytes(ordinary)
+    assert 0 < projected_state_bytes(handle) == projected_state_bytes(ordinary) < optimizer_state_bytes(ordinary)
     restored = fullrank.layerwise(copy.deepcopy(model), make_opt)
     with pytest.raises(ValueError, match="holds 9 optimizers|layer-wise state"):
         fullrank.layerwise(nn.Linear(2, 2), make_opt).load_state_dict(handle.state_dict())

@@ -113,9 +113,12 @@ def test_adaptive_ranks_are_logged_and_plotted(tiny, tmp_path, capsys):
         assert before["ranks"] != after["ranks"]  # logged only when a rank changed
         if sum(before["ranks"].values()) != sum(after["ranks"].values()):
             assert before["optimizer_state_bytes"] != after["optimizer_state_bytes"]
+            assert (before["optimizer_state_bytes"] - before["projected_state_bytes"]
+                    == after["optimizer_state_bytes"] - after["projected_state_bytes"])  # the plain group's
     # the state is allocated at the current ranks: bytes logged at the last change = the final bytes
     summary = json.loads((out / "summary.json").read_text())
     assert changes[-1]["optimizer_state_bytes"] == summary["optimizer_state_bytes"]
+    assert changes[-1]["projected_state_bytes"] == summary["projected_state_bytes"] < summary["optimizer_state_bytes"]
     last = changes[-1]["ranks"]
     assert summary["final_ranks"]["max"] == max(last.values()) and summary["final_ranks"]["min"] == min(last.values())
     history = rank_history(out)

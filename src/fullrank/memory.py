@@ -37,27 +37,38 @@ PAPER_TABLE2 = {
 }
 
 
-def _state_tensors(optimizer) -> list[torch.Tensor]:
+def _states(optimizer) -> list[tuple[torch.Tensor, dict]]:
+    """(parameter, state) pairs of an optimizer, or of every per-parameter optimizer of ``layerwise``."""
     if hasattr(optimizer, "optimizers") and isinstance(optimizer.optimizers, dict):  # LayerwiseOptimizer
-        return [t for opt in optimizer.optimizers.values() for t in _state_tensors(opt)]
-    tensors = []
-    for state in optimizer.state.values():
-        tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor))
-    return tensors
+        return [pair for opt in optimizer.optimizers.values() for pair in _states(opt)]
+    return list(optimizer.state.items())
 
 
-def optimizer_state_bytes(optimizer) -> int:
+def optimizer_state_bytes(optimizer, params=None) -> int:
     """Bytes held in the optimizer's state tensors (moments, projections, limiter norms, steps),
-    each storage counted once and in full (a view keeps its whole storage alive)."""
+    each storage counted once and in full (a view keeps its whole storage alive); only the state of
+    ``params`` when given."""
+    keep = None if params is None else {id(p) for p in params}
     seen, total = set(), 0
-    for t in _state_tensors(optimizer):
-        storage = t.untyped_storage()
-        key = (t.device, storage.data_ptr(), storage.nbytes())
-        if storage.nbytes() == 0 or key in seen:
+    for param, state in _states(optimizer):
+        if keep is not None and id(param) not in keep:
             continue
-        seen.add(key)
-        total += storage.nbytes()
+        for t in (v for v in state.values() if isinstance(v, torch.Tensor)):
+            storage = t.untyped_storage()
+            key = (t.device, storage.data_ptr(), storage.nbytes())
+            if storage.nbytes() == 0 or key in seen:
+                continue
+            seen.add(key)
+            total += storage.nbytes()
     return total
+
+
+def projected_state_bytes(optimizer) -> int:
+    """``optimizer_state_bytes`` of the projected matrices alone (the groups with a ``rank``): the
+    part that GaLore, Fira and the adaptive methods shrink, without the plain AdamW group's."""
+    from .optim.engine import is_projected
+
+    return optimizer_state_bytes(optimizer, [p for g in optimizer.param_groups if is_projected(g) for p in g["params"]])
 
 
 def _matrix_shapes(config) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:

@@ -254,7 +254,7 @@ class SubspaceAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._gather()
-        finite, flagged = self._synchronize(work)
+        finite, flagged, grad_norms = self._synchronize(work)
         if not finite:
             self.skipped_steps += 1
             return loss
@@ -265,7 +265,7 @@ class SubspaceAdamW(Optimizer):
                 if foreach is None:
                     foreach = all(p.is_cuda for _, p, _, _ in items)
                 if is_projected(group):
-                    self._projected_step(group, items, foreach, refreshed)
+                    self._projected_step(group, items, foreach, refreshed, grad_norms)
                 else:
                     self._plain_step(group, items, foreach)
         return loss
@@ -290,40 +290,43 @@ class SubspaceAdamW(Optimizer):
             work.append((group, items))
         return work
 
-    def _synchronize(self, work) -> tuple[bool, set[int]]:
-        """Whether every gradient is finite, and the ids of the parameters whose subspace asked for a
-        refresh (``refresh.py``), read in one transfer per device before anything is written."""
-        grads: dict[torch.device, list[torch.Tensor]] = {}
+    def _synchronize(self, work) -> tuple[bool, set[int], dict[int, torch.Tensor]]:
+        """Whether every gradient is finite, the ids of the parameters whose subspace asked for a
+        refresh (``refresh.py``), read in one transfer per device before anything is written, and
+        each gradient's 2-norm on its device (by parameter id), which the step reuses."""
+        grads: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
         flags: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
         for group, items in work:
             for _, param, grad, _ in items:
-                grads.setdefault(grad.device, []).append(grad)
+                grads.setdefault(grad.device, []).append((id(param), grad))
                 state = self.state.get(param)
                 flag = converged_flag(group, state) if state and is_projected(group) else None
                 if flag is not None:
                     flags.setdefault(flag.device, []).append((id(param), flag))
-        finite, flagged = True, set()
+        finite, flagged, grad_norms = True, set(), {}
         for device in grads.keys() | flags.keys():
             values = []
             if device in grads:
+                norms = torch._foreach_norm([g for _, g in grads[device]], 2)
+                grad_norms.update((pid, norm) for (pid, _), norm in zip(grads[device], norms))
                 # a finite 2-norm proves every entry finite (NaN and ±inf propagate through the sum of
                 # squares); torch's CPU ∞-norm is ~20× slower. Only an overflowing sum of huge finite
                 # entries tests non-finite here, and the exact check below then clears it.
-                values.append(torch.isfinite(torch.stack(torch._foreach_norm(grads[device], 2))).all())
+                values.append(torch.isfinite(torch.stack(norms)).all())
             owners = flags.get(device, [])
             read = torch.stack(values + [flag for _, flag in owners]).tolist()
             if device in grads:
                 finite = finite and read.pop(0)
             flagged.update(pid for (pid, _), hit in zip(owners, read) if hit)
         if finite:
-            return True, flagged
+            return True, flagged, grad_norms
         entries = [(g, name, group) for group, items in work for _, _, g, name in items]
         bad = next(((n, grp) for g, n, grp in entries if not bool(torch.isfinite(g).all())), None)
         if bad is None:  # the 2-norm overflowed on finite gradients
-            return True, flagged
+            return True, flagged, grad_norms
         bad_name, bad_group = bad
         if bad_group["nonfinite"] == "skip":
-            return False, set()
+            return False, set(), {}
         raise NonFiniteGradientError(
             f"non-finite gradient (NaN or inf) in parameter {bad_name!r}; no weight or optimizer state "
             "was changed. Use nonfinite='skip' to skip such steps instead."
@@ -358,7 +361,8 @@ class SubspaceAdamW(Optimizer):
         side = projection_side(group["proj_type"], tuple(grad.shape))
         return gaussian_projection(tuple(grad.shape), side, group["rank"], seed, grad.device, grad.dtype)
 
-    def _projected_step(self, group: dict, items: list, foreach: bool, refreshed: set[int]) -> None:
+    def _projected_step(self, group: dict, items: list, foreach: bool, refreshed: set[int],
+                        grad_norms: dict[int, torch.Tensor]) -> None:
         lows, projections = [], []
         for _, param, grad, _ in items:
             state = self.state[param]
@@ -371,7 +375,8 @@ class SubspaceAdamW(Optimizer):
         states = [self.state[param] for _, param, _, _ in items]
         if uses_trigger(group):
             for (_, param, grad, _), state, low in zip(items, states, lows):
-                record_energy_(state, captured_energy(grad, low), id(param) in refreshed, group["refresh_beta"])
+                energy = captured_energy(grad, low, grad_norms.get(id(param)))
+                record_energy_(state, energy, id(param) in refreshed, group["refresh_beta"])
         beta1, beta2 = group["betas"]
         convention = group["adam_convention"]
         exp_avgs = [s["exp_avg"] for s in states]
@@ -394,7 +399,8 @@ class SubspaceAdamW(Optimizer):
         ):
             step_lr = lr * c_t * late_decay  # = lr exactly under the torch convention
             side = projection_side(group["proj_type"], tuple(grad.shape))
-            residual = scaled_residual(rule, grad, low, psi, side, kappa, group["scaling_granularity"])
+            residual = scaled_residual(rule, grad, low, psi, side, kappa, group["scaling_granularity"],
+                                       grad_norms.get(id(param)))
             if residual is None:  # GaLore: W ← W·decay − η·α·P·ψ(R)
                 add_projected_back_(param, psi, left, right, alpha=-step_lr * alpha, beta=decay)
                 continue

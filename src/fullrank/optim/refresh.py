@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .residual import norm_dtype
+from .residual import squared_norm
 
 ENERGY_KEY = "captured_energy"
 LAST_REFRESH_KEY = "last_refresh"
@@ -62,11 +62,10 @@ def converged_flag(group: dict, state: dict) -> torch.Tensor | None:
     return energy.lt(group["refresh_threshold"])
 
 
-def captured_energy(grad: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """e = ‖R‖²_F / ‖G‖²_F as a 0-d tensor in at least fp32; 1 for a zero gradient."""
-    dtype = norm_dtype(grad.dtype)
-    grad_sq = torch.linalg.vector_norm(grad, dtype=dtype).square()
-    low_sq = torch.linalg.vector_norm(low, dtype=dtype).square()
+def captured_energy(grad: torch.Tensor, low: torch.Tensor, grad_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """e = ‖R‖²_F / ‖G‖²_F as a 0-d tensor in at least fp32; 1 for a zero gradient (``grad_norm``: ‖G‖
+    if the step has it already)."""
+    grad_sq, low_sq = squared_norm(grad, grad_norm), squared_norm(low)
     return torch.where(grad_sq > 0, low_sq / grad_sq, torch.ones_like(grad_sq)).clamp_(max=1.0)
 
 

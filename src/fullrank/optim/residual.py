@@ -56,6 +56,15 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def squared_norm(t: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """‖t‖²_F accumulated in ≥ fp32; ``norm`` = ‖t‖ when already computed (the step's non-finite
+    check takes every gradient's 2-norm), reused when it has that precision."""
+    dtype = norm_dtype(t.dtype)
+    if norm is not None and norm.dtype == dtype:
+        return norm.square()
+    return torch.linalg.vector_norm(t, dtype=dtype).square()
+
+
 CPU_ROW_BLOCK = 64
 
 
@@ -86,15 +95,17 @@ def scaled_residual(
     side: str,
     kappa: float,
     granularity: str = "column",
+    grad_norm: torch.Tensor | None = None,
 ) -> ScaledResidual | None:
     """φ and ‖S‖ for ``rule`` (None for ``discard``), from G, R = Pᵀ·G and ψ(R).
 
-    ``granularity`` (``column`` | ``tensor``) applies to ``only_scaling`` only.
+    ``granularity`` (``column`` | ``tensor``) applies to ``only_scaling`` only; ``grad_norm`` = ‖G‖
+    when already computed (used by the per-matrix rules).
     """
     if rule == "discard":
         return None
     dim = column_dim(side) if uses_columns(rule, granularity) else None
-    grad_sq = _norms(grad, dim).square()
+    grad_sq = squared_norm(grad, grad_norm) if dim is None else _norms(grad, dim).square()
     if rule == "add":
         phi = torch.ones((), dtype=norm_dtype(grad.dtype), device=grad.device)
     else:

@@ -204,6 +204,7 @@ def summarize(run: Run, step: int, val_loss: float, tokens_per_s: float, stopped
         "parameters": run.n_params, "trainable_parameters": run.n_trainable,
         "steps": step, "tokens": run.tokens, "final_val_loss": val_loss, "final_val_ppl": ppl(val_loss),
         "optimizer_state_bytes": fullrank.memory.optimizer_state_bytes(run.optimizer),
+        "projected_state_bytes": fullrank.memory.projected_state_bytes(run.optimizer),
         "final_ranks": final_ranks(run.optimizer),
         "peak_memory_bytes": mem, "peak_memory_kind": kind, "tokens_per_s": tokens_per_s,
         "train_time_s": run.train_time, "wall_time_s": time.perf_counter() - run.wall_start,

@@ -32,7 +32,8 @@ class RankTracker:
     """Rank fields of the ``train`` records for a subspace optimizer (AdaRankGrad's rank over time).
 
     Every record gets ``rank_min/median/max/mean`` over the projected matrices; the per-matrix ranks
-    (``ranks``) and the optimizer-state bytes at that moment are added whenever a rank changed
+    (``ranks``) and the optimizer-state bytes at that moment (all, and the projected matrices' alone)
+    are added whenever a rank changed
     (and at the first step of a session), so ``metrics.jsonl`` holds each matrix's rank as a step
     function at no cost per step. Other optimizers (AdamW, LoRA) get no fields.
     """
@@ -50,10 +51,11 @@ class RankTracker:
             return {}
         fields = {f"rank_{k}": summary[k] for k in ("min", "median", "max", "mean")}
         if summary["ranks"] != self.last_ranks:
-            from ..memory import optimizer_state_bytes
+            from ..memory import optimizer_state_bytes, projected_state_bytes
 
             self.last_ranks = summary["ranks"]
-            fields.update(ranks=summary["ranks"], optimizer_state_bytes=optimizer_state_bytes(self.optimizer))
+            fields.update(ranks=summary["ranks"], optimizer_state_bytes=optimizer_state_bytes(self.optimizer),
+                          projected_state_bytes=projected_state_bytes(self.optimizer))
         return fields
 
 
