@@ -153,13 +153,16 @@ def rank_stats(out_dir: Path) -> dict | None:
     train = [r for r in records if r.get("type") == "train" and "rank_mean" in r]
     if not train:
         return None
-    state, current = [], None
-    for r in train:
-        current = r.get("optimizer_state_bytes", current)
-        state.append(current)
-    return dict(mean_rank=statistics.fmean(r["rank_mean"] for r in train), final_mean_rank=train[-1]["rank_mean"],
-                final_min_rank=train[-1]["rank_min"], final_max_rank=train[-1]["rank_max"],
-                state_bytes_peak=max(state), state_bytes_mean=statistics.fmean(state))
+    stats = dict(mean_rank=statistics.fmean(r["rank_mean"] for r in train), final_mean_rank=train[-1]["rank_mean"],
+                 final_min_rank=train[-1]["rank_min"], final_max_rank=train[-1]["rank_max"])
+    for field, name in (("optimizer_state_bytes", "state_bytes"), ("projected_state_bytes", "projected_state_bytes")):
+        values, current = [], None
+        for r in train:  # logged at every rank change: a step function
+            current = r.get(field, current)
+            values.append(current)
+        if None not in values:
+            stats.update({f"{name}_peak": max(values), f"{name}_mean": statistics.fmean(values)})
+    return stats
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -219,12 +222,15 @@ def plot(table: str, profile_name: str, rows: list[dict]) -> Path:
 def markdown(table: str, rows: list[dict]) -> str:
     if table == "adaptive":
         lines = [f"| {table} | val ppl (mean ± half-range) | seeds | mean rank over steps | final ranks min/mean/max | "
-                 "state MiB, peak / step-mean |", "|---|---:|---:|---:|---:|---:|"]
+                 "state MiB, peak / step-mean | projected matrices' state KiB, peak / step-mean |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             k = r["ranks"] or fixed_rank_stats(r)
+            projected = (f"{k['projected_state_bytes_peak'] / 2**10:.1f} / {k['projected_state_bytes_mean'] / 2**10:.1f}"
+                         if "projected_state_bytes_peak" in k else "–")
             lines.append(f"| {r['label']} | {r['ppl_mean']:.2f} ± {r['ppl_spread']:.2f} | {len(r['ppl'])} | "
                          f"{k['mean_rank']:.1f} | {k['final_min_rank']} / {k['final_mean_rank']:.1f} / {k['final_max_rank']} | "
-                         f"{k['state_bytes_peak'] / 2**20:.2f} / {k['state_bytes_mean'] / 2**20:.2f} |")
+                         f"{k['state_bytes_peak'] / 2**20:.2f} / {k['state_bytes_mean'] / 2**20:.2f} | {projected} |")
         return "\n".join(lines)
     lines = [f"| {table} | val ppl (mean ± half-range) | seeds | optimizer state (MiB) |", "|---|---:|---:|---:|"]
     for r in rows:
