@@ -170,14 +170,21 @@ def test_ablation_presets_choose_their_parts():
         fullrank.make_optimizer("adam8bit", groups)
 
 
-@pytest.mark.parametrize("shape", [(64, 5), (65, 3), (200, 7), (300, 1)])
+@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_column_norms_over_row_blocks_equal_vector_norm(shape, dtype):
-    """The CPU path of ``_norms(t, 0)`` (squares summed over blocks of 64 rows) = torch's vector_norm."""
-    from fullrank.optim.residual import _norms
+def test_stacked_column_norms_are_each_matrix_s_column_norms(side, dtype):
+    """``column_norms`` of a B×m×n stack: for a left projection the norms of each matrix's n columns,
+    for a right one of its m rows, accumulated in ≥ fp32 — checked entry by entry with math.fsum."""
+    from fullrank.optim.residual import column_norms
 
-    t = (torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 3).to(dtype)
-    expected = torch.linalg.vector_norm(t, dim=0, keepdim=True, dtype=torch.promote_types(dtype, torch.float32))
-    got = _norms(t, 0)
-    assert got.shape == expected.shape == (1, shape[1]) and got.dtype == expected.dtype
-    torch.testing.assert_close(got, expected, rtol=2e-6 if dtype != torch.float64 else 1e-12, atol=0)
+    stack = (torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    got = column_norms(stack, side)
+    assert got.shape == ((3, 1, 5) if side == "left" else (3, 7, 1))
+    assert got.dtype == torch.promote_types(dtype, torch.float32)
+    values = stack.double().tolist()
+    for b in range(3):
+        for k in range(5 if side == "left" else 7):
+            entries = [values[b][i][k] for i in range(7)] if side == "left" else values[b][k]
+            expected = math.sqrt(math.fsum(x * x for x in entries))
+            index = (b, 0, k) if side == "left" else (b, k, 0)
+            assert got[index].item() == pytest.approx(expected, rel=1e-6 if dtype != torch.float64 else 1e-12)

@@ -120,7 +120,7 @@ W = lambda *shape: nn.Parameter(torch.randn(*shape))  # noqa: E731
         ({"rank": 2}, {"betas": (0.9, 1.0)}, r"betas\[1\] must be a number in \[0.0, 1.0\), got 1.0"),
         ({"rank": 2}, {"betas": (-0.1, 0.99)}, r"betas\[0\] must be a number in \[0.0, 1.0\)"),
         ({"rank": 2}, {"residual": "scaled"}, r"residual must be one of \('discard', 'add'"),
-        ({"rank": 2}, {"limiter": "growth"}, r"limiter must be one of \('none', 'norm_growth', 'clip'\)"),
+        ({"rank": 2}, {"limiter": "growth"}, r"limiter must be one of \('none', 'norm_growth', 'clip', 'gradient_shrink', 'tensor_scaling'\)"),
         ({"rank": 2}, {"proj_type": "middle"}, r"proj_type must be one of \('std', 'reverse_std'"),
         ({"rank": 2}, {"svd": "qr"}, r"svd must be one of"),
         ({"rank": 2}, {"clip_threshold": 0.0}, r"clip_threshold must be a number in \(0.0, inf\]"),

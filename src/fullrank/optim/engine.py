@@ -1,54 +1,57 @@
-"""``SubspaceAdamW``: one optimizer for GaLore, Fira and their ablations.
+"""``SubspaceAdamW``: one optimizer for GaLore, Fira, their ablations and the adaptive methods.
 
 A param group with a ``rank`` key is *projected*; its 2-D weights get (paper eq. 2–12)::
 
-    every update_proj_gap steps:  P ← top-r singular vectors of G        (projector, eq. 2)
+    every update_proj_gap steps:  P ← top-r singular vectors of G        (subspace policy, eq. 2)
     R = Pᵀ·G                                                              (eq. 2)
     ψ(R) = Adam's correction of R, moments kept at r×n                    (inner Adam, eq. 4–5)
-    S = c · φ(R) ∘ (G − P·R)                                              (residual rule × limiter, eq. 8–12)
-    W ← W·(1 − η·λ) − η·(α·P·ψ(R) + S)                                    (eq. 7, decoupled decay)
+    update = P·(a·ψ) + w·c·φ∘(G − κ·P·R)                                  (update rule × limiter, eq. 7–12)
+    W ← W·(1 − η·λ) − η·update                                            (decoupled decay)
 
-Every other group is plain AdamW. The four parts live in ``svd.py``/``projector.py`` (or
-``random_proj.py``), ``inner_adam.py``, ``residual.py`` and ``limiter.py``; ``switch.py`` says what
-the moments do when P changes, ``refresh.py`` when P changes, ``rank.py`` at which rank. Presets
-(``Fira``, ``GaLore``, ``AdaRankGrad``, ``FiraAdaptive``, ``APOLLO``, ``APOLLO_Mini``, the ablations)
-only choose options.
+Every other group is plain AdamW (``torch._foreach_*`` kernels per device and dtype, like
+``torch/optim/adamw.py``).
 
-The step is atomic with respect to non-finite gradients: they are checked for every parameter
-before anything is written. It synchronises with the device once, for that check (which also
-reads the convergence flags of ``refresh.py``), plus once more on a step where subspaces of an
-adaptive-rank group are recomputed, to read all their new ranks together (a rank sizes the state,
-so the host must know it). The optimizer state holds tensors and plain numbers only.
+**Work per bucket, not per matrix.** The projected matrices of a group that share device, dtype,
+shape, projection side and rank form a bucket (LLaMA has three weight shapes: ~3 buckets per group);
+each step stacks a bucket's gradients and states and runs the projection (``bmm``), Adam, the
+norms, φ, the limiter (on a vector of norms) and the update as batched operations, then writes the
+parameters with one ``_foreach_add_``. The number of operations per step is set by the number of
+buckets, not by depth. Buckets are capped at ``bucket_cap_mb`` of stacked gradient: the transient
+memory of a step is at most that cap (or one matrix, if larger) for the gradient stack plus the
+bucket's low-rank temporaries (R, ψ, moments: ≈ 3·r/min(m, n) of it), e.g. 256 MiB against the
+13 GiB of bf16 gradients of LLaMA-7B (2%). The optimizer state stays per parameter, exactly
+2·r·max(m, n) + r·min(m, n) elements per matrix (``state.py`` owns the schema).
+
+The parts are units with one owner each: ``residual.py`` (update rules, a registry), ``limiter.py``
+(limiters, a registry), ``inner_adam.py`` (Adam), ``subspace.py`` (when and how P is recomputed:
+exact / randomized / warm-started SVD, random, adaptive rank, staggering, moment carry-over),
+``state.py`` (state keys and their checks), ``options.py`` (validation). The engine has no branch
+per rule or limiter.
+
+The step is atomic with respect to non-finite gradients: every gradient's norm is taken first
+(one ``_foreach_norm`` per device) and read in the step's one host synchronisation, together with
+the convergence flags of ``refresh.py``; a step where adaptive ranks are recomputed reads them in
+one more. The optimizer state holds tensors and plain numbers only.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch.optim import Optimizer
 
-from . import inner_adam, random_proj
-from .limiter import STATE_KEY as LIMITER_STATE_KEY
-from .limiter import limit_factor
-from .options import validate_common, validate_projected, validate_projected_state
-from .projector import (
-    add_projected_back_,
-    compute_projection,
-    low_rank_shape,
-    project,
-    projection_side,
-    truncated_projection,
-)
-from .random_proj import SEED_KEY, gaussian_projection, orthonormal_random_projection, stores_seed_only
-from .rank import current_rank, energy_rank, is_adaptive, rank_bounds, summarize
-from .refresh import ENERGY_KEY, LAST_REFRESH_KEY, captured_energy, converged_flag, record_energy_, refresh_due
-from .refresh import uses_trigger
-from .residual import norm_dtype, scaled_residual
-from .svd import top_singular_vectors
-from .switch import switch_moments_
+from . import inner_adam, subspace
+from . import state as S
+from .limiter import Limiter, get_limiter
+from .options import validate_common, validate_projected
+from .projector import add_back_, project, project_back, projection_side
+from .random_proj import stores_seed_only
+from .rank import current_rank, summarize
+from .refresh import converged_flag, record_energy_, stacked_energy, uses_trigger
+from .residual import Bucket, Rule, get_rule, norm_dtype
 
-# State scalars whose dtype is their own (≥ fp32), not the parameter's: load_state_dict keeps it.
-_OWN_DTYPE_KEYS = (LIMITER_STATE_KEY, ENERGY_KEY)
+MIB = 2**20
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -68,19 +71,28 @@ def parameter_names(group: dict, offset: int = 0) -> list[str]:
     return [f"param {offset + k}" for k in range(len(group["params"]))]
 
 
-@dataclass
-class _Refresh:
-    """A subspace being recomputed: the new projection, or the factors and the rank still to be read."""
+@dataclass(frozen=True)
+class GroupPlan:
+    """A projected group's options resolved once into its units (rebuilt if an option changes)."""
 
-    group: dict
-    state: dict
+    rule: Rule
+    limiter: Limiter
+    trigger: bool  # convergence-triggered refresh (τ > 0)
+    seed_only: bool  # APOLLO: P regenerated from a stored seed
+
+
+_PLAN_KEYS = ("residual", "limiter", "refresh_threshold", "projector")
+
+
+@dataclass
+class Item:
+    """One parameter with a gradient this step."""
+
+    ordinal: int  # position over all groups (seeds random draws)
+    index: int  # position in its group (refresh staggering)
+    param: torch.Tensor
     grad: torch.Tensor
-    side: str
-    left: torch.Tensor | None = None
-    right: torch.Tensor | None = None
-    factors: tuple[torch.Tensor | None, torch.Tensor | None] | None = None  # (U, Vh) at max_rank, adaptive
-    rank: torch.Tensor | int | None = None
-    seed: int | None = None
+    name: str
 
 
 class SubspaceAdamW(Optimizer):
@@ -92,38 +104,40 @@ class SubspaceAdamW(Optimizer):
         update_proj_gap: T, steps between projection refreshes (refreshed at step 0, T, 2T, …).
         scale: α, GaLore's scale on P·ψ(R).
         proj_type: ``std`` | ``reverse_std`` | ``left`` | ``right`` | ``full`` (GaLore's meaning).
-        residual: ``discard`` | ``add`` | ``scale_matrix`` | ``scale_column`` | ``only_scaling``.
-        limiter: ``none`` | ``norm_growth`` | ``clip``.
+        residual: an update rule of ``residual.py``: ``discard`` | ``add`` | ``scale_matrix`` |
+            ``scale_column`` | ``only_scaling`` (or one registered with ``register_rule``).
+        limiter: ``none`` | ``norm_growth`` | ``clip`` | ``gradient_shrink`` | ``tensor_scaling``
+            (``limiter.py``, or one registered with ``register_limiter``).
         gamma: γ ≥ 1 of the norm-growth limiter (eq. 12).
         clip_threshold: τ > 0 of the ``clip`` limiter.
+        limiter_alpha: a in (0, 1] of ``gradient_shrink`` and ``tensor_scaling``.
         residual_convention: ``exact`` (G − P·R) or ``official`` (G − α·P·R, the fira package's).
-        svd: ``exact`` (fp32 ``torch.linalg.svd``) or ``randomized`` (Halko et al.).
+        svd: ``exact`` (fp32 ``torch.linalg.svd``), ``randomized`` (Halko et al.) or ``warm``
+            (subspace iteration from the previous P, ``warm_iters`` rounds; exact at the first refresh).
         oversample, power_iters: randomized SVD's sketch oversampling and power iterations.
+        warm_iters: rounds of subspace iteration of ``svd="warm"``.
+        refresh_stagger: spread the group's refreshes evenly over the T steps instead of refreshing
+            every matrix at the same step.
         on_switch: ``keep`` | ``reproject`` | ``reset``: Adam's moments when P changes.
         reset_limiter_on_switch: forget the limiter's previous norm when P changes.
-        projector: ``svd`` (P from the gradient's singular vectors, ``svd`` picks the backend) or
-            ``random`` (a seeded random P: APOLLO's Gaussian sketch, stored as its seed, for
-            ``only_scaling``; GoLore's orthonormal basis otherwise). See ``random_proj.py``.
-        rank_energy: η in (0, 1]: AdaRankGrad's adaptive rank, the smallest r whose truncation keeps
-            η of ‖G‖²_F, chosen per matrix at every refresh (``rank.py``); None: the fixed ``rank``.
-        min_rank, max_rank: bounds of the adaptive rank; ``max_rank`` defaults to the group's
-            ``rank`` (the state budget) and is capped by each matrix's min(m, n).
-        refresh_threshold: τ in [0, 1): also refresh a subspace once the moving average of the
-            share of ‖G‖²_F it captures falls below τ (AdaRankGrad's convergence-triggered refresh,
-            ``refresh.py``), ``update_proj_gap`` then being an upper bound on the gap; 0: off.
+        projector: ``svd`` or ``random`` (APOLLO's seeded Gaussian sketch for ``only_scaling``,
+            GoLore's orthonormal basis otherwise). See ``random_proj.py``.
+        rank_energy: η in (0, 1]: AdaRankGrad's adaptive rank (``rank.py``); None: the fixed ``rank``.
+        min_rank, max_rank: bounds of the adaptive rank (``max_rank`` defaults to ``rank``).
+        refresh_threshold: τ in [0, 1): also refresh once the captured energy's moving average falls
+            below τ (``refresh.py``); 0: off.
         refresh_beta: β in [0, 1) of that moving average.
-        scaling_granularity: ``column`` (eq. 11; APOLLO's channel-wise) or ``tensor`` (eq. 10;
-            APOLLO-Mini's tensor-wise) factor φ of ``only_scaling``.
-        scaling_multiplier: multiplies the limited ``only_scaling`` update c·φ∘G (APOLLO's √scale);
-            other rules ignore it.
-        adam_convention: ``torch`` (torch.optim.AdamW's bias correction and ε) or ``transformers``
-            (the official GaLore/Fira/APOLLO packages': c_t folded into the step size after the
-            limiter, ε added to √V, decay after the update); see ``inner_adam.py``.
-        seed: seeds the randomized SVD and the random projector (per parameter and step, so
-            resumed runs repeat them).
+        scaling_granularity: ``column`` (eq. 11) or ``tensor`` (eq. 10) factor of ``only_scaling``.
+        scaling_multiplier: multiplies the limited ``only_scaling`` update (APOLLO's √scale).
+        adam_convention: ``torch`` (torch.optim.AdamW's) or ``transformers`` (the official packages'),
+            see ``inner_adam.py``.
+        seed: seeds the randomized SVD and the random projector (per parameter and step).
         nonfinite: ``raise`` (default) or ``skip`` the whole step when a gradient is NaN/inf;
             skipped steps are counted in ``skipped_steps``.
-        foreach: use ``torch._foreach_*`` kernels; default: when every parameter is on CUDA.
+        foreach: ``torch._foreach_*`` kernels for the plain groups and the parameter writes
+            (default: on).
+        bucket_cap_mb: the most stacked gradient a bucket holds, in MiB (0: one matrix per bucket).
+        compile: run the steady bucket step through ``torch.compile`` (see ``bucket_step``).
     """
 
     def __init__(
@@ -141,10 +155,13 @@ class SubspaceAdamW(Optimizer):
         limiter: str = "norm_growth",
         gamma: float = 1.01,
         clip_threshold: float = 1.0,
+        limiter_alpha: float = 0.5,
         residual_convention: str = "exact",
         svd: str = "exact",
         oversample: int = 8,
         power_iters: int = 2,
+        warm_iters: int = 1,
+        refresh_stagger: bool = False,
         on_switch: str = "keep",
         reset_limiter_on_switch: bool = False,
         projector: str = "svd",
@@ -159,20 +176,27 @@ class SubspaceAdamW(Optimizer):
         seed: int = 0,
         nonfinite: str = "raise",
         foreach: bool | None = None,
+        bucket_cap_mb: float = 256.0,
+        compile: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
             residual=residual, limiter=limiter, gamma=gamma, clip_threshold=clip_threshold,
-            residual_convention=residual_convention, svd=svd, oversample=oversample,
-            power_iters=power_iters, on_switch=on_switch,
+            limiter_alpha=limiter_alpha, residual_convention=residual_convention, svd=svd,
+            oversample=oversample, power_iters=power_iters, warm_iters=warm_iters,
+            refresh_stagger=refresh_stagger, on_switch=on_switch,
             reset_limiter_on_switch=reset_limiter_on_switch, projector=projector,
             rank_energy=rank_energy, min_rank=min_rank, max_rank=max_rank,
             refresh_threshold=refresh_threshold, refresh_beta=refresh_beta,
             scaling_granularity=scaling_granularity, scaling_multiplier=scaling_multiplier,
             adam_convention=adam_convention, seed=seed, nonfinite=nonfinite, foreach=foreach,
+            bucket_cap_mb=bucket_cap_mb, compile=compile,
         )
         self.skipped_steps = 0
+        self.record_residual_stats = False
+        self._residual_stats: dict | None = None
+        self._plans: dict[int, tuple[tuple, GroupPlan]] = {}
         if not isinstance(params, torch.Tensor):  # torch fills defaults into the caller's dicts: copy them
             params = [dict(p) if isinstance(p, dict) else p for p in params]
         super().__init__(params, defaults)
@@ -194,20 +218,36 @@ class SubspaceAdamW(Optimizer):
         if is_projected(group):
             validate_projected(group, parameter_names(group, offset))
 
+    def _plan(self, group: dict) -> GroupPlan:
+        """The group's frozen plan, rebuilt (and re-validated) only when one of its options changed."""
+        signature = tuple(group[k] for k in _PLAN_KEYS)
+        cached = self._plans.get(id(group))
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        plan = GroupPlan(rule=get_rule(group["residual"]), limiter=get_limiter(group["limiter"]),
+                         trigger=uses_trigger(group), seed_only=stores_seed_only(group))
+        self._plans[id(group)] = (signature, plan)
+        return plan
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["skipped_steps"] = self.skipped_steps
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by this or an earlier version of the engine (same per-parameter keys),
+        checking every projected state against its parameter and group (``state.py``)."""
         state_dict = dict(state_dict)
         skipped = int(state_dict.pop("skipped_steps", 0))
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
+        for group in state_dict["param_groups"]:  # options added since the state was saved
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, param in zip(saved_ids, params):
-            for key in _OWN_DTYPE_KEYS:
+            for key in S.OWN_DTYPE_KEYS:
                 value = saved_state.get(saved_id, {}).get(key)
                 if value is not None:  # keep its dtype: Optimizer.load_state_dict casts to the param's
                     self.state[param][key] = value.to(device=param.device)
@@ -217,11 +257,12 @@ class SubspaceAdamW(Optimizer):
             if is_projected(group):
                 for param, name in zip(group["params"], parameter_names(group, offset)):
                     if self.state.get(param):
-                        validate_projected_state(self.state[param], param, name, group)
+                        S.validate_projected_state(self.state[param], param, name, group)
             offset += len(group["params"])
         self.skipped_steps = skipped
+        self._plans.clear()
 
-    # ------------------------------------------------------------------ ranks
+    # ------------------------------------------------------------------ ranks and statistics
     def current_ranks(self) -> dict[str, int]:
         """{parameter name: rank its state is allocated at} for every projected matrix stepped so far."""
         ranks, offset = {}, 0
@@ -238,12 +279,21 @@ class SubspaceAdamW(Optimizer):
         return ranks
 
     def rank_summary(self) -> dict:
-        """``dict(min=, median=, max=, mean=, ranks={name: r})`` over the projected matrices.
-
-        Ranks are read from the state's shapes: no device synchronisation, cheap enough for every
-        step. The statistics are None before the first step.
-        """
+        """``dict(min=, median=, max=, mean=, ranks={name: r})`` over the projected matrices, read from
+        the state's shapes (no device synchronisation). The statistics are None before the first step."""
         return summarize(self.current_ranks())
+
+    def residual_stats(self) -> dict | None:
+        """Of the last step, over the projected matrices with a residual: ``residual_norm`` (‖S‖ before
+        the limiter, root of the sum of squares), ``limited_norm`` (after it) and ``limited_fraction``
+        (share of matrices the limiter scaled down), as 0-d tensors on the device (reading them
+        synchronises; the step does not). None unless ``record_residual_stats`` is set and a step
+        with a residual has run."""
+        stats = self._residual_stats
+        if not stats or stats["count"] == 0:
+            return None
+        return dict(residual_norm=stats["pre_sq"].sqrt(), limited_norm=stats["post_sq"].sqrt(),
+                    limited_fraction=stats["limited"] / stats["count"])
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -258,26 +308,20 @@ class SubspaceAdamW(Optimizer):
         if not finite:
             self.skipped_steps += 1
             return loss
-        refreshed = self._refresh_projections(work, flagged)
+        self._residual_stats = {"count": 0} if self.record_residual_stats else None
         for group, items in work:
-            if items:
-                foreach = group["foreach"]
-                if foreach is None:
-                    foreach = all(p.is_cuda for _, p, _, _ in items)
-                if is_projected(group):
-                    self._projected_step(group, items, foreach, refreshed, grad_norms)
-                else:
-                    self._plain_step(group, items, foreach)
+            if not items:
+                continue
+            if is_projected(group):
+                self._projected_step(group, items, flagged, grad_norms)
+            else:
+                self._plain_step(group, items)
         return loss
 
-    def _gather(self) -> list[tuple[dict, list]]:
-        """(group, [(ordinal, param, grad, name)]) for every parameter that has a gradient.
-
-        The ordinal (which seeds the randomized SVD and the random projector) is the parameter's
-        position over all groups, counted from the group's ``param_ordinal`` when it has one: the
-        layer-wise mode sets it, so one optimizer per parameter draws what one optimizer over all
-        of them would.
-        """
+    def _gather(self) -> list[tuple[dict, list[Item]]]:
+        """(group, items) for every parameter that has a gradient. The ordinal (which seeds random
+        draws) is the parameter's position over all groups, counted from the group's
+        ``param_ordinal`` when it has one."""
         work, offset = [], 0
         for group in self.param_groups:
             items, first = [], group.get("param_ordinal", offset)
@@ -285,7 +329,7 @@ class SubspaceAdamW(Optimizer):
                 if param.grad is not None:
                     if param.grad.is_sparse:
                         raise ValueError(f"parameter {name!r} has a sparse gradient; SubspaceAdamW needs dense gradients")
-                    items.append((first + k, param, param.grad, name))
+                    items.append(Item(first + k, group.get("param_index", k), param, param.grad, name))
             offset += len(group["params"])
             work.append((group, items))
         return work
@@ -295,32 +339,35 @@ class SubspaceAdamW(Optimizer):
         refresh (``refresh.py``), read in one transfer per device before anything is written, and
         each gradient's 2-norm on its device (by parameter id), which the step reuses."""
         grads: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
-        flags: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+        energies: dict[torch.device, list[tuple[int, torch.Tensor, float]]] = {}
         for group, items in work:
-            for _, param, grad, _ in items:
-                grads.setdefault(grad.device, []).append((id(param), grad))
-                state = self.state.get(param)
-                flag = converged_flag(group, state) if state and is_projected(group) else None
-                if flag is not None:
-                    flags.setdefault(flag.device, []).append((id(param), flag))
+            trigger = is_projected(group) and uses_trigger(group)
+            for item in items:
+                grads.setdefault(item.grad.device, []).append((id(item.param), item.grad))
+                energy = self.state.get(item.param, {}).get(S.CAPTURED_ENERGY) if trigger else None
+                if energy is not None:
+                    energies.setdefault(energy.device, []).append((id(item.param), energy, group["refresh_threshold"]))
         finite, flagged, grad_norms = True, set(), {}
-        for device in grads.keys() | flags.keys():
+        for device in grads.keys() | energies.keys():
             values = []
             if device in grads:
                 norms = torch._foreach_norm([g for _, g in grads[device]], 2)
                 grad_norms.update((pid, norm) for (pid, _), norm in zip(grads[device], norms))
                 # a finite 2-norm proves every entry finite (NaN and ±inf propagate through the sum of
-                # squares); torch's CPU ∞-norm is ~20× slower. Only an overflowing sum of huge finite
-                # entries tests non-finite here, and the exact check below then clears it.
-                values.append(torch.isfinite(torch.stack(norms)).all())
-            owners = flags.get(device, [])
-            read = torch.stack(values + [flag for _, flag in owners]).tolist()
+                # squares). Only an overflowing sum of huge finite entries tests non-finite here, and
+                # the exact check below then clears it.
+                values.append(torch.isfinite(torch.stack(norms)).all().reshape(1))
+            owners = energies.get(device, [])
+            if owners:
+                thresholds = torch.tensor([t for _, _, t in owners], dtype=owners[0][1].dtype)
+                values.append(torch.stack([e for _, e, _ in owners]).lt(thresholds.to(device, non_blocking=True)))
+            read = torch.cat(values).tolist()
             if device in grads:
                 finite = finite and read.pop(0)
-            flagged.update(pid for (pid, _), hit in zip(owners, read) if hit)
+            flagged.update(pid for (pid, _, _), hit in zip(owners, read) if hit)
         if finite:
             return True, flagged, grad_norms
-        entries = [(g, name, group) for group, items in work for _, _, g, name in items]
+        entries = [(item.grad, item.name, group) for group, items in work for item in items]
         bad = next(((n, grp) for g, n, grp in entries if not bool(torch.isfinite(g).all())), None)
         if bad is None:  # the 2-norm overflowed on finite gradients
             return True, flagged, grad_norms
@@ -332,180 +379,146 @@ class SubspaceAdamW(Optimizer):
             "was changed. Use nonfinite='skip' to skip such steps instead."
         )
 
-    def _plain_step(self, group: dict, items: list, foreach: bool) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for _, param, grad, _ in items:
-            state = self.state[param]
+    def _plain_step(self, group: dict, items: list[Item]) -> None:
+        """torch.optim.AdamW's update, foreach over each device and dtype."""
+        for item in items:
+            state = self.state[item.param]
             if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["step"] += 1
-            params.append(param)
-            grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+                S.init_plain(state, item.param)
+            state[S.STEP] += 1
+        buckets: dict[tuple, list[Item]] = {}
+        for item in items:
+            buckets.setdefault((item.param.device, item.param.dtype), []).append(item)
         beta1, beta2 = group["betas"]
-        inner_adam.adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
-            eps=group["eps"], weight_decay=group["weight_decay"], foreach=foreach,
-            convention=group["adam_convention"],
-        )
+        foreach = group["foreach"] is not False
+        for members in buckets.values():
+            states = [self.state[i.param] for i in members]
+            inner_adam.adamw_(
+                [i.param for i in members], [i.grad for i in members], [s[S.EXP_AVG] for s in states],
+                [s[S.EXP_AVG_SQ] for s in states], [s[S.STEP] for s in states], lr=group["lr"], beta1=beta1,
+                beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], foreach=foreach,
+                convention=group["adam_convention"],
+            )
 
-    def _projection(self, group: dict, state: dict, grad: torch.Tensor):
-        """(proj_left, proj_right) of a matrix: from the state, or regenerated from its seed."""
-        seed = state.get(SEED_KEY)
-        if seed is None:
-            return state.get("proj_left"), state.get("proj_right")
-        side = projection_side(group["proj_type"], tuple(grad.shape))
-        return gaussian_projection(tuple(grad.shape), side, group["rank"], seed, grad.device, grad.dtype)
-
-    def _projected_step(self, group: dict, items: list, foreach: bool, refreshed: set[int],
+    # ------------------------------------------------------------------ projected step
+    def _projected_step(self, group: dict, items: list[Item], flagged: set[int],
                         grad_norms: dict[int, torch.Tensor]) -> None:
-        lows, projections = [], []
-        for _, param, grad, _ in items:
-            state = self.state[param]
-            left, right = self._projection(group, state, grad)
-            projections.append((left, right))
-            lows.append(project(grad, left, right))
-            state["step"] += 1
-            state["adam_step"] += 1
+        plan = self._plan(group)
+        for item in items:
+            state = self.state[item.param]
+            if not state:
+                S.init_projected(state, item.param, norm_dtype(item.param.dtype))
+        refreshed = subspace.refresh_(self, group, items, flagged)
+        for members in self._buckets(group, items):
+            self._bucket_step(group, plan, members, refreshed, grad_norms)
 
-        states = [self.state[param] for _, param, _, _ in items]
-        if uses_trigger(group):
-            for (_, param, grad, _), state, low in zip(items, states, lows):
-                energy = captured_energy(grad, low, grad_norms.get(id(param)))
-                record_energy_(state, energy, id(param) in refreshed, group["refresh_beta"])
+    def _buckets(self, group: dict, items: list[Item]) -> list[list[Item]]:
+        """Items of equal device, dtype, shape, side and low-rank shape, in chunks of at most
+        ``bucket_cap_mb`` of gradient (at least one matrix each)."""
+        by_key: dict[tuple, list[Item]] = {}
+        for item in items:
+            low_shape = tuple(self.state[item.param][S.EXP_AVG].shape)
+            key = (item.param.device, item.param.dtype, tuple(item.param.shape), low_shape)
+            by_key.setdefault(key, []).append(item)
+        cap = group["bucket_cap_mb"] * MIB
+        buckets = []
+        for members in by_key.values():
+            size = members[0].grad.numel() * members[0].grad.element_size()
+            per_bucket = max(1, int(cap // size)) if size else len(members)
+            buckets.extend(members[k:k + per_bucket] for k in range(0, len(members), per_bucket))
+        return buckets
+
+    def _bucket_step(self, group: dict, plan: GroupPlan, members: list[Item], refreshed: set[int],
+                     grad_norms: dict[int, torch.Tensor]) -> None:
+        states = [self.state[i.param] for i in members]
+        for state in states:
+            state[S.STEP] += 1
+            state[S.ADAM_STEP] += 1
+        params = [i.param for i in members]
+        single = len(members) == 1  # a view, no copy: the stack of one matrix
+        grads = members[0].grad.unsqueeze(0) if single else torch.stack([i.grad for i in members])
+        side = projection_side(group["proj_type"], tuple(params[0].shape))
+        left, right = subspace.stacked_projection(self, group, plan, members, states, side)
+        moments = [s[S.EXP_AVG] for s in states], [s[S.EXP_AVG_SQ] for s in states]
+        exp_avg, exp_avg_sq = (m[0].unsqueeze(0) if single else torch.stack(m) for m in moments)
+        norms = [grad_norms.get(id(p)) for p in params]
+        if None not in norms and norms[0].dtype == norm_dtype(grads.dtype):  # the non-finite check's norms
+            grad_sq = torch.stack(norms).square().view(-1, 1, 1)
+        else:
+            grad_sq = torch.linalg.vector_norm(grads, dim=(-2, -1), keepdim=True, dtype=norm_dtype(grads.dtype)).square()
+        low = project(grads, left, right)
+        if plan.trigger:
+            self._record_energy(group, members, states, low, grad_sq, refreshed)
         beta1, beta2 = group["betas"]
+        inner_adam.stacked_moments_(exp_avg, exp_avg_sq, low, beta1=beta1, beta2=beta2)
+        if not single:
+            torch._foreach_copy_(moments[0], list(exp_avg.unbind(0)))
+            torch._foreach_copy_(moments[1], list(exp_avg_sq.unbind(0)))
+        adam_steps = [s[S.ADAM_STEP] for s in states]
         convention = group["adam_convention"]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        adam_steps = [s["adam_step"] for s in states]
-        inner_adam.update_moments_(exp_avgs, exp_avg_sqs, lows, beta1=beta1, beta2=beta2, foreach=foreach)
-        psis = inner_adam.directions(
-            exp_avgs, exp_avg_sqs, adam_steps, beta1=beta1, beta2=beta2, eps=group["eps"], foreach=foreach,
-            convention=convention,
-        )
-        step_factors = inner_adam.step_factors(adam_steps, beta1, beta2, convention)
+        psi = inner_adam.stacked_direction(exp_avg, exp_avg_sq, adam_steps, beta1=beta1, beta2=beta2,
+                                           eps=group["eps"], convention=convention)
+        contribution = plan.rule.contribution(Bucket(grads, low, psi, grad_sq, side), group)
 
-        lr, alpha, rule = group["lr"], group["scale"], group["residual"]
+        update = None
+        if contribution.phi is not None:
+            coef = contribution.phi
+            factors, kept = None, None
+            if contribution.residual_sq is not None:
+                previous = torch.stack([s[S.RESIDUAL_NORM] for s in states])
+                norms = contribution.residual_sq.sqrt()
+                factors, kept = plan.limiter.factors(norms, previous.to(norms.dtype), group)
+                if kept is not None:
+                    torch._foreach_copy_([s[S.RESIDUAL_NORM] for s in states], list(kept.unbind(0)))
+                self._record_stats(contribution.residual_sq, factors)
+            if factors is not None:
+                coef = coef * factors.view(-1, 1, 1)
+            if contribution.weight != 1.0:
+                coef = coef * contribution.weight
+            coef = coef.to(grads.dtype)
+            update = grads.mul(coef) if single else grads.mul_(coef)
+            if contribution.subspace_scale != 0.0 or contribution.kappa != 0.0:
+                low_term = psi.mul_(contribution.subspace_scale) if contribution.subspace_scale != 1.0 else psi
+                if contribution.kappa != 0.0:
+                    low_term = low_term.sub_(low.mul_(coef), alpha=contribution.kappa)
+                add_back_(update, low_term, left, right)
+        else:
+            update = project_back(psi.mul_(contribution.subspace_scale), left, right)
+
+        lr = group["lr"]
         decay = 1.0 - lr * group["weight_decay"]
         # transformers' order W ← (W − η·c·u)·decay, written as W·decay − η·c·decay·u
         late_decay = decay if convention == "transformers" else 1.0
-        kappa = alpha if group["residual_convention"] == "official" else 1.0
-        for (_, param, grad, _), state, low, psi, (left, right), c_t in zip(
-            items, states, lows, psis, projections, step_factors
-        ):
-            step_lr = lr * c_t * late_decay  # = lr exactly under the torch convention
-            side = projection_side(group["proj_type"], tuple(grad.shape))
-            residual = scaled_residual(rule, grad, low, psi, side, kappa, group["scaling_granularity"],
-                                       grad_norms.get(id(param)))
-            if residual is None:  # GaLore: W ← W·decay − η·α·P·ψ(R)
-                add_projected_back_(param, psi, left, right, alpha=-step_lr * alpha, beta=decay)
-                continue
-            factor = limit_factor(
-                group["limiter"], residual.norm, state,
-                gamma=group["gamma"], clip_threshold=group["clip_threshold"],
-            )
-            coef = residual.phi if factor is None else residual.phi * factor
-            if rule == "only_scaling":  # W ← W·decay − η·β·c·φ∘G   (APOLLO: β = √scale)
-                if decay != 1.0:
-                    param.mul_(decay)
-                param.addcmul_(grad, coef.to(grad.dtype), value=-step_lr * group["scaling_multiplier"])
-                continue
-            # W ← W·decay − η·P·(α·ψ − c·κ·φ∘R) − η·c·φ∘G
-            low_term = low * (coef * kappa).to(low.dtype)
-            add_projected_back_(param, psi.mul(alpha).sub_(low_term), left, right, alpha=-step_lr, beta=decay)
-            param.addcmul_(grad, coef.to(grad.dtype), value=-step_lr)
+        step_sizes = [lr * c * late_decay for c in inner_adam.step_factors(adam_steps, beta1, beta2, convention)]
+        step_size = inner_adam._per_matrix(step_sizes, update)
+        if isinstance(step_size, torch.Tensor):
+            update.mul_(step_size)
+            step_size = 1.0
+        if decay != 1.0:
+            torch._foreach_mul_(params, decay)
+        torch._foreach_add_(params, list(update.unbind(0)), alpha=-step_size)
 
-    # ------------------------------------------------------------------ refresh
-    def _refresh_projections(self, work, flagged: set[int]) -> set[int]:
-        """Recompute the subspaces that are due (``refresh.py``) and carry the moments over
-        (``on_switch``); returns the ids of the parameters refreshed. Adaptive ranks are read from the
-        device together, once per step that needs them."""
-        pending: list[_Refresh] = []
-        refreshed = set()
-        for group, items in work:
-            if not is_projected(group):
-                continue
-            for ordinal, param, grad, _ in items:
-                state = self.state[param]
-                if not state:
-                    state["step"] = 0
-                    state["adam_step"] = 0
-                    state[LIMITER_STATE_KEY] = torch.zeros((), dtype=norm_dtype(param.dtype), device=param.device)
-                if refresh_due(group, state, id(param) in flagged):
-                    pending.append(self._new_projection(group, ordinal, grad, state))
-                    refreshed.add(id(param))
-        by_device: dict[torch.device, list[_Refresh]] = {}
-        for refresh in pending:
-            if isinstance(refresh.rank, torch.Tensor):
-                by_device.setdefault(refresh.rank.device, []).append(refresh)
-        for refreshes in by_device.values():
-            for refresh, rank in zip(refreshes, torch.stack([r.rank for r in refreshes]).tolist()):
-                refresh.rank = int(rank)
-        for refresh in pending:
-            self._install(refresh)
-        return refreshed
+    def _record_energy(self, group, members, states, low, grad_sq, refreshed) -> None:
+        """The captured energy's moving average per matrix (``refresh.py``), batched; a matrix
+        refreshed at this step (or new) starts its average at this step's value."""
+        energy = stacked_energy(low, grad_sq)
+        if all(S.CAPTURED_ENERGY in s and id(i.param) not in refreshed for i, s in zip(members, states)):
+            averages = [s[S.CAPTURED_ENERGY] for s in states]
+            stacked = torch.stack(averages).lerp_(energy.to(averages[0].dtype), 1.0 - group["refresh_beta"])
+            torch._foreach_copy_(averages, list(stacked.unbind(0)))
+            return
+        for k, (item, state) in enumerate(zip(members, states)):
+            record_energy_(state, energy[k].clone(), id(item.param) in refreshed, group["refresh_beta"])
 
-    def _svd_generator(self, group: dict, ordinal: int, grad: torch.Tensor, state: dict) -> torch.Generator | None:
-        if group["svd"] != "randomized":
-            return None
-        generator = torch.Generator(device=grad.device)
-        generator.manual_seed(random_proj.projection_seed(group["seed"], ordinal, state["step"]))
-        return generator
-
-    def _new_projection(self, group: dict, ordinal: int, grad: torch.Tensor, state: dict) -> _Refresh:
-        """The new subspace of a matrix, computed from its current gradient (nothing written yet)."""
-        shape = tuple(grad.shape)
-        refresh = _Refresh(group, state, grad, projection_side(group["proj_type"], shape))
-        if group["projector"] == "random":
-            seed = random_proj.projection_seed(group["seed"], ordinal, state["step"])
-            if stores_seed_only(group):
-                refresh.seed = seed
-            else:
-                refresh.left, refresh.right = orthonormal_random_projection(
-                    shape, refresh.side, group["rank"], seed, grad.device, grad.dtype
-                )
-            return refresh
-        options = dict(oversample=group["oversample"], power_iters=group["power_iters"],
-                       generator=self._svd_generator(group, ordinal, grad, state))
-        if not is_adaptive(group):
-            refresh.left, refresh.right, _ = compute_projection(
-                grad, group["rank"], refresh.side, group["svd"], **options
-            )
-            return refresh
-        low, high = rank_bounds(group, shape)
-        U, S, Vh = top_singular_vectors(grad, high, group["svd"], **options)
-        total = torch.linalg.vector_norm(grad, dtype=S.dtype).square()
-        # only the factor the projection uses waits for the rank
-        refresh.factors = (U if refresh.side != "right" else None, Vh if refresh.side != "left" else None)
-        refresh.rank = energy_rank(S, total, group["rank_energy"], low, high)
-        return refresh
-
-    def _install(self, refresh: _Refresh) -> None:
-        """Write the new projection into the state and carry the moments over (``on_switch``)."""
-        group, state, grad, side = refresh.group, refresh.state, refresh.grad, refresh.side
-        if refresh.factors is not None:
-            refresh.left, refresh.right = truncated_projection(*refresh.factors, refresh.rank, side, grad.dtype)
-        if refresh.seed is not None:
-            m, n = grad.shape
-            r = group["rank"]
-            low_shape = torch.Size((r if side in ("left", "both") else m, r if side in ("right", "both") else n))
-        else:
-            low_shape = low_rank_shape(tuple(grad.shape), refresh.left, refresh.right)
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros(low_shape, dtype=grad.dtype, device=grad.device)
-            state["exp_avg_sq"] = torch.zeros(low_shape, dtype=grad.dtype, device=grad.device)
-        else:
-            switch_moments_(state, group["on_switch"], refresh.left, refresh.right, low_shape)
-            if group["reset_limiter_on_switch"]:
-                state[LIMITER_STATE_KEY] = torch.zeros_like(state[LIMITER_STATE_KEY])
-        for key, value in (("proj_left", refresh.left), ("proj_right", refresh.right), (SEED_KEY, refresh.seed)):
-            if value is None:
-                state.pop(key, None)
-            else:
-                state[key] = value
-        if uses_trigger(group):
-            state[LAST_REFRESH_KEY] = state["step"]
+    def _record_stats(self, residual_sq: torch.Tensor, factors: torch.Tensor | None) -> None:
+        stats = self._residual_stats
+        if stats is None:
+            return
+        limited = torch.zeros_like(residual_sq) if factors is None else (factors < 1).to(residual_sq.dtype)
+        post = residual_sq if factors is None else residual_sq * factors.square()
+        sums = torch.stack([residual_sq.sum(), post.sum(), limited.sum()])
+        if "sums" in stats:
+            sums = sums.to(stats["sums"].device) + stats["sums"]
+        stats["sums"] = sums
+        stats["pre_sq"], stats["post_sq"], stats["limited"] = sums.unbind(0)
+        stats["count"] += residual_sq.numel()

@@ -152,3 +152,32 @@ def adamw_(
         return
     for p, m, d, s in zip(params, exp_avgs, denom, step_sizes):
         p.addcdiv_(m, d, value=s)
+
+
+def _per_matrix(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
+    """A Python float when every matrix of a stack shares the value, else a B×1×1 tensor on the
+    stack's device (copied from pinned memory without a host synchronisation)."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    column = torch.tensor(values, dtype=torch.float32).view(-1, *([1] * (like.dim() - 1)))
+    if like.is_cuda:
+        column = column.pin_memory().to(like.device, non_blocking=True)
+    return column.to(like.device)
+
+
+def stacked_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, low: torch.Tensor, *, beta1: float,
+                     beta2: float) -> None:
+    """M ← β1·M + (1 − β1)·R and V ← β2·V + (1 − β2)·R² on stacks of B matrices, in place."""
+    exp_avg.lerp_(low, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+
+
+def stacked_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, steps: list[int], *, beta1: float,
+                      beta2: float, eps: float, convention: str) -> torch.Tensor:
+    """ψ(R) of a stack from moments already updated at each matrix's step ``t`` (1-based): the same
+    numbers as :func:`directions` (``transformers``: no bias correction, see :func:`step_factors`)."""
+    if convention == "transformers":
+        return exp_avg / exp_avg_sq.sqrt().add_(eps)
+    bc1, sqrt_bc2 = _bias_corrections(steps, beta1, beta2)
+    denom = exp_avg_sq.sqrt().div_(_per_matrix(sqrt_bc2, exp_avg_sq)).add_(eps)
+    return (exp_avg / denom).div_(_per_matrix(bc1, exp_avg))

@@ -1,35 +1,101 @@
-"""Limiters on the scaled residual S, returning the factor c that S is multiplied by.
+"""Limiters on the scaled residual S: each maps a vector of norms ‖S‖ (one per matrix of a bucket)
+and the norms it kept from the previous step to the factors c that S is multiplied by.
 
-* ``none``         c = 1.
-* ``norm_growth``  Fira's norm-growth limiter (paper eq. 12): if ‖S_t‖ / ‖S_{t−1}‖ > γ then
-                   S_t ← S_t · γ‖S_{t−1}‖ / ‖S_t‖, so the ratio is exactly γ; ‖S_{t−1}‖ is the norm
-                   *after* limiting. The first step (no previous norm, or a previous norm of 0) is
-                   left untouched.
-* ``clip``         absolute norm clipping, the paper's "Fira-gradient-clipping" ablation:
-                   S ← S · min(1, τ / ‖S‖).
+* ``none``             c = 1.
+* ``norm_growth``      Fira's norm-growth limiter (paper eq. 12): if ‖S_t‖ / ‖S_{t−1}‖ > γ then
+                       S_t ← S_t · γ‖S_{t−1}‖ / ‖S_t‖, so the ratio is exactly γ; ‖S_{t−1}‖ is the norm
+                       *after* limiting. The first step (no previous norm, or a previous norm of 0)
+                       is left untouched.
+* ``clip``             absolute norm clipping, the paper's "Fira-gradient-clipping" ablation:
+                       S ← S · min(1, τ / ‖S‖)  (τ = ``clip_threshold``).
+* ``gradient_shrink``  the rebuttal's gradient shrink (Table r10): ‖S_t‖ ← a·‖S_t‖ + (1 − a)·‖S_{t−1}‖
+                       (a = ``limiter_alpha``), S_t rescaled to that norm; the first step untouched.
+* ``tensor_scaling``   the rebuttal's tensor-wise scaling (Table r10): S_t ← a·S_t, a constant
+                       (a = ``limiter_alpha``).
 
-Everything stays on the tensor's device (``torch.where``), so the step never synchronises.
+A limiter is a small object with ``factors(norms, previous, group) -> (c or None, kept or None)``
+over 1-D tensors on the device (``torch.where``, never a host synchronisation). ``kept`` is what the
+engine stores as each matrix's ``residual_norm`` for the next step (None: the limiter keeps nothing).
+To add one: write its class (in its own file if you like), then ``register_limiter("name", Limiter())``.
 """
 from __future__ import annotations
 
 import torch
 
-LIMITERS = ("none", "norm_growth", "clip")
 STATE_KEY = "residual_norm"
 
 
+class Limiter:
+    """Base class: ``c = 1``, nothing kept."""
+
+    def factors(self, norms: torch.Tensor, previous: torch.Tensor, group: dict):
+        return None, None
+
+
+class NormGrowth(Limiter):
+    """Eq. 12: the ratio ‖S_t‖/‖S_{t−1}‖ is capped at γ."""
+
+    def factors(self, norms, previous, group):
+        gamma = group["gamma"]
+        grows = (previous > 0) & (norms > gamma * previous)
+        factor = torch.where(grows, gamma * previous / norms, torch.ones_like(norms))
+        return factor, norms * factor
+
+
+class Clip(Limiter):
+    """S ← S·min(1, τ/‖S‖)."""
+
+    def factors(self, norms, previous, group):
+        return (group["clip_threshold"] / norms).clamp_(max=1.0), None
+
+
+class GradientShrink(Limiter):
+    """‖S_t‖ ← a·‖S_t‖ + (1 − a)·‖S_{t−1}‖ (rebuttal Table r10)."""
+
+    def factors(self, norms, previous, group):
+        a = group["limiter_alpha"]
+        target = a * norms + (1.0 - a) * previous
+        factor = torch.where((previous > 0) & (norms > 0), target / norms, torch.ones_like(norms))
+        return factor, norms * factor
+
+
+class TensorScaling(Limiter):
+    """S_t ← a·S_t (rebuttal Table r10)."""
+
+    def factors(self, norms, previous, group):
+        return torch.full_like(norms, group["limiter_alpha"]), None
+
+
+LIMITER_REGISTRY: dict[str, Limiter] = {
+    "none": Limiter(),
+    "norm_growth": NormGrowth(),
+    "clip": Clip(),
+    "gradient_shrink": GradientShrink(),
+    "tensor_scaling": TensorScaling(),
+}
+LIMITERS = tuple(LIMITER_REGISTRY)  # the built-in names (validation reads the registry itself)
+
+
+def register_limiter(name: str, limiter: Limiter) -> None:
+    """Make ``limiter`` available as ``limiter=name`` in every group."""
+    if not isinstance(limiter, Limiter):
+        raise TypeError(f"limiter {name!r} must be a fullrank.optim.limiter.Limiter, got {type(limiter).__name__}")
+    LIMITER_REGISTRY[name] = limiter
+
+
+def get_limiter(name: str) -> Limiter:
+    if name not in LIMITER_REGISTRY:
+        raise ValueError(f"limiter must be one of {tuple(LIMITER_REGISTRY)}, got {name!r}")
+    return LIMITER_REGISTRY[name]
+
+
 def limit_factor(
-    kind: str, norm: torch.Tensor, state: dict, *, gamma: float, clip_threshold: float
+    kind: str, norm: torch.Tensor, state: dict, *, gamma: float, clip_threshold: float, limiter_alpha: float = 0.5
 ) -> torch.Tensor | None:
-    """The factor c for ‖S‖ = ``norm`` (None means 1). Updates ``state[STATE_KEY]`` for norm_growth."""
-    if kind == "none":
-        return None
-    if kind == "clip":
-        return (clip_threshold / norm).clamp_(max=1.0)
-    if kind == "norm_growth":
-        previous = state[STATE_KEY]
-        grows = (previous > 0) & (norm > gamma * previous)
-        factor = torch.where(grows, gamma * previous / norm, torch.ones_like(norm))
-        state[STATE_KEY] = norm * factor
-        return factor
-    raise ValueError(f"limiter must be one of {LIMITERS}, got {kind!r}")
+    """One matrix's factor c for ‖S‖ = ``norm`` (None means 1); updates ``state[STATE_KEY]``."""
+    group = dict(gamma=gamma, clip_threshold=clip_threshold, limiter_alpha=limiter_alpha)
+    previous = state.get(STATE_KEY, torch.zeros_like(norm)).reshape(1)
+    factor, kept = get_limiter(kind).factors(norm.reshape(1), previous, group)
+    if kept is not None:
+        state[STATE_KEY] = kept.reshape(())
+    return None if factor is None else factor.reshape(())

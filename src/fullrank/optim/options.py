@@ -7,21 +7,19 @@ import numbers
 import torch
 
 from .inner_adam import ADAM_CONVENTIONS
-from .limiter import LIMITERS
-from .projector import PROJ_TYPES, projection_side
-from .random_proj import SEED_KEY, stores_seed_only
-from .rank import is_adaptive, max_rank_of, rank_bounds
-from .residual import RESIDUAL_CONVENTIONS, RESIDUAL_RULES, SCALING_GRANULARITIES, uses_columns
+from .limiter import LIMITER_REGISTRY
+from .projector import PROJ_TYPES
+from .random_proj import stores_seed_only
+from .rank import is_adaptive, max_rank_of
+from .residual import RESIDUAL_CONVENTIONS, RULE_REGISTRY, SCALING_GRANULARITIES, uses_columns
 from .svd import SVD_BACKENDS
 from .switch import ON_SWITCH
 
 NONFINITE_POLICIES = ("raise", "skip")
 PROJECTORS = ("svd", "random")
 
-_CHOICES = {
+_CHOICES = {  # the residual rules and limiters are read from their registries (they can grow)
     "proj_type": PROJ_TYPES,
-    "residual": RESIDUAL_RULES,
-    "limiter": LIMITERS,
     "residual_convention": RESIDUAL_CONVENTIONS,
     "svd": SVD_BACKENDS,
     "on_switch": ON_SWITCH,
@@ -61,13 +59,22 @@ def validate_common(group: dict) -> None:
     check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
     check_range("eps", group["eps"], 0.0, math.inf)
     check_range("weight_decay", group["weight_decay"], 0.0, math.inf)
+    check_range("bucket_cap_mb", group["bucket_cap_mb"], 0.0, math.inf)
     check_choice("nonfinite", group["nonfinite"])
     check_choice("adam_convention", group["adam_convention"])
 
 
+def _choices(name: str) -> tuple:
+    if name == "residual":
+        return tuple(RULE_REGISTRY)
+    if name == "limiter":
+        return tuple(LIMITER_REGISTRY)
+    return _CHOICES[name]
+
+
 def check_choice(name: str, value) -> None:
-    if value not in _CHOICES[name]:
-        raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}")
+    if value not in _choices(name):
+        raise ValueError(f"{name} must be one of {_choices(name)}, got {value!r}")
 
 
 def validate_projected(group: dict, names: list[str]) -> None:
@@ -79,6 +86,10 @@ def validate_projected(group: dict, names: list[str]) -> None:
     check_range("scale", group["scale"], 0.0, math.inf, low_open=True)
     check_range("gamma", group["gamma"], 1.0, math.inf)
     check_range("clip_threshold", group["clip_threshold"], 0.0, math.inf, low_open=True)
+    check_range("limiter_alpha", group["limiter_alpha"], 0.0, 1.0, low_open=True)
+    check_range("warm_iters", group["warm_iters"], 1, math.inf, integer=True)
+    if not isinstance(group["refresh_stagger"], bool):
+        raise ValueError(f"refresh_stagger must be True or False, got {group['refresh_stagger']!r}")
     check_range("oversample", group["oversample"], 0, math.inf, integer=True)
     check_range("power_iters", group["power_iters"], 0, math.inf, integer=True)
     check_range("scaling_multiplier", group["scaling_multiplier"], 0.0, math.inf, low_open=True)
@@ -90,6 +101,9 @@ def validate_projected(group: dict, names: list[str]) -> None:
             f"proj_type must be one of {PROJ_TYPES[:4]}, got 'full'"
         )
     _validate_adaptive(group)
+    if group["svd"] == "warm" and is_adaptive(group):
+        raise ValueError("svd='warm' refines the previous basis at its rank and reads no spectrum; rank_energy "
+                         "(adaptive rank) needs svd in ('exact', 'randomized')")
     if group["projector"] == "random":
         if is_adaptive(group):
             raise ValueError("rank_energy (adaptive rank) reads the gradient's spectrum and needs projector='svd', "
@@ -126,50 +140,3 @@ def _validate_adaptive(group: dict) -> None:
             f"min_rank must be an integer in [1, max_rank={max_rank_of(group)}], got {group['min_rank']!r} "
             "(min_rank > max_rank)"
         )
-
-
-def validate_projected_state(state: dict, param: torch.Tensor, name: str, group: dict) -> None:
-    """Loaded projection state must fit the parameter and the group's rank: the rank itself for a
-    fixed-rank group, any rank in [min_rank, max_rank] for an adaptive one (catches a resume from
-    another configuration)."""
-    m, n = param.shape
-    low, high = rank_bounds(group, (m, n))
-    at = f"rank {low}" if low == high else f"a rank in [{low}, {high}]"
-    left, right, exp_avg = state.get("proj_left"), state.get("proj_right"), state.get("exp_avg")
-    seed = state.get(SEED_KEY)
-    if seed is not None:
-        if not stores_seed_only(group):
-            raise ValueError(f"optimizer state of {name!r} holds a projection seed: it was saved with "
-                             "projector='random' and residual='only_scaling', this group does not use them")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"optimizer state of {name!r}: proj_seed must be an int, got {seed!r}")
-        side = projection_side(group["proj_type"], (m, n))
-        rows = group["rank"] if side in ("left", "both") else m
-        cols = group["rank"] if side in ("right", "both") else n
-        if exp_avg is not None and tuple(exp_avg.shape) != (rows, cols):
-            raise ValueError(f"optimizer state of {name!r}: moments {tuple(exp_avg.shape)} do not match the projection "
-                             f"({rows}, {cols}) at rank {group['rank']}")
-        return
-    if exp_avg is not None and left is None and right is None:
-        raise ValueError(f"optimizer state of {name!r} has moments but no projection: it was saved by a plain group")
-    if left is not None and (left.shape[0] != m or not low <= left.shape[1] <= high):
-        raise ValueError(
-            f"optimizer state of {name!r}: proj_left {tuple(left.shape)} does not fit a {m}×{n} weight at {at}"
-        )
-    if right is not None and (right.shape[1] != n or not low <= right.shape[0] <= high):
-        raise ValueError(
-            f"optimizer state of {name!r}: proj_right {tuple(right.shape)} does not fit a {m}×{n} weight at {at}"
-        )
-    if left is not None and right is not None and left.shape[1] != right.shape[0]:
-        raise ValueError(f"optimizer state of {name!r}: proj_left {tuple(left.shape)} and proj_right "
-                         f"{tuple(right.shape)} do not match (different ranks)")
-    if exp_avg is not None:
-        rows = left.shape[1] if left is not None else m
-        cols = right.shape[0] if right is not None else n
-        exp_avg_sq = state.get("exp_avg_sq")
-        for moment in (exp_avg, exp_avg_sq):
-            if moment is None or tuple(moment.shape) != (rows, cols):
-                shown = None if moment is None else tuple(moment.shape)
-                raise ValueError(
-                    f"optimizer state of {name!r}: moments {shown} do not match the projection ({rows}, {cols})"
-                )

@@ -81,32 +81,42 @@ def truncated_projection(
     Copies, not views: a slice of U or Vh would keep the whole factor's storage alive (and with an
     adaptive rank the factors are computed at ``max_rank``).
     """
-    left = U[:, :rank].to(dtype, copy=True).contiguous() if side in ("left", "both") else None
-    right = Vh[:rank, :].to(dtype, copy=True).contiguous() if side in ("right", "both") else None
+    left = U[..., :rank].to(dtype, copy=True).contiguous() if side in ("left", "both") else None
+    right = Vh[..., :rank, :].to(dtype, copy=True).contiguous() if side in ("right", "both") else None
     return left, right
+
+
+def add_back_(full: torch.Tensor, low: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> None:
+    """In place, on stacks: ``full ← full + back(low)`` with one ``baddbmm_`` (no second m×n temporary)."""
+    if left is not None and right is not None:
+        full.baddbmm_(left, low @ right)
+    elif left is not None:
+        full.baddbmm_(left, low)
+    else:
+        full.baddbmm_(low, right)
 
 
 def low_rank_shape(
     shape: tuple[int, int], left: torch.Tensor | None, right: torch.Tensor | None
 ) -> torch.Size:
     """Shape of R for an m×n gradient under the given projection."""
-    rows = left.shape[1] if left is not None else shape[0]
-    cols = right.shape[0] if right is not None else shape[1]
+    rows = left.shape[-1] if left is not None else shape[0]
+    cols = right.shape[-2] if right is not None else shape[1]
     return torch.Size((rows, cols))
 
 
 def project(grad: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
-    """R = Pᵀ·G, G·Qᵀ or Pᵀ·G·Qᵀ (eq. 2)."""
+    """R = Pᵀ·G, G·Qᵀ or Pᵀ·G·Qᵀ (eq. 2); batched over leading dimensions."""
     low = grad
     if left is not None:
-        low = left.T @ low
+        low = left.mT @ low
     if right is not None:
-        low = low @ right.T
+        low = low @ right.mT
     return low
 
 
 def project_back(low: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
-    """P·X, X·Q or P·X·Q: a low-rank tensor mapped back to the full shape (eq. 3)."""
+    """P·X, X·Q or P·X·Q: a low-rank tensor mapped back to the full shape (eq. 3); batched."""
     full = low
     if left is not None:
         full = left @ full

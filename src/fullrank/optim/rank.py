@@ -28,12 +28,12 @@ def energy_rank(
     """Smallest r with σ_1² + … + σ_r² ≥ η·``total_energy``, clamped to [min_rank, max_rank].
 
     ``singular_values`` are in descending order (the top k of G, k ≥ max_rank or all of them);
-    ``total_energy`` is ‖G‖²_F. Returns a 0-d int64 tensor on their device: no synchronisation here,
+    ``total_energy`` is ‖G‖²_F (batched: …×k values, … totals). Returns an int64 tensor (0-d for one matrix) on their device: no synchronisation here,
     the caller reads all ranks of a step at once. If the k values keep less than η of the energy
     (a sketch that is too narrow), the rank is ``max_rank``.
     """
-    energy = singular_values.square().cumsum(0)
-    below = (energy < eta * total_energy).sum()
+    energy = singular_values.square().cumsum(-1)
+    below = (energy < eta * total_energy.unsqueeze(-1)).sum(-1)
     return (below + 1).clamp(min_rank, max_rank)
 
 

@@ -44,14 +44,23 @@ def uses_trigger(group: dict) -> bool:
     return group["refresh_threshold"] > 0
 
 
-def refresh_due(group: dict, state: dict, flagged: bool) -> bool:
-    """Whether the matrix with ``state`` gets a new subspace at this step (``flagged``: ē < τ was read)."""
+def stagger_offset(group: dict, index: int) -> int:
+    """The step offset of the ``index``-th matrix of a group under ``refresh_stagger``: the group's
+    matrices are spread evenly over the T steps, so no single step pays every SVD (0 when off)."""
+    if not group.get("refresh_stagger"):
+        return 0
+    return (index * group["update_proj_gap"]) // max(1, len(group["params"]))
+
+
+def refresh_due(group: dict, state: dict, flagged: bool, offset: int = 0) -> bool:
+    """Whether the matrix with ``state`` gets a new subspace at this step (``flagged``: ē < τ was read;
+    ``offset``: its :func:`stagger_offset`). Every matrix gets its first subspace at its first step."""
     if "exp_avg" not in state:
         return True
     last = state.get(LAST_REFRESH_KEY)
     if uses_trigger(group) and last is not None:
         return flagged or state["step"] - last >= group["update_proj_gap"]
-    return flagged or state["step"] % group["update_proj_gap"] == 0
+    return flagged or (state["step"] - offset) % group["update_proj_gap"] == 0
 
 
 def converged_flag(group: dict, state: dict) -> torch.Tensor | None:
@@ -60,6 +69,15 @@ def converged_flag(group: dict, state: dict) -> torch.Tensor | None:
     if energy is None or not uses_trigger(group):
         return None
     return energy.lt(group["refresh_threshold"])
+
+
+def stacked_energy(low: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
+    """e_b = ‖R_b‖²/‖G_b‖² for a stack (B,), ≥ fp32; 1 for a zero gradient."""
+    from .residual import matrix_norms
+
+    low_sq = matrix_norms(low).square().flatten()
+    grad_sq = grad_sq.flatten()
+    return torch.where(grad_sq > 0, low_sq / grad_sq, torch.ones_like(grad_sq)).clamp_(max=1.0)
 
 
 def captured_energy(grad: torch.Tensor, low: torch.Tensor, grad_norm: torch.Tensor | None = None) -> torch.Tensor:

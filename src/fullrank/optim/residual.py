@@ -1,30 +1,38 @@
-"""Residual rules: what happens to the part of the gradient outside the subspace, G − P·R.
+"""Update rules: what each matrix's update is made of, in particular the part of the gradient outside
+the subspace, G − P·R, that GaLore loses (paper eq. 7–11).
 
-GaLore discards it. Fira adds it back scaled by the norm-based factor φ (paper eq. 8–11)::
+Every rule contributes the same three things, on a whole bucket of same-shape matrices at once::
 
-    S = φ(R) ∘ (G − P·R)
-    φ(R) = ‖ψ(R)‖ / ‖R‖                       matrix level  (eq. 10)
-    φ(R)_i = ‖ψ(R)_{:,i}‖ / ‖R_{:,i}‖           column level  (eq. 11)
+    update = P·(a·ψ(R))  +  w·c·φ∘(G − κ·P·R)          W ← W·(1 − ηλ) − η·update
 
-The column level takes one factor per column of G that survives the projection (rows for a right
-projection). Rules:
+``a`` (``subspace_scale``) weighs Adam's direction in the subspace, ``φ`` is the scaling factor of the
+residual (None: no residual), ``κ`` what of P·R the residual leaves out, ``w`` a constant weight and
+``c`` the limiter's factor (``limiter.py``), computed by the engine from ‖φ∘(G − κ·P·R)‖, which the
+rule reports per matrix (``residual_sq``). The engine assembles it as one batched matmul
+P·(a·ψ − κ·w·c·φ∘R) plus w·c·φ∘G, so no rule needs a branch in the engine and S is never built.
+
+Rules (``residual=``):
 
 * ``discard``       GaLore: update = α·P·ψ(R)
 * ``add``           GaLore-add (Fira w/o scaling): S = G − P·R, unscaled
-* ``scale_matrix``  Fira-matrix: S with the matrix-level φ
-* ``scale_column``  Fira: S with the column-level φ
-* ``only_scaling``  Fira-only-scaling (review discussion) and APOLLO's rule (Zhu et al., MLSys 2025,
-                    Algorithm 1): update = φ ∘ G, no subspace term. ``scaling_granularity`` picks
-                    the column-level φ (eq. 11, APOLLO's "channel" scaling) or the matrix-level one
-                    (eq. 10, APOLLO's "tensor" scaling, which APOLLO-Mini uses at rank 1).
+* ``scale_matrix``  Fira-matrix: φ = ‖ψ(R)‖ / ‖R‖, one per matrix                (eq. 10)
+* ``scale_column``  Fira: φ_i = ‖ψ(R)_{:,i}‖ / ‖R_{:,i}‖, one per column of G    (eq. 11)
+* ``only_scaling``  Fira-only-scaling (review discussion) and APOLLO (Zhu et al., MLSys 2025,
+                    Algorithm 1): update = w·c·φ∘G, no subspace term; φ per column (eq. 11,
+                    APOLLO's "channel") or per matrix (eq. 10, "tensor": ``scaling_granularity``),
+                    w = ``scaling_multiplier`` (APOLLO's √scale).
 
-The residual is exactly ``G − P·PᵀG`` (orthogonal to the subspace) whatever α is. The official
-``fira`` package subtracts ``α·P·R`` instead; ``residual_convention="official"`` reproduces that
-(κ = α below), ``"exact"`` (default) uses κ = 1.
+The column level takes one factor per column of G that survives the projection (rows for a right
+projection). The residual is exactly ``G − P·PᵀG`` (κ = 1) whatever α is; the official ``fira``
+package subtracts ``α·P·R`` (κ = α, ``residual_convention="official"``). With orthonormal P each
+column satisfies ‖G_i − κ·P·R_i‖² = ‖G_i‖² − (2κ − κ²)·‖R_i‖² (Pythagoras), so ‖S‖ needs norms only.
 
-The engine never materialises S: it needs φ and ‖S‖ only, because with orthonormal P each column
-satisfies ‖G_i − κ·P·R_i‖² = ‖G_i‖² − (2κ − κ²)·‖R_i‖² (Pythagoras), and the update
-α·P·ψ + c·φ∘(G − κ·P·R) is assembled as one ``addmm_`` of ``P·(α·ψ − c·κ·φ∘R)`` plus ``c·φ∘G``.
+Adding a rule:
+
+1. write a class with ``name`` and ``contribution(bucket, group) -> Contribution`` (``bucket`` holds
+   the stacked ``grads``, ``low`` = R, ``psi`` = ψ(R), ``grad_sq`` = ‖G‖² per matrix and ``side``);
+   set ``column_level`` if φ is per column (it then needs a one-sided projection);
+2. ``register_rule(MyRule())`` — in its own file, imported before the optimizer is built.
 """
 from __future__ import annotations
 
@@ -32,23 +40,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .projector import column_dim, project_back
+from .projector import column_dim, project, project_back
 
-RESIDUAL_RULES = ("discard", "add", "scale_matrix", "scale_column", "only_scaling")
-RESIDUAL_CONVENTIONS = ("exact", "official")
 SCALING_GRANULARITIES = ("column", "tensor")
+RESIDUAL_CONVENTIONS = ("exact", "official")
 
 # Added to ‖R‖ in φ's denominator, as the official Fira code does, so that a zero column of R
 # (a column of G orthogonal to the subspace) gives a large but finite factor.
 PHI_EPS = 1e-8
-
-
-@dataclass
-class ScaledResidual:
-    """φ, broadcastable to both G and R (0-d for matrix-level rules), and ‖S‖ as a 0-d tensor (≥ fp32)."""
-
-    phi: torch.Tensor
-    norm: torch.Tensor
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,73 +56,152 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def squared_norm(t: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
-    """‖t‖²_F accumulated in ≥ fp32; ``norm`` = ‖t‖ when already computed (the step's non-finite
-    check takes every gradient's 2-norm), reused when it has that precision."""
+    """‖t‖²_F accumulated in ≥ fp32; ``norm`` = ‖t‖ when already computed, reused at that precision."""
     dtype = norm_dtype(t.dtype)
     if norm is not None and norm.dtype == dtype:
         return norm.square()
     return torch.linalg.vector_norm(t, dtype=dtype).square()
 
 
-CPU_ROW_BLOCK = 64
+def matrix_norms(t: torch.Tensor) -> torch.Tensor:
+    """‖t_b‖ of every matrix of a stack (…×m×n → …×1×1), in ≥ fp32."""
+    return torch.linalg.vector_norm(t, dim=(-2, -1), keepdim=True, dtype=norm_dtype(t.dtype))
 
 
-def _norms(t: torch.Tensor, dim: int | None) -> torch.Tensor:
-    """‖t‖, or the norms along ``dim`` (kept as a size-1 dimension), accumulated in ≥ fp32."""
-    if dim is None:
-        return torch.linalg.vector_norm(t, dtype=norm_dtype(t.dtype))
-    if dim == 0 and t.device.type == "cpu" and t.shape[0] > CPU_ROW_BLOCK:
-        # torch's CPU kernel reduces a strided dimension ~10× slower than a contiguous one; summing
-        # squares over blocks of rows keeps the reads contiguous and the temporary at 64 rows
-        total = torch.zeros((1, t.shape[1]), dtype=norm_dtype(t.dtype))
-        for block in t.split(CPU_ROW_BLOCK, dim=0):
-            total += block.to(total.dtype).square().sum(dim=0, keepdim=True)
-        return total.sqrt_()
+def column_norms(t: torch.Tensor, side: str) -> torch.Tensor:
+    """Norms of the columns (left projection: …×1×n) or rows (right: …×m×1) of every matrix, ≥ fp32."""
+    dim = -2 if column_dim(side) == 0 else -1
     return torch.linalg.vector_norm(t, dim=dim, keepdim=True, dtype=norm_dtype(t.dtype))
+
+
+@dataclass
+class Bucket:
+    """What a rule reads: a stack of B same-shape matrices and their projections."""
+
+    grads: torch.Tensor  # G, B×m×n
+    low: torch.Tensor  # R = Pᵀ·G (B×r×n), G·Qᵀ (B×m×r) or Pᵀ·G·Qᵀ
+    psi: torch.Tensor  # ψ(R), Adam's direction, same shape as R
+    grad_sq: torch.Tensor  # ‖G_b‖², B×1×1, ≥ fp32
+    side: str  # "left" | "right" | "both"
+
+
+@dataclass
+class Contribution:
+    """A rule's share of the update (see the module docstring)."""
+
+    subspace_scale: float  # a in P·(a·ψ)
+    phi: torch.Tensor | None = None  # φ, broadcastable to G and R; None: no residual term
+    kappa: float = 0.0  # the residual is φ∘(G − κ·P·R)
+    residual_sq: torch.Tensor | None = None  # ‖φ∘(G − κ·P·R)‖² per matrix, shape (B,)
+    weight: float = 1.0  # w on the limited residual
+
+
+class Rule:
+    """Base class of update rules."""
+
+    name = ""
+    column_level = False  # φ per column of G (needs a one-sided projection)
+
+    def uses_columns(self, group: dict) -> bool:
+        return self.column_level
+
+    def contribution(self, bucket: Bucket, group: dict) -> Contribution:
+        raise NotImplementedError
+
+
+def _kappa(group: dict) -> float:
+    return group["scale"] if group["residual_convention"] == "official" else 1.0
+
+
+def _scaled(phi: torch.Tensor, sq_g: torch.Tensor, sq_r: torch.Tensor, kappa: float) -> torch.Tensor:
+    """Σ φ²·(‖G_i‖² − (2κ − κ²)·‖R_i‖²) per matrix (Pythagoras, clamped at 0 against rounding)."""
+    residual = (sq_g - (2.0 * kappa - kappa * kappa) * sq_r).clamp_min_(0.0)
+    return (phi.square() * residual).sum(dim=(-2, -1))
+
+
+class Discard(Rule):
+    name = "discard"
+
+    def contribution(self, bucket, group):
+        return Contribution(subspace_scale=group["scale"])
+
+
+class Add(Rule):
+    name = "add"
+
+    def contribution(self, bucket, group):
+        kappa = _kappa(group)
+        phi = torch.ones_like(bucket.grad_sq)
+        return Contribution(group["scale"], phi, kappa, _scaled(phi, bucket.grad_sq, matrix_norms(bucket.low).square(), kappa))
+
+
+class ScaleMatrix(Rule):
+    name = "scale_matrix"
+
+    def contribution(self, bucket, group):
+        kappa = _kappa(group)
+        low_norm = matrix_norms(bucket.low)
+        phi = matrix_norms(bucket.psi) / (low_norm + PHI_EPS)  # eq. 10
+        return Contribution(group["scale"], phi, kappa, _scaled(phi, bucket.grad_sq, low_norm.square(), kappa))
+
+
+class ScaleColumn(Rule):
+    name = "scale_column"
+    column_level = True
+
+    def contribution(self, bucket, group):
+        kappa = _kappa(group)
+        low_norm = column_norms(bucket.low, bucket.side)
+        phi = column_norms(bucket.psi, bucket.side) / (low_norm + PHI_EPS)  # eq. 11
+        grad_sq = column_norms(bucket.grads, bucket.side).square()
+        return Contribution(group["scale"], phi, kappa, _scaled(phi, grad_sq, low_norm.square(), kappa))
+
+
+class OnlyScaling(Rule):
+    name = "only_scaling"
+
+    def uses_columns(self, group):
+        return group["scaling_granularity"] == "column"
+
+    def contribution(self, bucket, group):
+        if self.uses_columns(group):
+            phi = column_norms(bucket.psi, bucket.side) / (column_norms(bucket.low, bucket.side) + PHI_EPS)
+            grad_sq = column_norms(bucket.grads, bucket.side).square()
+        else:
+            phi = matrix_norms(bucket.psi) / (matrix_norms(bucket.low) + PHI_EPS)
+            grad_sq = bucket.grad_sq
+        residual_sq = (phi.square() * grad_sq).sum(dim=(-2, -1))
+        return Contribution(0.0, phi, 0.0, residual_sq, weight=group["scaling_multiplier"])
+
+
+RULE_REGISTRY: dict[str, Rule] = {}
+
+
+def register_rule(rule: Rule) -> None:
+    """Make ``rule`` available as ``residual=rule.name`` in every group."""
+    if not isinstance(rule, Rule) or not rule.name:
+        raise TypeError("a rule must be a fullrank.optim.residual.Rule instance with a non-empty name")
+    RULE_REGISTRY[rule.name] = rule
+
+
+for _rule in (Discard(), Add(), ScaleMatrix(), ScaleColumn(), OnlyScaling()):
+    register_rule(_rule)
+RESIDUAL_RULES = tuple(RULE_REGISTRY)  # the built-in names (validation reads the registry itself)
+
+
+def get_rule(name: str) -> Rule:
+    if name not in RULE_REGISTRY:
+        raise ValueError(f"residual must be one of {tuple(RULE_REGISTRY)}, got {name!r}")
+    return RULE_REGISTRY[name]
 
 
 def uses_columns(rule: str, granularity: str = "column") -> bool:
     """Whether φ is taken per column (and so needs a one-sided projection)."""
-    return rule == "scale_column" or (rule == "only_scaling" and granularity == "column")
-
-
-def scaled_residual(
-    rule: str,
-    grad: torch.Tensor,
-    low: torch.Tensor,
-    psi: torch.Tensor,
-    side: str,
-    kappa: float,
-    granularity: str = "column",
-    grad_norm: torch.Tensor | None = None,
-) -> ScaledResidual | None:
-    """φ and ‖S‖ for ``rule`` (None for ``discard``), from G, R = Pᵀ·G and ψ(R).
-
-    ``granularity`` (``column`` | ``tensor``) applies to ``only_scaling`` only; ``grad_norm`` = ‖G‖
-    when already computed (used by the per-matrix rules).
-    """
-    if rule == "discard":
-        return None
-    dim = column_dim(side) if uses_columns(rule, granularity) else None
-    grad_sq = squared_norm(grad, grad_norm) if dim is None else _norms(grad, dim).square()
-    if rule == "add":
-        phi = torch.ones((), dtype=norm_dtype(grad.dtype), device=grad.device)
-    else:
-        low_norm = _norms(low, dim)
-        phi = _norms(psi, dim) / (low_norm + PHI_EPS)
-    if rule == "only_scaling":
-        residual_sq = grad_sq
-    else:
-        low_sq = _norms(low, dim).square() if rule == "add" else low_norm.square()
-        residual_sq = (grad_sq - (2.0 * kappa - kappa * kappa) * low_sq).clamp_min_(0.0)
-    norm = (phi.square() * residual_sq).sum().sqrt()
-    return ScaledResidual(phi=phi, norm=norm)
+    return get_rule(rule).uses_columns({"scaling_granularity": granularity})
 
 
 def explicit_residual(
     grad: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, kappa: float = 1.0
 ) -> torch.Tensor:
     """G − κ·P·R materialised (for analysis and tests; the engine's step never builds it)."""
-    from .projector import project
-
     return grad - kappa * project_back(project(grad, left, right), left, right)

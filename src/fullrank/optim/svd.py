@@ -5,14 +5,19 @@ randomized range finder with oversampling and power iterations of Halko, Martins
 (2011, Algorithms 4.4 and 5.1): it costs a few matmuls with an (r + p)-column sketch instead of a
 full decomposition, and is what AdaRankGrad uses.
 
-Both return ``(U, S, Vh)`` in at least fp32 with ``U`` (m×k), ``S`` (k,), ``Vh`` (k×n), singular values in
-descending order, for ``k = rank``.
+``warm_subspace`` is the refresh from the previous basis: one or two rounds of subspace (power)
+iteration Y = G·(Gᵀ·P), QR (LDAdam, GaLore 2 and AdaRankGrad's online updates go this way). It
+costs two matmuls with an r-column basis and one QR, no decomposition of G.
+
+Both SVD backends return ``(U, S, Vh)`` in at least fp32 with ``U`` (…×m×k), ``S`` (…×k), ``Vh``
+(…×k×n), singular values in descending order, for ``k = rank``. Every function accepts a batch of
+matrices (…×m×n), so a bucket of same-shape gradients is refreshed in one call.
 """
 from __future__ import annotations
 
 import torch
 
-SVD_BACKENDS = ("exact", "randomized")
+SVD_BACKENDS = ("exact", "randomized", "warm")
 
 
 def _working_precision(matrix: torch.Tensor) -> torch.Tensor:
@@ -23,7 +28,7 @@ def _working_precision(matrix: torch.Tensor) -> torch.Tensor:
 def exact_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets by a full SVD in at least fp32 (GaLore's projector)."""
     U, S, Vh = torch.linalg.svd(_working_precision(matrix), full_matrices=False)
-    return U[:, :rank], S[:rank], Vh[:rank, :]
+    return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
 
 def randomized_svd(
@@ -33,31 +38,64 @@ def randomized_svd(
     oversample: int = 8,
     power_iters: int = 2,
     generator: torch.Generator | None = None,
+    sketch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets by a randomized range finder (Halko et al. 2011).
 
     Sketch ``Y = A·Ω`` with a Gaussian ``Ω`` of ``rank + oversample`` columns, sharpen the spectrum
     with ``power_iters`` rounds of ``Y = A·(Aᵀ·Y)`` (re-orthonormalised by QR each half-step for
-    stability), then take the exact SVD of the small matrix ``Qᵀ·A``.
+    stability), then take the exact SVD of the small matrix ``Qᵀ·A``. ``sketch`` gives Ω (…×n'×k, n'
+    the shorter side) for a batch whose matrices draw their own Ω from their own generators.
     """
     A = _working_precision(matrix)
-    m, n = A.shape
+    m, n = A.shape[-2:]
     transposed = m < n
     if transposed:  # sketch the longer side: the QRs then act on the smaller dimension
-        A = A.T
+        A = A.mT
         m, n = n, m
     width = min(rank + oversample, n)
-    omega = torch.randn(n, width, device=A.device, dtype=A.dtype, generator=generator)
+    if sketch is None:
+        sketch = torch.randn(n, width, device=A.device, dtype=A.dtype, generator=generator)
+    omega = sketch.to(A.dtype)
     Q = torch.linalg.qr(A @ omega).Q
     for _ in range(power_iters):
-        Z = torch.linalg.qr(A.T @ Q).Q
+        Z = torch.linalg.qr(A.mT @ Q).Q
         Q = torch.linalg.qr(A @ Z).Q
-    Ub, S, Vh = torch.linalg.svd(Q.T @ A, full_matrices=False)
-    U = Q @ Ub[:, :rank]
-    S, Vh = S[:rank], Vh[:rank, :]
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ A, full_matrices=False)
+    U = Q @ Ub[..., :rank]
+    S, Vh = S[..., :rank], Vh[..., :rank, :]
     if transposed:
-        return Vh.T, S, U.T
+        return Vh.mT, S, U.mT
     return U, S, Vh
+
+
+def draw_sketch(shape: tuple[int, int], rank: int, oversample: int, dtype: torch.dtype,
+                generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """The randomized SVD's Gaussian Ω for an m×n matrix of ``dtype`` (drawn as ``randomized_svd``
+    draws it itself), so that matrices of a batch can each use their own generator."""
+    n = min(shape)
+    work = torch.promote_types(dtype, torch.float32)
+    return torch.randn(n, min(rank + oversample, n), device=device, dtype=work, generator=generator)
+
+
+def warm_subspace(matrix: torch.Tensor, basis: torch.Tensor, side: str, iters: int = 1) -> torch.Tensor:
+    """A new rank-r basis of ``matrix`` by ``iters`` rounds of subspace iteration from ``basis``.
+
+    ``side="left"``: ``basis`` is P (…×m×r), the new P spans G·(Gᵀ·P) (the top left singular subspace
+    as iters grows); ``side="right"``: ``basis`` is Q (…×r×n), the new Q spans (Gᵀ·(G·Qᵀ))ᵀ. Each
+    round is orthonormalised by QR with R's diagonal made non-negative, so every new basis vector
+    stays on the side of the old one it grew from (pᵢᵀ·G·Gᵀ·pᵢ ≥ 0): the coordinates that Adam's
+    moments are kept in move as little as the subspace does. Returned in at least fp32.
+    """
+    A = _working_precision(matrix)
+    if side == "right":  # the row space of G is the column space of Gᵀ
+        A, basis = A.mT, basis.mT
+    Y = basis.to(A.dtype)
+    for _ in range(iters):
+        Q, R = torch.linalg.qr(A @ (A.mT @ Y))
+        signs = torch.sgn(torch.diagonal(R, dim1=-2, dim2=-1))
+        Y = Q * torch.where(signs == 0, torch.ones_like(signs), signs).unsqueeze(-2)
+    return Y.mT if side == "right" else Y
 
 
 def top_singular_vectors(
@@ -69,8 +107,9 @@ def top_singular_vectors(
     power_iters: int = 2,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dispatch to the named backend (``"exact"`` or ``"randomized"``)."""
-    if backend == "exact":
+    """Dispatch to the named backend (``"exact"`` or ``"randomized"``; ``"warm"`` has no previous
+    basis here and takes the exact SVD, as at a matrix's first refresh)."""
+    if backend in ("exact", "warm"):
         return exact_svd(matrix, rank)
     if backend == "randomized":
         return randomized_svd(
