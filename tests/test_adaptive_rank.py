@@ -181,7 +181,8 @@ def test_layerwise_rank_summary_matches_the_ordinary_optimizer():
     handle = fullrank.layerwise(twin, make, [dict(groups[0], params=[twin[0].weight, twin[1].weight]),
                                              dict(groups[1], params=[twin[0].bias, twin[1].bias])])
     for p in twin.parameters():  # the hooks fire on backward; here the gradients are given
-        handle.optimizers[p].step()
+        handle.optimizer.step_parameter(p)
+    handle.step()
     assert handle.rank_summary() == ordinary.rank_summary()
     assert set(handle.rank_summary()["ranks"]) == set(names)
 

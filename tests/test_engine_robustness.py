@@ -250,31 +250,93 @@ def test_galore_state_is_smaller_than_adamw():
     assert optimizer_state_bytes(fira) < optimizer_state_bytes(adamw)
 
 
+def loss_of(model, step, accumulation=1, micro=0):
+    ids, y = batch(10 * step + micro)
+    return nn.functional.cross_entropy(model(ids).flatten(0, 1), y.flatten()) / accumulation
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_layerwise_updates_equal_the_ordinary_loop(accumulation):
+    """The layer-wise optimizer (a real torch Optimizer, stepped from backward hooks) under an LR
+    schedule gives the ordinary loop's weights; its state_dict resumes into a fresh model exactly."""
     torch.manual_seed(0)
     reference = TinyBlock()
     model = copy.deepcopy(reference)
     make_opt = lambda groups: fullrank.Fira(groups, lr=0.01)  # noqa: E731
+    schedule = lambda s: 1.0 / (1.0 + s)  # noqa: E731
     ordinary = make_opt(fullrank.param_groups(reference, rank=4, update_proj_gap=3))
     handle = fullrank.layerwise(model, make_opt, fullrank.param_groups(model, rank=4, update_proj_gap=3),
                                 accumulation_steps=accumulation)
+    assert isinstance(handle, torch.optim.Optimizer)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in (ordinary, handle)]
     for step in range(5):
         for micro in range(accumulation):
-            ids, y = batch(10 * step + micro)
             for m in (reference, model):
-                (nn.functional.cross_entropy(m(ids).flatten(0, 1), y.flatten()) / accumulation).backward()
+                loss_of(m, step, accumulation, micro).backward()
         ordinary.step()
         ordinary.zero_grad()
+        handle.step()
+        for scheduler in schedulers:
+            scheduler.step()
         assert all(p.grad is None for p in model.parameters())
+    assert handle.param_groups[0]["lr"] == ordinary.param_groups[0]["lr"] == 0.01 * schedule(5)
     for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
     assert optimizer_state_bytes(handle) == optimizer_state_bytes(ordinary)
     assert 0 < projected_state_bytes(handle) == projected_state_bytes(ordinary) < optimizer_state_bytes(ordinary)
-    restored = fullrank.layerwise(copy.deepcopy(model), make_opt)
-    with pytest.raises(ValueError, match="holds 9 optimizers|layer-wise state"):
+
+    twin = TinyBlock()  # (a deepcopy would copy the hooks too)
+    twin.load_state_dict(model.state_dict())
+    restored = fullrank.layerwise(twin, make_opt, fullrank.param_groups(twin, rank=4, update_proj_gap=3),
+                                  accumulation_steps=accumulation)
+    restored.load_state_dict(copy.deepcopy(handle.state_dict()))  # as if saved and loaded
+    for step in range(5, 8):  # a refresh at step 6
+        for micro in range(accumulation):
+            for m in (model, twin):
+                loss_of(m, step, accumulation, micro).backward()
+        handle.step()
+        restored.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="layer-wise state holds"):
         fullrank.layerwise(nn.Linear(2, 2), make_opt).load_state_dict(handle.state_dict())
-    assert len(restored.param_groups) == len(handle.param_groups)
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_layerwise_masks_a_non_finite_gradient_on_the_device(policy):
+    """A NaN gradient in one parameter during backward: that parameter and its state stay as they
+    were (its counters too, so the next steps equal a run without that step for it), the others
+    are updated, and step() — the one synchronisation — raises or counts the skip."""
+    torch.manual_seed(0)
+    model = TinyBlock()
+    handle = fullrank.layerwise(model, lambda g: fullrank.Fira(g, lr=0.01, nonfinite=policy),
+                                fullrank.param_groups(model, rank=4, update_proj_gap=3))
+    for step in range(2):
+        loss_of(model, step).backward()
+        handle.step()
+    weight = model.mlp[0].weight
+    before = weight.detach().clone()
+    state_before = {k: v.clone() if torch.is_tensor(v) else v for k, v in handle.state[weight].items()}
+    others_before = model.self_attn.weight.detach().clone()
+    weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    loss_of(model, 2).backward()
+    if policy == "raise":
+        with pytest.raises(fullrank.NonFiniteGradientError, match="mlp.0.weight"):
+            handle.step()
+    else:
+        handle.step()
+        assert handle.optimizer.skipped_steps == 1
+    assert torch.equal(weight, before)
+    for key, value in state_before.items():
+        after = handle.state[weight][key]
+        assert (torch.equal(after, value) if torch.is_tensor(value) else after == value), key
+    assert not torch.equal(model.self_attn.weight, others_before)
+
+
+def test_layerwise_refuses_a_non_fullrank_optimizer():
+    model = TinyBlock()
+    with pytest.raises(TypeError, match="layerwise needs a fullrank SubspaceAdamW"):
+        fullrank.layerwise(model, lambda g: torch.optim.AdamW(g))
 
 
 def test_layerwise_refuses_bad_accumulation():

@@ -38,9 +38,7 @@ PAPER_TABLE2 = {
 
 
 def _states(optimizer) -> list[tuple[torch.Tensor, dict]]:
-    """(parameter, state) pairs of an optimizer, or of every per-parameter optimizer of ``layerwise``."""
-    if hasattr(optimizer, "optimizers") and isinstance(optimizer.optimizers, dict):  # LayerwiseOptimizer
-        return [pair for opt in optimizer.optimizers.values() for pair in _states(opt)]
+    """(parameter, state) pairs of an optimizer (``layerwise``'s shares its optimizer's state)."""
     return list(optimizer.state.items())
 
 

@@ -95,6 +95,11 @@ class Item:
     name: str
 
 
+def _check_dense(grad: torch.Tensor, name: str) -> None:
+    if grad.is_sparse:
+        raise ValueError(f"parameter {name!r} has a sparse gradient; SubspaceAdamW needs dense gradients")
+
+
 class SubspaceAdamW(Optimizer):
     """AdamW in a low-rank gradient subspace, with a rule for the residual outside it.
 
@@ -261,6 +266,7 @@ class SubspaceAdamW(Optimizer):
             offset += len(group["params"])
         self.skipped_steps = skipped
         self._plans.clear()
+        self._index_of = None
 
     # ------------------------------------------------------------------ ranks and statistics
     def current_ranks(self) -> dict[str, int]:
@@ -320,16 +326,14 @@ class SubspaceAdamW(Optimizer):
 
     def _gather(self) -> list[tuple[dict, list[Item]]]:
         """(group, items) for every parameter that has a gradient. The ordinal (which seeds random
-        draws) is the parameter's position over all groups, counted from the group's
-        ``param_ordinal`` when it has one."""
+        draws) is the parameter's position over all groups."""
         work, offset = [], 0
         for group in self.param_groups:
-            items, first = [], group.get("param_ordinal", offset)
+            items = []
             for k, (param, name) in enumerate(zip(group["params"], parameter_names(group, offset))):
                 if param.grad is not None:
-                    if param.grad.is_sparse:
-                        raise ValueError(f"parameter {name!r} has a sparse gradient; SubspaceAdamW needs dense gradients")
-                    items.append(Item(first + k, group.get("param_index", k), param, param.grad, name))
+                    _check_dense(param.grad, name)
+                    items.append(Item(offset + k, k, param, param.grad, name))
             offset += len(group["params"])
             work.append((group, items))
         return work
@@ -379,13 +383,21 @@ class SubspaceAdamW(Optimizer):
             "was changed. Use nonfinite='skip' to skip such steps instead."
         )
 
-    def _plain_step(self, group: dict, items: list[Item]) -> None:
-        """torch.optim.AdamW's update, foreach over each device and dtype."""
+    def _plain_step(self, group: dict, items: list[Item], keep: torch.Tensor | None = None) -> None:
+        """torch.optim.AdamW's update, foreach over each device and dtype (``keep``: see
+        :meth:`step_parameter`)."""
         for item in items:
             state = self.state[item.param]
             if not state:
                 S.init_plain(state, item.param)
             state[S.STEP] += 1
+        if keep is not None:
+            (item,) = items
+            state = self.state[item.param]
+            inner_adam.masked_adamw_(item.param, item.grad, state[S.EXP_AVG], state[S.EXP_AVG_SQ], state[S.STEP],
+                                     keep, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                                     weight_decay=group["weight_decay"], convention=group["adam_convention"])
+            return
         buckets: dict[tuple, list[Item]] = {}
         for item in items:
             buckets.setdefault((item.param.device, item.param.dtype), []).append(item)
@@ -402,7 +414,8 @@ class SubspaceAdamW(Optimizer):
 
     # ------------------------------------------------------------------ projected step
     def _projected_step(self, group: dict, items: list[Item], flagged: set[int],
-                        grad_norms: dict[int, torch.Tensor]) -> None:
+                        grad_norms: dict[int, torch.Tensor], keep: torch.Tensor | None = None) -> set[int]:
+        """Refresh what is due, then step every bucket; returns the ids of the refreshed parameters."""
         plan = self._plan(group)
         for item in items:
             state = self.state[item.param]
@@ -410,7 +423,8 @@ class SubspaceAdamW(Optimizer):
                 S.init_projected(state, item.param, norm_dtype(item.param.dtype))
         refreshed = subspace.refresh_(self, group, items, flagged)
         for members in self._buckets(group, items):
-            self._bucket_step(group, plan, members, refreshed, grad_norms)
+            self._bucket_step(group, plan, members, refreshed, grad_norms, keep)
+        return refreshed
 
     def _buckets(self, group: dict, items: list[Item]) -> list[list[Item]]:
         """Items of equal device, dtype, shape, side and low-rank shape, in chunks of at most
@@ -429,7 +443,9 @@ class SubspaceAdamW(Optimizer):
         return buckets
 
     def _bucket_step(self, group: dict, plan: GroupPlan, members: list[Item], refreshed: set[int],
-                     grad_norms: dict[int, torch.Tensor]) -> None:
+                     grad_norms: dict[int, torch.Tensor], keep: torch.Tensor | None = None) -> None:
+        """One step of a bucket. ``keep`` (layer-wise mode, one matrix, its gradient already zeroed
+        where non-finite): a 0-d bool on the device; when false nothing of the matrix changes."""
         states = [self.state[i.param] for i in members]
         for state in states:
             state[S.STEP] += 1
@@ -448,9 +464,9 @@ class SubspaceAdamW(Optimizer):
             grad_sq = torch.linalg.vector_norm(grads, dim=(-2, -1), keepdim=True, dtype=norm_dtype(grads.dtype)).square()
         low = project(grads, left, right)
         if plan.trigger:
-            self._record_energy(group, members, states, low, grad_sq, refreshed)
+            self._record_energy(group, members, states, low, grad_sq, refreshed, keep)
         beta1, beta2 = group["betas"]
-        inner_adam.stacked_moments_(exp_avg, exp_avg_sq, low, beta1=beta1, beta2=beta2)
+        inner_adam.stacked_moments_(exp_avg, exp_avg_sq, low, beta1=beta1, beta2=beta2, keep=keep)
         if not single:
             torch._foreach_copy_(moments[0], list(exp_avg.unbind(0)))
             torch._foreach_copy_(moments[1], list(exp_avg_sq.unbind(0)))
@@ -468,6 +484,8 @@ class SubspaceAdamW(Optimizer):
                 previous = torch.stack([s[S.RESIDUAL_NORM] for s in states])
                 norms = contribution.residual_sq.sqrt()
                 factors, kept = plan.limiter.factors(norms, previous.to(norms.dtype), group)
+                if kept is not None and keep is not None:
+                    kept = torch.where(keep, kept, previous)
                 if kept is not None:
                     torch._foreach_copy_([s[S.RESIDUAL_NORM] for s in states], list(kept.unbind(0)))
                 self._record_stats(contribution.residual_sq, factors)
@@ -494,17 +512,72 @@ class SubspaceAdamW(Optimizer):
         if isinstance(step_size, torch.Tensor):
             update.mul_(step_size)
             step_size = 1.0
+        if keep is not None:
+            update.mul_(keep)
+            if decay != 1.0:
+                params[0].mul_(torch.where(keep, decay, 1.0))
+            params[0].add_(update[0], alpha=-step_size)
+            return
         if decay != 1.0:
             torch._foreach_mul_(params, decay)
         torch._foreach_add_(params, list(update.unbind(0)), alpha=-step_size)
 
-    def _record_energy(self, group, members, states, low, grad_sq, refreshed) -> None:
+    # ------------------------------------------------------------------ layer-wise
+    @torch.no_grad()
+    def step_parameter(self, param: torch.Tensor, flagged: bool = False) -> tuple[torch.Tensor, dict | None]:
+        """Step one parameter with its current gradient, without a host synchronisation (the
+        layer-wise mode, ``layerwise.py``). A non-finite gradient is caught on the device: the
+        parameter and its state are left as they were (``torch.where``), and the returned 0-d bool
+        ``finite`` tells the caller, who reads every parameter's flag in one transfer and then calls
+        :meth:`undo_step` for the non-finite ones. Returns (finite, the state before a refresh made
+        at this step, or None)."""
+        group, index, ordinal, name = self._locate(param)
+        _check_dense(param.grad, name)
+        norm = torch.linalg.vector_norm(param.grad, dtype=norm_dtype(param.grad.dtype))
+        finite = torch.isfinite(norm)
+        grad = torch.where(finite, param.grad, torch.zeros((), dtype=param.grad.dtype, device=param.grad.device))
+        item = Item(ordinal, index, param, grad, name)
+        if not is_projected(group):
+            self._plain_step(group, [item], keep=finite)
+            return finite, None
+        before = dict(self.state[param])
+        refreshed = self._projected_step(group, [item], {id(param)} if flagged else set(), {id(param): norm.where(finite, 0.0)},
+                                         keep=finite)
+        return finite, (before if refreshed else None)
+
+    def undo_step(self, param: torch.Tensor, before_refresh: dict | None) -> None:
+        """Take back the counters (and a refresh) of a step that :meth:`step_parameter` masked."""
+        state = self.state[param]
+        if before_refresh is not None:
+            state.clear()
+            state.update(before_refresh)
+            return
+        state[S.STEP] -= 1
+        if S.ADAM_STEP in state:
+            state[S.ADAM_STEP] -= 1
+
+    def _locate(self, param: torch.Tensor) -> tuple[dict, int, int, str]:
+        """(group, index in group, ordinal over all groups, name) of a parameter."""
+        index_of = getattr(self, "_index_of", None)
+        if index_of is None or id(param) not in index_of:
+            index_of, offset = {}, 0
+            for group in self.param_groups:
+                for k, (p, name) in enumerate(zip(group["params"], parameter_names(group, offset))):
+                    index_of[id(p)] = (group, k, offset + k, name)
+                offset += len(group["params"])
+            self._index_of = index_of
+            if id(param) not in index_of:
+                raise ValueError("step_parameter: the parameter is in none of this optimizer's groups")
+        return index_of[id(param)]
+
+    def _record_energy(self, group, members, states, low, grad_sq, refreshed, keep=None) -> None:
         """The captured energy's moving average per matrix (``refresh.py``), batched; a matrix
         refreshed at this step (or new) starts its average at this step's value."""
         energy = stacked_energy(low, grad_sq)
         if all(S.CAPTURED_ENERGY in s and id(i.param) not in refreshed for i, s in zip(members, states)):
             averages = [s[S.CAPTURED_ENERGY] for s in states]
-            stacked = torch.stack(averages).lerp_(energy.to(averages[0].dtype), 1.0 - group["refresh_beta"])
+            weight = 1.0 - group["refresh_beta"] if keep is None else keep * (1.0 - group["refresh_beta"])
+            stacked = torch.stack(averages).lerp_(energy.to(averages[0].dtype), weight)
             torch._foreach_copy_(averages, list(stacked.unbind(0)))
             return
         for k, (item, state) in enumerate(zip(members, states)):

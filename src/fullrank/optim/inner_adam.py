@@ -166,10 +166,38 @@ def _per_matrix(values: list[float], like: torch.Tensor) -> float | torch.Tensor
 
 
 def stacked_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, low: torch.Tensor, *, beta1: float,
-                     beta2: float) -> None:
-    """M ← β1·M + (1 − β1)·R and V ← β2·V + (1 − β2)·R² on stacks of B matrices, in place."""
-    exp_avg.lerp_(low, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+                     beta2: float, keep: torch.Tensor | None = None) -> None:
+    """M ← β1·M + (1 − β1)·R and V ← β2·V + (1 − β2)·R² on stacks of B matrices, in place.
+
+    ``keep`` (0-d bool, R zero where it is false): when false the moments stay as they are."""
+    if keep is None:
+        exp_avg.lerp_(low, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+        return
+    exp_avg.lerp_(low, (keep * (1.0 - beta1)).to(exp_avg.dtype))
+    exp_avg_sq.mul_(torch.where(keep, beta2, 1.0)).addcmul_(low, low, value=1.0 - beta2)
+
+
+def masked_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  step: int, keep: torch.Tensor, *, lr: float, betas: tuple[float, float], eps: float,
+                  weight_decay: float, convention: str) -> None:
+    """One parameter's :func:`adamw_` that changes nothing when the 0-d bool ``keep`` is false
+    (``grad`` already zero there): the layer-wise mode's on-device skip, no host synchronisation."""
+    beta1, beta2 = betas
+    decay = torch.where(keep, 1.0 - lr * weight_decay, 1.0)
+    if convention == "torch" and weight_decay != 0.0:
+        param.mul_(decay)
+    stacked_moments_(exp_avg, exp_avg_sq, grad, beta1=beta1, beta2=beta2, keep=keep)
+    if convention == "transformers":
+        denom = exp_avg_sq.sqrt().add_(eps)
+        size = lr * step_factors([step], beta1, beta2, convention)[0]
+    else:
+        bc1, sqrt_bc2 = _bias_corrections([step], beta1, beta2)
+        denom = exp_avg_sq.sqrt().div_(sqrt_bc2[0]).add_(eps)
+        size = lr / bc1[0]
+    param.addcdiv_(exp_avg * keep, denom, value=-size)
+    if convention == "transformers" and weight_decay != 0.0:
+        param.mul_(decay)
 
 
 def stacked_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, steps: list[int], *, beta1: float,
