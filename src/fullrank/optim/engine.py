@@ -363,8 +363,12 @@ class SubspaceAdamW(Optimizer):
                 values.append(torch.isfinite(torch.stack(norms)).all().reshape(1))
             owners = energies.get(device, [])
             if owners:
-                thresholds = torch.tensor([t for _, _, t in owners], dtype=owners[0][1].dtype)
-                values.append(torch.stack([e for _, e, _ in owners]).lt(thresholds.to(device, non_blocking=True)))
+                thresholds = [t for _, _, t in owners]
+                if any(t != thresholds[0] for t in thresholds):
+                    thresholds = torch.tensor(thresholds, dtype=owners[0][1].dtype).to(device, non_blocking=True)
+                else:
+                    thresholds = thresholds[0]
+                values.append(torch.stack([e for _, e, _ in owners]).lt(thresholds))
             read = torch.cat(values).tolist()
             if device in grads:
                 finite = finite and read.pop(0)
@@ -422,8 +426,11 @@ class SubspaceAdamW(Optimizer):
             if not state:
                 S.init_projected(state, item.param, norm_dtype(item.param.dtype))
         refreshed = subspace.refresh_(self, group, items, flagged)
+        captured = [] if plan.trigger else None
         for members in self._buckets(group, items):
-            self._bucket_step(group, plan, members, refreshed, grad_norms, keep)
+            self._bucket_step(group, plan, members, grad_norms, keep, captured)
+        if captured:
+            self._record_energy(group, captured, grad_norms, refreshed, keep)
         return refreshed
 
     def _buckets(self, group: dict, items: list[Item]) -> list[list[Item]]:
@@ -442,10 +449,11 @@ class SubspaceAdamW(Optimizer):
             buckets.extend(members[k:k + per_bucket] for k in range(0, len(members), per_bucket))
         return buckets
 
-    def _bucket_step(self, group: dict, plan: GroupPlan, members: list[Item], refreshed: set[int],
-                     grad_norms: dict[int, torch.Tensor], keep: torch.Tensor | None = None) -> None:
+    def _bucket_step(self, group: dict, plan: GroupPlan, members: list[Item], grad_norms: dict[int, torch.Tensor],
+                     keep: torch.Tensor | None = None, captured: list | None = None) -> None:
         """One step of a bucket. ``keep`` (layer-wise mode, one matrix, its gradient already zeroed
-        where non-finite): a 0-d bool on the device; when false nothing of the matrix changes."""
+        where non-finite): a 0-d bool on the device; when false nothing of the matrix changes.
+        ``captured`` collects (members, ‖R‖² per matrix) for the convergence trigger."""
         states = [self.state[i.param] for i in members]
         for state in states:
             state[S.STEP] += 1
@@ -455,26 +463,20 @@ class SubspaceAdamW(Optimizer):
         grads = members[0].grad.unsqueeze(0) if single else torch.stack([i.grad for i in members])
         side = projection_side(group["proj_type"], tuple(params[0].shape))
         left, right = subspace.stacked_projection(self, group, plan, members, states, side)
-        moments = [s[S.EXP_AVG] for s in states], [s[S.EXP_AVG_SQ] for s in states]
-        exp_avg, exp_avg_sq = (m[0].unsqueeze(0) if single else torch.stack(m) for m in moments)
-        norms = [grad_norms.get(id(p)) for p in params]
-        if None not in norms and norms[0].dtype == norm_dtype(grads.dtype):  # the non-finite check's norms
-            grad_sq = torch.stack(norms).square().view(-1, 1, 1)
-        else:
-            grad_sq = torch.linalg.vector_norm(grads, dim=(-2, -1), keepdim=True, dtype=norm_dtype(grads.dtype)).square()
         low = project(grads, left, right)
-        if plan.trigger:
-            self._record_energy(group, members, states, low, grad_sq, refreshed, keep)
+        bucket = Bucket(grads, low, None, side, [grad_norms.get(id(p)) for p in params])
+        if captured is not None:
+            captured.append((members, torch.linalg.vector_norm(low, dim=(-2, -1), dtype=norm_dtype(low.dtype))))
         beta1, beta2 = group["betas"]
-        inner_adam.stacked_moments_(exp_avg, exp_avg_sq, low, beta1=beta1, beta2=beta2, keep=keep)
-        if not single:
-            torch._foreach_copy_(moments[0], list(exp_avg.unbind(0)))
-            torch._foreach_copy_(moments[1], list(exp_avg_sq.unbind(0)))
+        exp_avgs, exp_avg_sqs = [s[S.EXP_AVG] for s in states], [s[S.EXP_AVG_SQ] for s in states]
+        inner_adam.update_moments_(exp_avgs, exp_avg_sqs, list(low.unbind(0)), beta1=beta1, beta2=beta2,
+                                   foreach=True, keep=keep)
         adam_steps = [s[S.ADAM_STEP] for s in states]
         convention = group["adam_convention"]
-        psi = inner_adam.stacked_direction(exp_avg, exp_avg_sq, adam_steps, beta1=beta1, beta2=beta2,
-                                           eps=group["eps"], convention=convention)
-        contribution = plan.rule.contribution(Bucket(grads, low, psi, grad_sq, side), group)
+        directions = inner_adam.directions(exp_avgs, exp_avg_sqs, adam_steps, beta1=beta1, beta2=beta2,
+                                           eps=group["eps"], foreach=True, convention=convention)
+        bucket.psi = psi = directions[0].unsqueeze(0) if single else torch.stack(directions)
+        contribution = plan.rule.contribution(bucket, group)
 
         update = None
         if contribution.phi is not None:
@@ -483,7 +485,9 @@ class SubspaceAdamW(Optimizer):
             if contribution.residual_sq is not None:
                 previous = torch.stack([s[S.RESIDUAL_NORM] for s in states])
                 norms = contribution.residual_sq.sqrt()
-                factors, kept = plan.limiter.factors(norms, previous.to(norms.dtype), group)
+                if previous.dtype != norms.dtype:
+                    previous = previous.to(norms.dtype)
+                factors, kept = plan.limiter.factors(norms, previous, group)
                 if kept is not None and keep is not None:
                     kept = torch.where(keep, kept, previous)
                 if kept is not None:
@@ -493,13 +497,15 @@ class SubspaceAdamW(Optimizer):
                 coef = coef * factors.view(-1, 1, 1)
             if contribution.weight != 1.0:
                 coef = coef * contribution.weight
-            coef = coef.to(grads.dtype)
+            if coef.dtype != grads.dtype:
+                coef = coef.to(grads.dtype)
             update = grads.mul(coef) if single else grads.mul_(coef)
-            if contribution.subspace_scale != 0.0 or contribution.kappa != 0.0:
-                low_term = psi.mul_(contribution.subspace_scale) if contribution.subspace_scale != 1.0 else psi
-                if contribution.kappa != 0.0:
-                    low_term = low_term.sub_(low.mul_(coef), alpha=contribution.kappa)
-                add_back_(update, low_term, left, right)
+            a, kappa = contribution.subspace_scale, contribution.kappa
+            if a != 0.0:  # + P·(a·ψ − κ·coef∘R) = + a·P·(ψ − (κ/a)·coef∘R)
+                low_term = psi.addcmul_(low, coef, value=-kappa / a) if kappa != 0.0 else psi
+                add_back_(update, low_term, left, right, alpha=a)
+            elif kappa != 0.0:
+                add_back_(update, low.mul_(coef), left, right, alpha=-kappa)
         else:
             update = project_back(psi.mul_(contribution.subspace_scale), left, right)
 
@@ -508,7 +514,7 @@ class SubspaceAdamW(Optimizer):
         # transformers' order W ← (W − η·c·u)·decay, written as W·decay − η·c·decay·u
         late_decay = decay if convention == "transformers" else 1.0
         step_sizes = [lr * c * late_decay for c in inner_adam.step_factors(adam_steps, beta1, beta2, convention)]
-        step_size = inner_adam._per_matrix(step_sizes, update)
+        step_size = inner_adam.per_matrix(step_sizes, update)
         if isinstance(step_size, torch.Tensor):
             update.mul_(step_size)
             step_size = 1.0
@@ -570,14 +576,20 @@ class SubspaceAdamW(Optimizer):
                 raise ValueError("step_parameter: the parameter is in none of this optimizer's groups")
         return index_of[id(param)]
 
-    def _record_energy(self, group, members, states, low, grad_sq, refreshed, keep=None) -> None:
-        """The captured energy's moving average per matrix (``refresh.py``), batched; a matrix
-        refreshed at this step (or new) starts its average at this step's value."""
-        energy = stacked_energy(low, grad_sq)
+    def _record_energy(self, group, captured, grad_norms, refreshed, keep=None) -> None:
+        """The captured energy's moving average per matrix (``refresh.py``), for the whole group at
+        once; a matrix refreshed at this step (or new) starts its average at this step's value."""
+        members = [item for bucket_members, _ in captured for item in bucket_members]
+        states = [self.state[item.param] for item in members]
+        low_norms = captured[0][1] if len(captured) == 1 else torch.cat([norms for _, norms in captured])
+        norms = [grad_norms.get(id(item.param)) for item in members]
+        if None in norms or norms[0].dtype != low_norms.dtype:
+            norms = [torch.linalg.vector_norm(item.grad, dtype=low_norms.dtype) for item in members]
+        energy = stacked_energy(low_norms, torch.stack(norms))
         if all(S.CAPTURED_ENERGY in s and id(i.param) not in refreshed for i, s in zip(members, states)):
             averages = [s[S.CAPTURED_ENERGY] for s in states]
             weight = 1.0 - group["refresh_beta"] if keep is None else keep * (1.0 - group["refresh_beta"])
-            stacked = torch.stack(averages).lerp_(energy.to(averages[0].dtype), weight)
+            stacked = torch.stack(averages).lerp_(energy, weight)
             torch._foreach_copy_(averages, list(stacked.unbind(0)))
             return
         for k, (item, state) in enumerate(zip(members, states)):

@@ -49,9 +49,15 @@ def update_moments_(
     beta1: float,
     beta2: float,
     foreach: bool,
+    keep: torch.Tensor | None = None,
 ) -> None:
-    """M ← β1·M + (1 − β1)·R and V ← β2·V + (1 − β2)·R², in place."""
+    """M ← β1·M + (1 − β1)·R and V ← β2·V + (1 − β2)·R², in place (``keep``: one tensor, see
+    :func:`stacked_moments_`)."""
     if not grads:
+        return
+    if keep is not None:
+        (m,), (v,), (g,) = exp_avgs, exp_avg_sqs, grads
+        stacked_moments_(m, v, g, beta1=beta1, beta2=beta2, keep=keep)
         return
     if foreach:
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -154,7 +160,7 @@ def adamw_(
         p.addcdiv_(m, d, value=s)
 
 
-def _per_matrix(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
+def per_matrix(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
     """A Python float when every matrix of a stack shares the value, else a B×1×1 tensor on the
     stack's device (copied from pinned memory without a host synchronisation)."""
     if all(v == values[0] for v in values):
@@ -198,14 +204,3 @@ def masked_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     param.addcdiv_(exp_avg * keep, denom, value=-size)
     if convention == "transformers" and weight_decay != 0.0:
         param.mul_(decay)
-
-
-def stacked_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, steps: list[int], *, beta1: float,
-                      beta2: float, eps: float, convention: str) -> torch.Tensor:
-    """ψ(R) of a stack from moments already updated at each matrix's step ``t`` (1-based): the same
-    numbers as :func:`directions` (``transformers``: no bias correction, see :func:`step_factors`)."""
-    if convention == "transformers":
-        return exp_avg / exp_avg_sq.sqrt().add_(eps)
-    bc1, sqrt_bc2 = _bias_corrections(steps, beta1, beta2)
-    denom = exp_avg_sq.sqrt().div_(_per_matrix(sqrt_bc2, exp_avg_sq)).add_(eps)
-    return (exp_avg / denom).div_(_per_matrix(bc1, exp_avg))

@@ -36,9 +36,9 @@ class NormGrowth(Limiter):
     """Eq. 12: the ratio ‖S_t‖/‖S_{t−1}‖ is capped at γ."""
 
     def factors(self, norms, previous, group):
-        gamma = group["gamma"]
-        grows = (previous > 0) & (norms > gamma * previous)
-        factor = torch.where(grows, gamma * previous / norms, torch.ones_like(norms))
+        # γ‖S_{t−1}‖/‖S_t‖ < 1 exactly when the norm grew by more than γ (and ‖S_t‖ = 0 gives inf → 1)
+        ratio = (group["gamma"] * previous / norms).clamp_max_(1.0)
+        factor = torch.where(previous > 0, ratio, 1.0)
         return factor, norms * factor
 
 
@@ -55,7 +55,7 @@ class GradientShrink(Limiter):
     def factors(self, norms, previous, group):
         a = group["limiter_alpha"]
         target = a * norms + (1.0 - a) * previous
-        factor = torch.where((previous > 0) & (norms > 0), target / norms, torch.ones_like(norms))
+        factor = torch.where((previous > 0) & (norms > 0), target / norms, 1.0)
         return factor, norms * factor
 
 

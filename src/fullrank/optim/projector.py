@@ -86,14 +86,15 @@ def truncated_projection(
     return left, right
 
 
-def add_back_(full: torch.Tensor, low: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> None:
-    """In place, on stacks: ``full ← full + back(low)`` with one ``baddbmm_`` (no second m×n temporary)."""
+def add_back_(full: torch.Tensor, low: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None,
+              alpha: float = 1.0) -> None:
+    """In place, on stacks: ``full ← full + alpha·back(low)`` with one ``baddbmm_`` (no second m×n temporary)."""
     if left is not None and right is not None:
-        full.baddbmm_(left, low @ right)
+        full.baddbmm_(left, low @ right, alpha=alpha)
     elif left is not None:
-        full.baddbmm_(left, low)
+        full.baddbmm_(left, low, alpha=alpha)
     else:
-        full.baddbmm_(low, right)
+        full.baddbmm_(low, right, alpha=alpha)
 
 
 def low_rank_shape(

@@ -71,13 +71,10 @@ def converged_flag(group: dict, state: dict) -> torch.Tensor | None:
     return energy.lt(group["refresh_threshold"])
 
 
-def stacked_energy(low: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
-    """e_b = ‖R_b‖²/‖G_b‖² for a stack (B,), ≥ fp32; 1 for a zero gradient."""
-    from .residual import matrix_norms
-
-    low_sq = matrix_norms(low).square().flatten()
-    grad_sq = grad_sq.flatten()
-    return torch.where(grad_sq > 0, low_sq / grad_sq, torch.ones_like(grad_sq)).clamp_(max=1.0)
+def stacked_energy(low_norms: torch.Tensor, grad_norms: torch.Tensor) -> torch.Tensor:
+    """e_b = ‖R_b‖²/‖G_b‖² from the vectors of norms ‖R_b‖ and ‖G_b‖ (≥ fp32); 1 for a zero gradient."""
+    ratio = low_norms.div(grad_norms).square_()
+    return torch.where(grad_norms > 0, ratio, 1.0).clamp_max_(1.0)
 
 
 def captured_energy(grad: torch.Tensor, low: torch.Tensor, grad_norm: torch.Tensor | None = None) -> torch.Tensor:

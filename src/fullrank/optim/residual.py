@@ -50,9 +50,14 @@ RESIDUAL_CONVENTIONS = ("exact", "official")
 PHI_EPS = 1e-8
 
 
+_NORM_DTYPES: dict[torch.dtype, torch.dtype] = {}
+
+
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Norms are accumulated in at least fp32."""
-    return torch.promote_types(dtype, torch.float32)
+    """Norms are accumulated in at least fp32 (cached: ``torch.promote_types`` is a dispatched op)."""
+    if dtype not in _NORM_DTYPES:
+        _NORM_DTYPES[dtype] = torch.promote_types(dtype, torch.float32)
+    return _NORM_DTYPES[dtype]
 
 
 def squared_norm(t: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,15 +79,30 @@ def column_norms(t: torch.Tensor, side: str) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=dim, keepdim=True, dtype=norm_dtype(t.dtype))
 
 
-@dataclass
 class Bucket:
-    """What a rule reads: a stack of B same-shape matrices and their projections."""
+    """What a rule reads: a stack of B same-shape matrices and their projections.
 
-    grads: torch.Tensor  # G, B×m×n
-    low: torch.Tensor  # R = Pᵀ·G (B×r×n), G·Qᵀ (B×m×r) or Pᵀ·G·Qᵀ
-    psi: torch.Tensor  # ψ(R), Adam's direction, same shape as R
-    grad_sq: torch.Tensor  # ‖G_b‖², B×1×1, ≥ fp32
-    side: str  # "left" | "right" | "both"
+    ``grads`` G (B×m×n), ``low`` R = Pᵀ·G (B×r×n), G·Qᵀ (B×m×r) or Pᵀ·G·Qᵀ, ``psi`` ψ(R) (R's shape),
+    ``side`` ("left" | "right" | "both") and ``grad_sq`` ‖G_b‖² (B×1×1, ≥ fp32), computed on first use
+    from the norms the step already has (``grad_norms``, one 0-d tensor per matrix, or None).
+    """
+
+    def __init__(self, grads: torch.Tensor, low: torch.Tensor, psi: torch.Tensor, side: str,
+                 grad_norms: list | None = None):
+        self.grads, self.low, self.psi, self.side = grads, low, psi, side
+        self._grad_norms = grad_norms
+        self._grad_sq = None
+
+    @property
+    def grad_sq(self) -> torch.Tensor:
+        if self._grad_sq is None:
+            dtype = norm_dtype(self.grads.dtype)
+            norms = self._grad_norms
+            if norms is not None and None not in norms and norms[0].dtype == dtype:
+                self._grad_sq = torch.stack(norms).square_().view(-1, 1, 1)
+            else:
+                self._grad_sq = matrix_norms(self.grads).square_()
+        return self._grad_sq
 
 
 @dataclass
@@ -115,8 +135,9 @@ def _kappa(group: dict) -> float:
 
 def _scaled(phi: torch.Tensor, sq_g: torch.Tensor, sq_r: torch.Tensor, kappa: float) -> torch.Tensor:
     """Σ φ²·(‖G_i‖² − (2κ − κ²)·‖R_i‖²) per matrix (Pythagoras, clamped at 0 against rounding)."""
-    residual = (sq_g - (2.0 * kappa - kappa * kappa) * sq_r).clamp_min_(0.0)
-    return (phi.square() * residual).sum(dim=(-2, -1))
+    share = 2.0 * kappa - kappa * kappa
+    residual = (sq_g - sq_r if share == 1.0 else sq_g - share * sq_r).clamp_min_(0.0)
+    return residual.mul_(phi.square()).sum(dim=(-2, -1))
 
 
 class Discard(Rule):
@@ -153,8 +174,8 @@ class ScaleColumn(Rule):
         kappa = _kappa(group)
         low_norm = column_norms(bucket.low, bucket.side)
         phi = column_norms(bucket.psi, bucket.side) / (low_norm + PHI_EPS)  # eq. 11
-        grad_sq = column_norms(bucket.grads, bucket.side).square()
-        return Contribution(group["scale"], phi, kappa, _scaled(phi, grad_sq, low_norm.square(), kappa))
+        grad_sq = column_norms(bucket.grads, bucket.side).square_()
+        return Contribution(group["scale"], phi, kappa, _scaled(phi, grad_sq, low_norm.square_(), kappa))
 
 
 class OnlyScaling(Rule):

@@ -1,0 +1,203 @@
+"""Flora (Hao, Cao & Mou, ICML 2024, "Flora: Low-Rank Adapters Are Secretly Gradient Compressors"),
+the baseline of Fira's rebuttal Tables r6/r7, and plain SGD with momentum (Fira paper Fig. 15).
+
+Flora is Adafactor (factored second moment, update-RMS clipping, step size relative to the
+parameter's RMS) whose first moment M is kept *compressed* by a random down-projection
+(the paper's Algorithm 2, "Flora with momentum"; the compressor of Algorithm 1). For an m×n
+matrix with m < n, A ∈ R^{r×m} with entries N(0, 1/r) and M = A·U (r×n); otherwise
+B ∈ R^{n×r} and M = U·B (m×r). Each step, with U the Adafactor-normalised gradient:
+
+    update = (1 − β1)·U + β1·decompress(M)          (Aᵀ·M or M·Bᵀ)
+    every κ steps: new projection A' (new seed);  M ← A'·Aᵀ·M   (momentum transferred)
+    M ← β1·M + (1 − β1)·compress(U)                 (with the current projection)
+    W ← W·(1 − lr_t·λ) − lr_t · update / max(1, RMS(update)/d)
+
+Only the seed of each projection is stored. A matrix is compressed when its group carries a
+``rank`` r ≤ min(m, n) and max(m, n)/min(m, n) ≤ 4 (embeddings keep a full first moment), as in the
+authors' implementation; κ is the group's ``kappa``, else its ``update_proj_gap``, else 1000.
+Projections are drawn on the CPU from ``torch.Generator().manual_seed(seed)``; the k-th parameter
+starts at seed ``seed + k`` (k from 1) and each resampling moves to ``next_seed(seed)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim import Optimizer
+
+DEFAULT_KAPPA = 1000
+MAX_ASPECT = 4
+_SEED_MODULUS = 2 ** 63
+SGD_MOMENTUM = 0.9
+
+
+def next_seed(seed: int) -> int:
+    """The seed of the next projection (a 64-bit linear congruential step, Knuth's MMIX constants)."""
+    return (seed * 6364136223846793005 + 1442695040888963407) % _SEED_MODULUS
+
+
+def random_projection(seed: int, shape: tuple[int, int], rank: int, device, dtype) -> torch.Tensor:
+    """The down-projection of an m×n matrix: A (r×m) when m < n, else B (n×r); entries N(0, 1/r)."""
+    m, n = shape
+    size = (rank, m) if m < n else (n, rank)
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(size, generator=generator) / math.sqrt(rank)).to(device=device, dtype=dtype)
+
+
+def compress(projection: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    m, n = tensor.shape
+    return projection @ tensor if m < n else tensor @ projection
+
+
+def decompress(projection: torch.Tensor, compressed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    m, n = shape
+    return projection.T @ compressed if m < n else compressed @ projection.T
+
+
+def _rms(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.norm() / math.sqrt(tensor.numel())
+
+
+class Flora(Optimizer):
+    """Flora: Adafactor with a randomly compressed, periodically resampled first moment (see module doc).
+
+    The signature is the presets' (``make_optimizer("flora", groups, lr=, betas=, eps=, weight_decay=)``):
+    β1 = ``betas[0]`` (0 turns the first moment off: plain Adafactor); Adam's β2 and ε have no
+    Adafactor counterpart and are not used (β2,t = 1 − t^``decay_rate``; the ε pair is
+    ``adafactor_eps`` = (ε1, ε2), regularising the squared gradient and the parameter scale).
+    ``lr`` is Adafactor's relative step, multiplied by max(ε2, RMS(W)) when ``scale_parameter``.
+    """
+
+    def __init__(self, params, lr: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, *,
+                 rank: int | None = None, kappa: int | None = None, decay_rate: float = -0.8,
+                 adafactor_eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
+                 scale_parameter: bool = True, factorize_second_moment: bool = True, seed: int = 0):
+        beta1 = betas[0]
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"betas[0] (Flora's beta1) must lie in [0, 1), got {beta1}")
+        if rank is not None and (int(rank) != rank or rank < 1):
+            raise ValueError(f"rank must be an integer >= 1 or None, got {rank}")
+        if kappa is not None and (int(kappa) != kappa or kappa < 1):
+            raise ValueError(f"kappa must be an integer >= 1 or None, got {kappa}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not decay_rate < 0:
+            raise ValueError(f"decay_rate must be < 0, got {decay_rate}")
+        if not clip_threshold > 0:
+            raise ValueError(f"clip_threshold must be > 0, got {clip_threshold}")
+        if len(adafactor_eps) != 2 or min(adafactor_eps) < 0:
+            raise ValueError(f"adafactor_eps must be two numbers >= 0, got {adafactor_eps}")
+        defaults = dict(lr=lr, beta1=beta1, rank=rank, kappa=kappa, weight_decay=weight_decay,
+                        decay_rate=decay_rate, adafactor_eps=tuple(adafactor_eps), clip_threshold=clip_threshold,
+                        scale_parameter=scale_parameter, factorize_second_moment=factorize_second_moment)
+        super().__init__(params, defaults)
+        index = seed
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1
+                self.state[p]["seed"] = index
+
+    @staticmethod
+    def _kappa(group: dict) -> int:
+        kappa = group.get("kappa") or group.get("update_proj_gap") or DEFAULT_KAPPA
+        if int(kappa) != kappa or kappa < 1:
+            raise ValueError(f"kappa must be an integer >= 1, got {kappa}")
+        return int(kappa)
+
+    @staticmethod
+    def compresses(group: dict, shape: tuple[int, ...]) -> bool:
+        """Whether the first moment of a parameter of ``shape`` in ``group`` is kept compressed."""
+        rank, beta1 = group.get("rank"), group.get("beta1")
+        return (beta1 is not None and beta1 > 0 and rank is not None and len(shape) == 2
+                and group["factorize_second_moment"] and min(shape) >= rank
+                and max(shape) / min(shape) <= MAX_ASPECT)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(group, p)
+        return loss
+
+    def _update(self, group: dict, p: torch.Tensor) -> None:
+        grad = p.grad.float()
+        if grad.is_sparse:
+            raise RuntimeError("Flora does not support sparse gradients")
+        weight = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
+        state, shape = self.state[p], tuple(grad.shape)
+        factored = grad.dim() == 2 and group["factorize_second_moment"]
+        beta1 = group["beta1"] if group["beta1"] else 0.0
+        compressed = self.compresses(group, shape)
+        if "step" not in state:
+            state["step"] = 0
+            if factored:
+                state["exp_avg_sq_row"] = torch.zeros(shape[0], dtype=grad.dtype, device=grad.device)
+                state["exp_avg_sq_col"] = torch.zeros(shape[1], dtype=grad.dtype, device=grad.device)
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+            if beta1 > 0:
+                if compressed:
+                    rank = group["rank"]
+                    low = (rank, shape[1]) if shape[0] < shape[1] else (shape[0], rank)
+                    state["exp_avg"] = torch.zeros(low, dtype=grad.dtype, device=grad.device)
+                else:
+                    state["exp_avg"] = torch.zeros_like(grad)
+        state["step"] += 1
+        t = state["step"]
+        eps1, eps2 = group["adafactor_eps"]
+        lr = group["lr"] * (max(eps2, _rms(weight).item()) if group["scale_parameter"] else 1.0)
+        beta2t = 1.0 - t ** group["decay_rate"]
+        squared = grad.square() + eps1
+        if factored:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(squared.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(squared.mean(dim=-2), alpha=1.0 - beta2t)
+            row_factor = (row / row.mean()).rsqrt().unsqueeze(-1)
+            update = grad * row_factor * col.rsqrt().unsqueeze(0)
+        else:
+            v = state["exp_avg_sq"]
+            v.mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
+            update = grad * v.rsqrt()
+        if beta1 > 0:
+            m = state["exp_avg"]
+            if compressed:
+                rank, seed = group["rank"], state["seed"]
+                projection = random_projection(seed, shape, rank, grad.device, grad.dtype)
+                normalised = update
+                update = (1.0 - beta1) * normalised + beta1 * decompress(projection, m, shape)
+                if t % self._kappa(group) == 0:  # resample; transfer the momentum (Algorithm 2)
+                    seed = state["seed"] = next_seed(seed)
+                    new_projection = random_projection(seed, shape, rank, grad.device, grad.dtype)
+                    m.copy_(compress(new_projection, decompress(projection, m, shape)))
+                    projection = new_projection
+                m.mul_(beta1).add_(compress(projection, normalised), alpha=1.0 - beta1)
+            else:
+                update = (1.0 - beta1) * update + beta1 * m
+                m.copy_(update)
+        update = update / (_rms(update) / group["clip_threshold"]).clamp(min=1.0)
+        if group["weight_decay"]:
+            weight.mul_(1.0 - group["weight_decay"] * lr)
+        weight.add_(update, alpha=-lr)
+        if weight is not p:
+            p.copy_(weight)
+
+
+
+
+class SGDMomentum(torch.optim.SGD):
+    """Preset "sgd" (paper Fig. 15): ``torch.optim.SGD`` with momentum (0.9 unless ``momentum``) on
+    every parameter, with the presets' signature; Adam's betas and ε are not used, and the
+    projection keys of the groups (rank, update_proj_gap, ...) are ignored."""
+
+    def __init__(self, params, lr: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, *,
+                 momentum: float = SGD_MOMENTUM, nesterov: bool = False):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
