@@ -58,7 +58,7 @@ def phi_of(rule, psi, R, side):
 def reference_run(W0, grads, *, rank, update_proj_gap, scale, lr, betas=(0.9, 0.999), eps=1e-8,
                   weight_decay=0.0, residual="scale_column", limiter="norm_growth", gamma=1.01,
                   clip_threshold=1.0, proj_type="std", convention="exact", granularity="column",
-                  multiplier=1.0):
+                  multiplier=1.0, limiter_alpha=0.5):
     """Weights after each step, and the S norms, for the gradient sequence ``grads``.
 
     ``granularity`` (column | tensor) and ``multiplier`` apply to ``only_scaling`` (APOLLO's
@@ -97,6 +97,12 @@ def reference_run(W0, grads, *, rank, update_proj_gap, scale, lr, betas=(0.9, 0.
             elif limiter == "clip":
                 if norm > clip_threshold:
                     S = S * (clip_threshold / norm)
+            elif limiter == "gradient_shrink":  # rebuttal Table r10: ‖S_t‖ ← a‖S_t‖ + (1 − a)‖S_{t−1}‖
+                if previous_norm is not None and previous_norm > 0 and norm > 0:
+                    S = S * ((limiter_alpha * norm + (1 - limiter_alpha) * previous_norm) / norm)
+                previous_norm = S.norm()
+            elif limiter == "tensor_scaling":  # rebuttal Table r10: S_t ← a·S_t
+                S = limiter_alpha * S
             s_norms.append(S.norm().item())
             update = multiplier * S if residual == "only_scaling" else scale * up(psi, left, right) + S  # eq. 7
         W = W * (1 - lr * weight_decay) - lr * update

@@ -8,7 +8,7 @@ import fullrank
 from reference import reference_run
 
 RULES = ("discard", "add", "scale_matrix", "scale_column", "only_scaling")
-LIMITERS = ("none", "norm_growth", "clip")
+LIMITERS = ("none", "norm_growth", "clip", "gradient_shrink", "tensor_scaling")
 SHAPES = ((12, 7), (6, 11))  # tall (right projection under std) and wide (left projection)
 
 
@@ -36,7 +36,7 @@ def test_engine_matches_reference(rule, limiter, shape):
     W0 = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = gradient_sequence(shape, steps=8, seed=2)
     common = dict(rank=3, update_proj_gap=3, scale=0.25, lr=0.05, weight_decay=0.1,
-                  residual=rule, limiter=limiter, gamma=1.01, clip_threshold=0.8)
+                  residual=rule, limiter=limiter, gamma=1.01, clip_threshold=0.8, limiter_alpha=0.3)
     expected, _ = reference_run(W0, grads, **common)
     actual, _ = engine_run(W0, grads, **common)
     for step, (a, e) in enumerate(zip(actual, expected)):

@@ -35,7 +35,7 @@ one more. The optimizer state holds tensors and plain numbers only.
 """
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +71,12 @@ def parameter_names(group: dict, offset: int = 0) -> list[str]:
     return [f"param {offset + k}" for k in range(len(group["params"]))]
 
 
+# Options the rule and limiter read: fixed in the plan, so a compiled bucket step treats them as constants.
+_RULE_OPTIONS = ("scale", "residual_convention", "scaling_granularity", "scaling_multiplier", "gamma",
+                 "clip_threshold", "limiter_alpha")
+_PLAN_KEYS = ("residual", "limiter", "refresh_threshold", "projector", "compile", *_RULE_OPTIONS)
+
+
 @dataclass(frozen=True)
 class GroupPlan:
     """A projected group's options resolved once into its units (rebuilt if an option changes)."""
@@ -79,9 +85,52 @@ class GroupPlan:
     limiter: Limiter
     trigger: bool  # convergence-triggered refresh (τ > 0)
     seed_only: bool  # APOLLO: P regenerated from a stored seed
+    options: dict  # the rule's and limiter's options (_RULE_OPTIONS)
+    compiled: dict  # (side, in place) → the compiled residual_update, filled on first use
+
+    def residual_update(self, side: str, inplace: bool, compile: bool):
+        """:func:`residual_update` with this plan's units bound, compiled when ``compile``."""
+        key = (side, inplace, compile)
+        if key not in self.compiled:
+            fn = functools.partial(residual_update, self.rule, self.limiter, self.options, side, inplace)
+            self.compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
+        return self.compiled[key]
 
 
-_PLAN_KEYS = ("residual", "limiter", "refresh_threshold", "projector")
+def residual_update(rule: Rule, limiter: Limiter, options: dict, side: str, inplace: bool, grads: torch.Tensor,
+                    low: torch.Tensor, psi: torch.Tensor, grad_norms: list, previous: torch.Tensor,
+                    left: torch.Tensor | None, right: torch.Tensor | None):
+    """The steady bucket step after Adam: the rule's contribution (φ, ‖S‖), the limiter's factors and
+    the assembled update P·(a·ψ − κ·c·w·φ∘R) + c·w·φ∘G of every matrix (eq. 7–12).
+
+    Returns (update, kept norms or None, factors or None, ‖S‖² before the limiter or None). A pure
+    function of tensors, with the units and options bound by :meth:`GroupPlan.residual_update`:
+    ``torch.compile(fullgraph=True)`` compiles it without graph breaks (``compile=True``). ``psi``,
+    ``low`` and, when ``inplace``, ``grads`` are overwritten.
+    """
+    contribution = rule.contribution(Bucket(grads, low, psi, side, grad_norms), options)
+    factors = kept = None
+    if contribution.phi is None:
+        return project_back(psi.mul_(contribution.subspace_scale), left, right), None, None, None
+    coef = contribution.phi
+    if contribution.residual_sq is not None:
+        norms = contribution.residual_sq.sqrt()
+        factors, kept = limiter.factors(norms, previous if previous.dtype == norms.dtype else previous.to(norms.dtype),
+                                        options)
+        if factors is not None:
+            coef = coef * factors.view(-1, 1, 1)
+    if contribution.weight != 1.0:
+        coef = coef * contribution.weight
+    if coef.dtype != grads.dtype:
+        coef = coef.to(grads.dtype)
+    update = grads.mul_(coef) if inplace else grads.mul(coef)
+    a, kappa = contribution.subspace_scale, contribution.kappa
+    if a != 0.0:  # + P·(a·ψ − κ·coef∘R) = + a·P·(ψ − (κ/a)·coef∘R)
+        low_term = psi.addcmul_(low, coef, value=-kappa / a) if kappa != 0.0 else psi
+        add_back_(update, low_term, left, right, alpha=a)
+    elif kappa != 0.0:
+        add_back_(update, low.mul_(coef), left, right, alpha=-kappa)
+    return update, kept, factors, contribution.residual_sq
 
 
 @dataclass
@@ -230,7 +279,8 @@ class SubspaceAdamW(Optimizer):
         if cached is not None and cached[0] == signature:
             return cached[1]
         plan = GroupPlan(rule=get_rule(group["residual"]), limiter=get_limiter(group["limiter"]),
-                         trigger=uses_trigger(group), seed_only=stores_seed_only(group))
+                         trigger=uses_trigger(group), seed_only=stores_seed_only(group),
+                         options={k: group[k] for k in _RULE_OPTIONS}, compiled={})
         self._plans[id(group)] = (signature, plan)
         return plan
 
@@ -464,7 +514,7 @@ class SubspaceAdamW(Optimizer):
         side = projection_side(group["proj_type"], tuple(params[0].shape))
         left, right = subspace.stacked_projection(self, group, plan, members, states, side)
         low = project(grads, left, right)
-        bucket = Bucket(grads, low, None, side, [grad_norms.get(id(p)) for p in params])
+        bucket = Bucket(grads, low, None, side, [grad_norms.get(id(p)) for p in params])  # (ψ comes below)
         if captured is not None:
             captured.append((members, torch.linalg.vector_norm(low, dim=(-2, -1), dtype=norm_dtype(low.dtype))))
         beta1, beta2 = group["betas"]
@@ -475,39 +525,17 @@ class SubspaceAdamW(Optimizer):
         convention = group["adam_convention"]
         directions = inner_adam.directions(exp_avgs, exp_avg_sqs, adam_steps, beta1=beta1, beta2=beta2,
                                            eps=group["eps"], foreach=True, convention=convention)
-        bucket.psi = psi = directions[0].unsqueeze(0) if single else torch.stack(directions)
-        contribution = plan.rule.contribution(bucket, group)
-
-        update = None
-        if contribution.phi is not None:
-            coef = contribution.phi
-            factors, kept = None, None
-            if contribution.residual_sq is not None:
-                previous = torch.stack([s[S.RESIDUAL_NORM] for s in states])
-                norms = contribution.residual_sq.sqrt()
-                if previous.dtype != norms.dtype:
-                    previous = previous.to(norms.dtype)
-                factors, kept = plan.limiter.factors(norms, previous, group)
-                if kept is not None and keep is not None:
-                    kept = torch.where(keep, kept, previous)
-                if kept is not None:
-                    torch._foreach_copy_([s[S.RESIDUAL_NORM] for s in states], list(kept.unbind(0)))
-                self._record_stats(contribution.residual_sq, factors)
-            if factors is not None:
-                coef = coef * factors.view(-1, 1, 1)
-            if contribution.weight != 1.0:
-                coef = coef * contribution.weight
-            if coef.dtype != grads.dtype:
-                coef = coef.to(grads.dtype)
-            update = grads.mul(coef) if single else grads.mul_(coef)
-            a, kappa = contribution.subspace_scale, contribution.kappa
-            if a != 0.0:  # + P·(a·ψ − κ·coef∘R) = + a·P·(ψ − (κ/a)·coef∘R)
-                low_term = psi.addcmul_(low, coef, value=-kappa / a) if kappa != 0.0 else psi
-                add_back_(update, low_term, left, right, alpha=a)
-            elif kappa != 0.0:
-                add_back_(update, low.mul_(coef), left, right, alpha=-kappa)
-        else:
-            update = project_back(psi.mul_(contribution.subspace_scale), left, right)
+        psi = directions[0].unsqueeze(0) if single else torch.stack(directions)
+        previous = torch.stack([s[S.RESIDUAL_NORM] for s in states]) if plan.rule.name != "discard" else None
+        compiled = group["compile"] and keep is None
+        update, kept, factors, residual_sq = plan.residual_update(side, not single, compiled)(
+            grads, low, psi, bucket.grad_norms, previous, left, right)
+        if kept is not None:
+            if keep is not None:
+                kept = torch.where(keep, kept, previous)
+            torch._foreach_copy_([s[S.RESIDUAL_NORM] for s in states], list(kept.unbind(0)))
+        if residual_sq is not None:
+            self._record_stats(residual_sq, factors)
 
         lr = group["lr"]
         decay = 1.0 - lr * group["weight_decay"]

@@ -13,7 +13,7 @@ and the norms it kept from the previous step to the factors c that S is multipli
 * ``tensor_scaling``   the rebuttal's tensor-wise scaling (Table r10): S_t ← a·S_t, a constant
                        (a = ``limiter_alpha``).
 
-A limiter is a small object with ``factors(norms, previous, group) -> (c or None, kept or None)``
+A limiter is a small object with ``factors(norms, previous, options) -> (c or None, kept or None)``
 over 1-D tensors on the device (``torch.where``, never a host synchronisation). ``kept`` is what the
 engine stores as each matrix's ``residual_norm`` for the next step (None: the limiter keeps nothing).
 To add one: write its class (in its own file if you like), then ``register_limiter("name", Limiter())``.
@@ -28,16 +28,16 @@ STATE_KEY = "residual_norm"
 class Limiter:
     """Base class: ``c = 1``, nothing kept."""
 
-    def factors(self, norms: torch.Tensor, previous: torch.Tensor, group: dict):
+    def factors(self, norms: torch.Tensor, previous: torch.Tensor, options: dict):
         return None, None
 
 
 class NormGrowth(Limiter):
     """Eq. 12: the ratio ‖S_t‖/‖S_{t−1}‖ is capped at γ."""
 
-    def factors(self, norms, previous, group):
+    def factors(self, norms, previous, options):
         # γ‖S_{t−1}‖/‖S_t‖ < 1 exactly when the norm grew by more than γ (and ‖S_t‖ = 0 gives inf → 1)
-        ratio = (group["gamma"] * previous / norms).clamp_max_(1.0)
+        ratio = (options["gamma"] * previous / norms).clamp_max_(1.0)
         factor = torch.where(previous > 0, ratio, 1.0)
         return factor, norms * factor
 
@@ -45,15 +45,15 @@ class NormGrowth(Limiter):
 class Clip(Limiter):
     """S ← S·min(1, τ/‖S‖)."""
 
-    def factors(self, norms, previous, group):
-        return (group["clip_threshold"] / norms).clamp_(max=1.0), None
+    def factors(self, norms, previous, options):
+        return (options["clip_threshold"] / norms).clamp_(max=1.0), None
 
 
 class GradientShrink(Limiter):
     """‖S_t‖ ← a·‖S_t‖ + (1 − a)·‖S_{t−1}‖ (rebuttal Table r10)."""
 
-    def factors(self, norms, previous, group):
-        a = group["limiter_alpha"]
+    def factors(self, norms, previous, options):
+        a = options["limiter_alpha"]
         target = a * norms + (1.0 - a) * previous
         factor = torch.where((previous > 0) & (norms > 0), target / norms, 1.0)
         return factor, norms * factor
@@ -62,8 +62,8 @@ class GradientShrink(Limiter):
 class TensorScaling(Limiter):
     """S_t ← a·S_t (rebuttal Table r10)."""
 
-    def factors(self, norms, previous, group):
-        return torch.full_like(norms, group["limiter_alpha"]), None
+    def factors(self, norms, previous, options):
+        return torch.full_like(norms, options["limiter_alpha"]), None
 
 
 LIMITER_REGISTRY: dict[str, Limiter] = {

@@ -29,7 +29,7 @@ column satisfies ‖G_i − κ·P·R_i‖² = ‖G_i‖² − (2κ − κ²)·�
 
 Adding a rule:
 
-1. write a class with ``name`` and ``contribution(bucket, group) -> Contribution`` (``bucket`` holds
+1. write a class with ``name`` and ``contribution(bucket, options) -> Contribution`` (``bucket`` holds
    the stacked ``grads``, ``low`` = R, ``psi`` = ψ(R), ``grad_sq`` = ‖G‖² per matrix and ``side``);
    set ``column_level`` if φ is per column (it then needs a one-sided projection);
 2. ``register_rule(MyRule())`` — in its own file, imported before the optimizer is built.
@@ -90,14 +90,14 @@ class Bucket:
     def __init__(self, grads: torch.Tensor, low: torch.Tensor, psi: torch.Tensor, side: str,
                  grad_norms: list | None = None):
         self.grads, self.low, self.psi, self.side = grads, low, psi, side
-        self._grad_norms = grad_norms
+        self.grad_norms = grad_norms
         self._grad_sq = None
 
     @property
     def grad_sq(self) -> torch.Tensor:
         if self._grad_sq is None:
             dtype = norm_dtype(self.grads.dtype)
-            norms = self._grad_norms
+            norms = self.grad_norms
             if norms is not None and None not in norms and norms[0].dtype == dtype:
                 self._grad_sq = torch.stack(norms).square_().view(-1, 1, 1)
             else:
@@ -122,15 +122,15 @@ class Rule:
     name = ""
     column_level = False  # φ per column of G (needs a one-sided projection)
 
-    def uses_columns(self, group: dict) -> bool:
+    def uses_columns(self, options: dict) -> bool:
         return self.column_level
 
-    def contribution(self, bucket: Bucket, group: dict) -> Contribution:
+    def contribution(self, bucket: Bucket, options: dict) -> Contribution:
         raise NotImplementedError
 
 
-def _kappa(group: dict) -> float:
-    return group["scale"] if group["residual_convention"] == "official" else 1.0
+def _kappa(options: dict) -> float:
+    return options["scale"] if options["residual_convention"] == "official" else 1.0
 
 
 def _scaled(phi: torch.Tensor, sq_g: torch.Tensor, sq_r: torch.Tensor, kappa: float) -> torch.Tensor:
@@ -143,56 +143,56 @@ def _scaled(phi: torch.Tensor, sq_g: torch.Tensor, sq_r: torch.Tensor, kappa: fl
 class Discard(Rule):
     name = "discard"
 
-    def contribution(self, bucket, group):
-        return Contribution(subspace_scale=group["scale"])
+    def contribution(self, bucket, options):
+        return Contribution(subspace_scale=options["scale"])
 
 
 class Add(Rule):
     name = "add"
 
-    def contribution(self, bucket, group):
-        kappa = _kappa(group)
+    def contribution(self, bucket, options):
+        kappa = _kappa(options)
         phi = torch.ones_like(bucket.grad_sq)
-        return Contribution(group["scale"], phi, kappa, _scaled(phi, bucket.grad_sq, matrix_norms(bucket.low).square(), kappa))
+        return Contribution(options["scale"], phi, kappa, _scaled(phi, bucket.grad_sq, matrix_norms(bucket.low).square(), kappa))
 
 
 class ScaleMatrix(Rule):
     name = "scale_matrix"
 
-    def contribution(self, bucket, group):
-        kappa = _kappa(group)
+    def contribution(self, bucket, options):
+        kappa = _kappa(options)
         low_norm = matrix_norms(bucket.low)
         phi = matrix_norms(bucket.psi) / (low_norm + PHI_EPS)  # eq. 10
-        return Contribution(group["scale"], phi, kappa, _scaled(phi, bucket.grad_sq, low_norm.square(), kappa))
+        return Contribution(options["scale"], phi, kappa, _scaled(phi, bucket.grad_sq, low_norm.square(), kappa))
 
 
 class ScaleColumn(Rule):
     name = "scale_column"
     column_level = True
 
-    def contribution(self, bucket, group):
-        kappa = _kappa(group)
+    def contribution(self, bucket, options):
+        kappa = _kappa(options)
         low_norm = column_norms(bucket.low, bucket.side)
         phi = column_norms(bucket.psi, bucket.side) / (low_norm + PHI_EPS)  # eq. 11
         grad_sq = column_norms(bucket.grads, bucket.side).square_()
-        return Contribution(group["scale"], phi, kappa, _scaled(phi, grad_sq, low_norm.square_(), kappa))
+        return Contribution(options["scale"], phi, kappa, _scaled(phi, grad_sq, low_norm.square_(), kappa))
 
 
 class OnlyScaling(Rule):
     name = "only_scaling"
 
-    def uses_columns(self, group):
-        return group["scaling_granularity"] == "column"
+    def uses_columns(self, options):
+        return options["scaling_granularity"] == "column"
 
-    def contribution(self, bucket, group):
-        if self.uses_columns(group):
+    def contribution(self, bucket, options):
+        if self.uses_columns(options):
             phi = column_norms(bucket.psi, bucket.side) / (column_norms(bucket.low, bucket.side) + PHI_EPS)
             grad_sq = column_norms(bucket.grads, bucket.side).square()
         else:
             phi = matrix_norms(bucket.psi) / (matrix_norms(bucket.low) + PHI_EPS)
             grad_sq = bucket.grad_sq
         residual_sq = (phi.square() * grad_sq).sum(dim=(-2, -1))
-        return Contribution(0.0, phi, 0.0, residual_sq, weight=group["scaling_multiplier"])
+        return Contribution(0.0, phi, 0.0, residual_sq, weight=options["scaling_multiplier"])
 
 
 RULE_REGISTRY: dict[str, Rule] = {}
