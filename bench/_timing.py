@@ -81,6 +81,27 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def load_baseline(ref: str):
+    """The ``fullrank`` package at git ``ref`` (e.g. the engine before a change), imported as
+    ``fullrank_baseline`` beside the working tree's ``fullrank``, so both are timed in one process."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    target = Path(tempfile.mkdtemp(prefix="fullrank_baseline_"))
+    archive = subprocess.run(["git", "archive", ref, "src/fullrank"], cwd=root, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    package_dir = target / "src" / "fullrank"
+    spec = importlib.util.spec_from_file_location("fullrank_baseline", package_dir / "__init__.py",
+                                                  submodule_search_locations=[str(package_dir)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fullrank_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 # ---------------------------------------------------------------------------- timing
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":

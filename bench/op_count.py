@@ -73,25 +73,6 @@ def count_steady(package, method: str, layers: int) -> int:
     return sum(top_level_ops(opt.step).values())
 
 
-def load_baseline(ref: str):
-    """The ``fullrank`` package at git ``ref``, imported as ``fullrank_baseline``."""
-    import importlib.util
-    import subprocess
-    import tempfile
-
-    root = Path(__file__).resolve().parents[1]
-    target = Path(tempfile.mkdtemp(prefix="fullrank_baseline_"))
-    archive = subprocess.run(["git", "archive", ref, "src/fullrank"], cwd=root, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
-    package_dir = target / "src" / "fullrank"
-    spec = importlib.util.spec_from_file_location("fullrank_baseline", package_dir / "__init__.py",
-                                                  submodule_search_locations=[str(package_dir)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fullrank_baseline"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 6, 12])
@@ -104,7 +85,7 @@ def main(argv=None) -> int:
 
     engines = {"v2": fullrank}
     if args.baseline_ref:
-        engines[f"baseline@{args.baseline_ref}"] = load_baseline(args.baseline_ref)
+        engines[f"baseline@{args.baseline_ref}"] = tm.load_baseline(args.baseline_ref)
     rows = []
     for layers in args.layers:
         adamw = count_steady(fullrank, "adamw_foreach", layers)

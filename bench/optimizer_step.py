@@ -17,6 +17,7 @@ randomized SVD on a 2048×768 matrix at the same rank.
 
     PYTHONPATH=src python bench/optimizer_step.py --threads 2            # CPU, writes bench/results/optimizer_step.json
     PYTHONPATH=src python bench/optimizer_step.py --device cuda --dtype bfloat16
+    PYTHONPATH=src python bench/optimizer_step.py --threads 2 --baseline-ref 573c892   # engine v1 beside v2
 """
 from __future__ import annotations
 
@@ -77,10 +78,10 @@ def make_optimizers(named, args) -> dict:
         "galore": fullrank.GaLore(groups(), **common),
         "fira": fullrank.Fira(groups(), **common),
     }
-    if args.device == "cpu" and args.engine_foreach:
-        # The engine uses the foreach kernels by default only on CUDA; on CPU, time them too.
-        opts["galore_foreach"] = fullrank.GaLore(groups(), foreach=True, **common)
-        opts["fira_foreach"] = fullrank.Fira(groups(), foreach=True, **common)
+    if args.baseline_ref:  # the engine at another commit, timed in the same run (same load, same turns)
+        baseline = tm.load_baseline(args.baseline_ref)
+        opts[f"galore@{args.baseline_ref}"] = baseline.GaLore(groups(), **common)
+        opts[f"fira@{args.baseline_ref}"] = baseline.Fira(groups(), **common)
     return opts
 
 
@@ -272,8 +273,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--svd-reps", type=int, default=5)
-    ap.add_argument("--no-engine-foreach", dest="engine_foreach", action="store_false",
-                    help="CPU: skip the extra rows timing our engine with foreach=True")
+    ap.add_argument("--baseline-ref", default=None,
+                    help="also time GaLore and Fira of the engine at this git ref (e.g. 573c892, engine v1)")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON path (default bench/results/optimizer_step.json for cpu/float32, "
