@@ -67,9 +67,12 @@ def build(package, method: str, layers: int, device: torch.device, rank: int = 2
     return package.make_optimizer(method, groups, lr=1e-3, **options)
 
 
-def count_steady(package, method: str, layers: int) -> int:
-    opt = build(package, method, layers, torch.device("cpu"))
+def count_steady(package, method: str, layers: int, device: torch.device = torch.device("cpu")) -> int:
+    """Top-level ops of the second step of ``method`` (``package.make_optimizer`` name, or adamw_foreach/_fused)."""
+    opt = build(package, method, layers, device)
     opt.step()  # the subspaces are computed here
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return sum(top_level_ops(opt.step).values())
 
 
