@@ -1,0 +1,391 @@
+"""A fine-tuning run on the Hugging Face ``Trainer``: config, run directory, training with exact
+resume, per-task evaluation and the summary.
+
+Outputs in ``RUN_DIR`` (as ``fullrank pretrain``): ``config.yaml``, ``metrics.jsonl`` (``train``
+records per step, ``accuracy`` records per task and scoring), ``checkpoints/checkpoint-N/`` (the
+Trainer's: model, optimizer, scheduler, RNG and data position), ``predictions.jsonl``,
+``summary.json``, ``loss.png`` and ``hf_model/`` (the fine-tuned model, LoRA merged, and its tokenizer).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..train.errors import ConfigError, TrainingError, first_line
+from ..train.metrics import MetricsLog, peak_memory
+from . import data as D
+from .scoring import SCORINGS, accuracy, score_generations, score_likelihood
+
+LORA = "lora"
+DEFAULT_TRAIN = ["boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"]
+DEFAULT_EVAL = ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "predictions.jsonl", "summary.json", "loss.png", "hf_model")
+
+
+def _f(default, help_text, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help_text, **kw})
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help_text, **kw})
+    return field(default=default, metadata={"help": help_text, **kw})
+
+
+@dataclass
+class FinetuneConfig:
+    """Every option of ``fullrank finetune``; the defaults are the paper's recipe (§5.3)."""
+
+    model: str = _f("", "Hugging Face causal-LM folder, `fullrank pretrain` run directory, or a fullrank LLaMA config name (random init)")
+    tokenizer: str = _f("", "tokenizer folder or hub name (default: the model folder's own; t5-base for a config name)")
+    method: str = _f("fira", "optimizer: any `fullrank.make_optimizer` name, or lora (peft LoRA + AdamW)")
+    rank: int = _f(32, "rank of the projected optimizer state (Fira/GaLore) or of the LoRA adapters")
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+                              "comma-separated module names or regular expressions, or all-linear")
+    update_proj_gap: int = _f(200, "steps between subspace (projection) updates")
+    scale: float = _f(0.0, "Fira/GaLore scale alpha (0: the optimizer's default)")
+    proj_type: str = _f("std", "projection side: std, reverse_std, left, right, full")
+    optim_args: dict = _f({}, "extra engine option KEY=VALUE (repeatable), e.g. --optim-arg seed=1")
+    lora_alpha: float = _f(64.0, "LoRA alpha (LLM-Adapters: 2 x rank)")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    train: list = _f(DEFAULT_TRAIN, "comma-separated training tasks (their union is trained on)")
+    eval: list = _f(DEFAULT_EVAL, "comma-separated evaluation tasks (accuracy reported per task)")
+    data_dir: str = _f("../shared/data/commonsense", "folder of TASK-{train,test}.jsonl.gz files")
+    train_limit: int = _f(0, "training records drawn per task (0: all)")
+    eval_limit: int = _f(0, "test records drawn per task (0: all)")
+    epochs: float = _f(3.0, "training epochs (ignored when --max-steps > 0)")
+    max_steps: int = _f(0, "optimizer steps (0: --epochs over the training set)")
+    lr: float = _f(1e-4, "peak learning rate")
+    weight_decay: float = _f(0.0, "decoupled weight decay")
+    batch_size: int = _f(16, "sequences per optimizer step")
+    micro_batch_size: int = _f(4, "sequences per forward pass (batch_size / micro_batch_size = gradient accumulation)")
+    warmup_steps: int = _f(100, "linear warm-up steps, then linear decay to 0")
+    max_grad_norm: float = _f(1.0, "global gradient-norm clipping (0: off)")
+    cutoff_len: int = _f(256, "longest training sequence in tokens; longer examples are dropped")
+    scoring: list = _f(list(SCORINGS), "comma-separated: generate (LLM-Adapters' answer extraction), likelihood (best option)")
+    max_new_tokens: int = _f(32, "tokens generated per test question (generate scoring)")
+    eval_batch_size: int = _f(16, "sequences per evaluation forward pass")
+    dtype: str = _f("float32", "weight dtype: float32, bfloat16, float16")
+    bf16: bool = _f(False, "bf16 autocast (mixed precision) on CUDA")
+    device: str = _f("auto", "auto (CUDA when available), cpu or cuda")
+    threads: int = _f(0, "CPU threads for torch (0: torch's default)")
+    seed: int = _f(42, "seed of the data order, subsets, LoRA init and random-init models")
+    save_every: int = _f(200, "checkpoint every N steps (and at the end); 0: at the end only")
+    keep_checkpoints: int = _f(2, "newest checkpoints kept")
+    save_model: bool = _f(True, "save the fine-tuned model (LoRA merged) and tokenizer to RUN_DIR/hf_model")
+    out_dir: str = _f("", "run directory (default: runs/finetune_<model>_<method>)")
+    overwrite: bool = _f(False, "replace the outputs of an existing run directory")
+    progress: bool = _f(True, "progress bars")
+
+
+FIELDS = {f.name: f for f in fields(FinetuneConfig)}
+LIST_FIELDS = ("target_modules", "train", "eval", "scoring")
+RESUME_FREE = ("threads", "progress", "device", "eval_batch_size")  # may change on --resume
+
+
+def _methods() -> tuple[str, ...]:
+    import fullrank
+
+    return (*fullrank.optimizer_methods(), LORA)
+
+
+def _range(name: str, value, low, high=None, integer=True) -> None:
+    flag = "--" + name.replace("_", "-")
+    if value < low or (high is not None and value > high):
+        span = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(f"{flag}: must be {'an integer' if integer else 'a number'} {span}, got {value}")
+
+
+def validate(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Range and choice checks (one-line ConfigErrors naming the flag); fills derived defaults."""
+    if not cfg.model:
+        raise ConfigError("--model: required; give a Hugging Face causal-LM folder, a `fullrank pretrain` run directory or a LLaMA config name")
+    if cfg.method not in _methods():
+        raise ConfigError(f"--method: unknown method '{cfg.method}'; allowed: {', '.join(_methods())}")
+    for name in ("rank", "batch_size", "micro_batch_size", "cutoff_len", "max_new_tokens", "eval_batch_size", "keep_checkpoints", "update_proj_gap"):
+        _range(name, getattr(cfg, name), 1)
+    for name in ("train_limit", "eval_limit", "max_steps", "warmup_steps", "threads", "save_every"):
+        _range(name, getattr(cfg, name), 0)
+    for name, low in (("lr", 0.0), ("weight_decay", 0.0), ("max_grad_norm", 0.0), ("scale", 0.0), ("lora_alpha", 0.0), ("epochs", 0.0)):
+        _range(name, getattr(cfg, name), low, integer=False)
+    _range("lora_dropout", cfg.lora_dropout, 0.0, 1.0, integer=False)
+    if cfg.lr <= 0:
+        raise ConfigError(f"--lr: must be a number > 0, got {cfg.lr}")
+    if cfg.max_steps == 0 and cfg.epochs <= 0:
+        raise ConfigError(f"--epochs: must be > 0 when --max-steps is 0, got {cfg.epochs}")
+    if cfg.batch_size % cfg.micro_batch_size:
+        raise ConfigError(f"--batch-size: must be a multiple of --micro-batch-size ({cfg.micro_batch_size}), got {cfg.batch_size}")
+    bad = [s for s in cfg.scoring if s not in SCORINGS]
+    if bad or not cfg.scoring:
+        raise ConfigError(f"--scoring: allowed: {', '.join(SCORINGS)} (comma-separated), got {','.join(cfg.scoring) or 'nothing'}")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype: allowed: float32, bfloat16, float16, got '{cfg.dtype}'")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device: allowed: auto, cpu, cuda, got '{cfg.device}'")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device: cuda requested but no CUDA device is available")
+    if not cfg.target_modules:
+        raise ConfigError("--target-modules: give at least one module name or pattern, or all-linear")
+    for pattern in cfg.target_modules:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"--target-modules: '{pattern}' is not a valid regular expression ({err})") from None
+    D.check_tasks(cfg.train, Path(cfg.data_dir), "train", "--train")
+    D.check_tasks(cfg.eval, Path(cfg.data_dir), "test", "--eval")
+    if not cfg.out_dir:
+        cfg.out_dir = str(Path("runs") / f"finetune_{Path(cfg.model.rstrip('/')).name}_{cfg.method}")
+    return cfg
+
+
+def build_config(values: dict) -> FinetuneConfig:
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown fine-tuning option(s): {', '.join(sorted(unknown))}; allowed: {', '.join(FIELDS)}")
+    return validate(FinetuneConfig(**values))
+
+
+def _target_spec(cfg: FinetuneConfig):
+    return "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+
+
+# ----------------------------------------------------------------------------------------- run
+
+def _training_args(cfg: FinetuneConfig, run_dir: Path):
+    from transformers import TrainingArguments
+
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.batch_size // cfg.micro_batch_size, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
+        logging_steps=1, save_strategy="steps", save_steps=cfg.save_every or 10**9, save_total_limit=cfg.keep_checkpoints,
+        report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda, bf16=cfg.bf16 and cuda,
+        disable_tqdm=not cfg.progress, remove_unused_columns=False, dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding", save_only_model=False, eval_strategy="no",
+    )
+
+
+def _metrics_callback(log: MetricsLog):
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        """Writes one ``train`` record per logged step to ``metrics.jsonl``; fails on a non-finite loss."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            if not math.isfinite(logs["loss"]):
+                raise TrainingError(f"step {state.global_step}: the training loss is {logs['loss']}; lower --lr or set --max-grad-norm")
+            elapsed = time.perf_counter() - self.start
+            record = {"type": "train", "step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
+                      "lr": logs.get("learning_rate"), "tokens": state.num_input_tokens_seen,
+                      "tokens_per_s": (state.num_input_tokens_seen - self.start_tokens) / elapsed if elapsed else None}
+            if logs.get("grad_norm") is not None:
+                record["grad_norm"] = float(logs["grad_norm"])
+            log.write(record)
+
+    return MetricsCallback()
+
+
+def latest_trainer_checkpoint(run_dir: Path) -> Path | None:
+    folder = Path(run_dir) / "checkpoints"
+    found = sorted((int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    return found[-1][1] if found else None
+
+
+def prepare_model(cfg: FinetuneConfig):
+    """(model, tokenizer, optimizer (cls, kwargs)) for the config."""
+    from .. import hf
+    from .models import apply_lora, load_model
+
+    model, tokenizer = load_model(cfg.model, cfg.tokenizer or None, cfg.seed, cfg.dtype, cfg.progress)
+    try:
+        names = hf.target_module_names(model, _target_spec(cfg))
+        if not names:
+            raise ValueError(f"--target-modules: {','.join(cfg.target_modules)} matches no nn.Linear module of the model")
+        if cfg.method == LORA:
+            torch.manual_seed(cfg.seed)
+            model = apply_lora(model, names, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
+            optimizer = hf.optimizer_cls_and_kwargs(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optim_args)
+        else:
+            options = dict(cfg.optim_args)
+            if cfg.method != "adamw":
+                options.setdefault("seed", cfg.seed)
+            optimizer = hf.optimizer_cls_and_kwargs(
+                model, cfg.method, rank=cfg.rank, target_modules=names, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                update_proj_gap=cfg.update_proj_gap, scale=cfg.scale or None, proj_type=cfg.proj_type, **options)
+    except (ValueError, TypeError) as err:
+        message = first_line(err)
+        raise ConfigError(message if message.startswith("--") else f"--method {cfg.method}: {message}") from None
+    return model, tokenizer, optimizer
+
+
+def start_run_dir(cfg: FinetuneConfig, resume: bool) -> Path:
+    run_dir = Path(cfg.out_dir)
+    if resume:
+        return run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out-dir: '{run_dir}' exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not cfg.overwrite:
+            raise ConfigError(f"--out-dir: run directory '{run_dir}' already exists and is not empty; "
+                              f"pass --overwrite to replace its outputs or --resume {run_dir} to continue it")
+        for name in RUN_OUTPUTS:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), encoding="utf-8")
+    return run_dir
+
+
+def resume_config(run_dir: str, overrides: dict) -> FinetuneConfig:
+    """The saved config of ``run_dir``; only ``RESUME_FREE`` options may differ."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume: '{run_dir}' is not a fine-tuning run directory (no config.yaml)")
+    saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(saved, dict) or set(saved) - set(FIELDS):
+        raise ConfigError(f"--resume: '{path}' is not a fullrank finetune config")
+    for key, value in overrides.items():
+        if key not in RESUME_FREE and key != "out_dir" and saved.get(key) != value:
+            raise ConfigError(f"--resume: a resumed run keeps its config; drop --{key.replace('_', '-')} "
+                              f"(saved {saved.get(key)!r}, given {value!r})")
+    saved.update({k: v for k, v in overrides.items() if k in RESUME_FREE})
+    return build_config(saved)
+
+
+def evaluate(model, tokenizer, cfg: FinetuneConfig, log: MetricsLog | None, run_dir: Path | None) -> dict:
+    """``{scoring: {task: accuracy}}`` on the test sets, plus ``counts``; predictions to predictions.jsonl."""
+    encoder = D.PromptEncoder(tokenizer)
+    max_length = getattr(model.config, "max_position_embeddings", None)
+    results, counts, lines = {s: {} for s in cfg.scoring}, {}, []
+    for task in cfg.eval:
+        records = D.load_task(Path(cfg.data_dir), task, "test", cfg.eval_limit, cfg.seed)
+        counts[task] = len(records)
+        for scoring in cfg.scoring:
+            if scoring == "generate":
+                scored = score_generations(model, encoder, records, cfg.eval_batch_size, cfg.max_new_tokens, max_length,
+                                           cfg.progress, desc=f"{task} generate")
+            else:
+                scored = score_likelihood(model, encoder, records, cfg.eval_batch_size, cfg.progress, desc=f"{task} likelihood")
+            results[scoring][task] = accuracy(scored)
+            if log is not None:
+                log.write({"type": "accuracy", "task": task, "scoring": scoring, "accuracy": results[scoring][task], "examples": len(records)})
+            for i, (record, r) in enumerate(zip(records, scored)):
+                lines.append(json.dumps({"task": task, "scoring": scoring, "index": i, "answer": record["answer"], **r}))
+    if run_dir is not None:
+        (run_dir / "predictions.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return {"accuracy": results, "average": {s: sum(v.values()) / len(v) for s, v in results.items()}, "examples": counts}
+
+
+def finetune(values: dict, resume: str | None = None) -> dict:
+    """Run (or with ``resume`` continue) a fine-tuning run; returns the summary (also in summary.json)."""
+    wall_start = time.perf_counter()
+    cfg = resume_config(resume, values) if resume else build_config(values)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    checkpoint = None
+    if resume:
+        checkpoint = latest_trainer_checkpoint(Path(resume))
+        if checkpoint is None:
+            raise ConfigError(f"--resume: '{resume}' holds no checkpoint (checkpoints/checkpoint-N)")
+    model, tokenizer, optimizer = prepare_model(cfg)  # all input checked before the run directory is touched
+    encoder = D.PromptEncoder(tokenizer)
+    records = [r for task in cfg.train for r in D.load_task(Path(cfg.data_dir), task, "train", cfg.train_limit, cfg.seed)]
+    examples, dropped = D.encode_dataset(records, encoder, cfg.cutoff_len)
+    if not examples:
+        raise ConfigError(f"--cutoff-len: all {len(records)} training examples are longer than {cfg.cutoff_len} tokens")
+    run_dir = start_run_dir(cfg, resume is not None)
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=int(checkpoint.name.split("-")[1]) if checkpoint else None)
+    if resume:  # evaluation records of the finished session are written again below
+        kept = [line for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if '"type": "accuracy"' not in line]
+        (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    if dropped:
+        print(f"warning: dropped {dropped} of {len(records)} training examples longer than --cutoff-len {cfg.cutoff_len}", file=sys.stderr)
+    summary = train_and_evaluate(cfg, model, tokenizer, optimizer, examples, run_dir, log, checkpoint)
+    summary.update(train_examples=len(examples), dropped_examples=dropped, wall_time_s=time.perf_counter() - wall_start)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    from ..train.plot import plot_runs
+
+    plot_runs([run_dir], run_dir / "loss.png", title=f"finetune {Path(cfg.model).name} {cfg.method}")
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def train_and_evaluate(cfg, model, tokenizer, optimizer, examples, run_dir, log, checkpoint) -> dict:
+    from transformers import PrinterCallback, Trainer
+
+    from .. import hf, memory
+
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_trainable = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)
+    trainer = Trainer(model=model, args=_training_args(cfg, run_dir), train_dataset=examples,
+                      data_collator=D.PadCollator(tokenizer.pad_token_id), optimizer_cls_and_kwargs=optimizer,
+                      callbacks=[_metrics_callback(log)])
+    trainer.remove_callback(PrinterCallback)
+    print(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable; method {cfg.method}"
+          f"{'' if cfg.method == 'adamw' else f' (rank {cfg.rank})'}, {len(examples)} training examples, run dir {run_dir}", flush=True)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except RuntimeError as err:
+        if type(err).__name__ == "NonFiniteGradientError":
+            raise TrainingError(f"{first_line(err)}; lower --lr or set --max-grad-norm") from None
+        raise
+    trainer.save_state()
+    state = trainer.state
+    session_tokens = state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    runtime = result.metrics.get("train_runtime") or float("nan")
+    opt = hf.unwrap_optimizer(trainer.optimizer)
+    mem, kind = peak_memory(next(model.parameters()).device)
+    losses = [r["loss"] for r in state.log_history if "loss" in r]
+    scores = evaluate(trainer.model, tokenizer, cfg, log, run_dir)
+    if cfg.save_model:
+        out = trainer.model.merge_and_unload() if cfg.method == LORA else trainer.model
+        out.save_pretrained(run_dir / "hf_model")
+        tokenizer.save_pretrained(run_dir / "hf_model")
+    return {
+        "model": cfg.model, "method": cfg.method, "rank": cfg.rank, "target_modules": cfg.target_modules,
+        "parameters": n_params, "trainable_parameters": n_trainable, "train_tasks": cfg.train,
+        "steps": state.global_step, "epochs": state.epoch, "tokens": state.num_input_tokens_seen,
+        "final_train_loss": losses[-1] if losses else None, **scores,
+        "optimizer_state_bytes": memory.optimizer_state_bytes(opt),
+        "peak_memory_bytes": mem, "peak_memory_kind": kind,
+        "tokens_per_s": session_tokens / runtime if runtime else None, "train_time_s": runtime,
+        "device": str(next(model.parameters()).device), "run_dir": str(run_dir),
+    }
+
+
+def format_summary(s: dict) -> str:
+    """Per-task accuracy table (one column per scoring) and the run's cost."""
+    scorings = list(s["accuracy"])
+    tasks = list(s["examples"])
+    width = max(len(t) for t in [*tasks, "average", "task"])
+    head = f"{'task':<{width}} | {'n':>5} | " + " | ".join(f"{x:>10}" for x in scorings)
+    rows = [head, "-" * len(head)]
+    rows += [f"{t:<{width}} | {s['examples'][t]:>5} | " + " | ".join(f"{100 * s['accuracy'][x][t]:>9.1f}%" for x in scorings) for t in tasks]
+    rows.append(f"{'average':<{width}} | {'':>5} | " + " | ".join(f"{100 * s['average'][x]:>9.1f}%" for x in scorings))
+    loss = f"{s['final_train_loss']:.4f}" if s.get("final_train_loss") is not None else "n/a"
+    tps = f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "n/a"
+    rows += [
+        "",
+        f"method {s['method']}{'' if s['method'] == 'adamw' else ' (rank %d)' % s['rank']}: {s['steps']} steps, final train loss {loss}",
+        f"optimizer state {s['optimizer_state_bytes'] / 2**20:.2f} MiB, peak memory {s['peak_memory_bytes'] / 2**20:.0f} MiB "
+        f"({s['peak_memory_kind']}), {tps} tokens/s",
+        f"run dir {s['run_dir']}",
+    ]
+    return "\n".join(rows)
