@@ -161,6 +161,8 @@ def test_ablation_presets_choose_their_parts():
         "fira_matrix": ("scale_matrix", "norm_growth"), "fira_no_scaling": ("add", "none"),
         "fira_no_limiter": ("scale_column", "none"), "fira_grad_clipping": ("scale_column", "clip"),
         "fira_only_scaling": ("only_scaling", "norm_growth"),
+        "fira_gradient_shrink": ("scale_column", "gradient_shrink"),
+        "fira_tensor_scaling": ("scale_column", "tensor_scaling"),
     }
     for name, (rule, limiter) in expected.items():
         group = fullrank.make_optimizer(name, groups, lr=0.01).param_groups[0]

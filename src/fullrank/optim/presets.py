@@ -156,6 +156,16 @@ fira_grad_clipping = _preset(
     Fira, "Fira with absolute norm clipping of S (threshold ``clip_threshold``) instead of the limiter.",
     limiter="clip",
 )
+fira_gradient_shrink = _preset(
+    Fira, "Fira with the rebuttal's gradient shrink (Table r10) instead of the norm-growth limiter: "
+    "‖S_t‖ ← a·‖S_t‖ + (1 − a)·‖S_{t−1}‖, a = ``limiter_alpha`` (0.5 unless given).",
+    limiter="gradient_shrink",
+)
+fira_tensor_scaling = _preset(
+    Fira, "Fira with the rebuttal's tensor-wise scaling (Table r10) instead of the limiter: S_t ← a·S_t, "
+    "a = ``limiter_alpha`` (0.5 unless given).",
+    limiter="tensor_scaling",
+)
 fira_only_scaling = _preset(
     Fira, "Fira-only-scaling (review discussion): W ← W − η·c·φ(R)∘G with column-level φ and the limiter.",
     residual="only_scaling",
@@ -168,6 +178,8 @@ PRESETS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "fira_no_scaling": fira_no_scaling,
     "fira_no_limiter": fira_no_limiter,
     "fira_grad_clipping": fira_grad_clipping,
+    "fira_gradient_shrink": fira_gradient_shrink,
+    "fira_tensor_scaling": fira_tensor_scaling,
     "fira_only_scaling": fira_only_scaling,
     "adarankgrad": AdaRankGrad,
     "fira_adaptive": FiraAdaptive,
