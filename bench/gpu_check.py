@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import statistics
 import sys
@@ -228,8 +227,49 @@ def refresh_times(device, shape, reps) -> dict:
 
 
 # ---------------------------------------------------------------------------- 4. end to end
+def train_one(method: str, config, rank: int, seq: int, batch: int, steps: int, device) -> dict:
+    """Tokens/s (steady and amortised over T) and peak memory of one method's training steps."""
+    from fullrank.train.models import build_model
+
+    model = build_model(config, seed=0).to(device)
+    groups = fullrank.param_groups(model, rank=rank, update_proj_gap=GAP, scale=0.25)
+    opt = fullrank.make_optimizer(method, groups, lr=1e-3)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    data = [torch.randint(0, config.vocab_size, (batch, seq), generator=gen).to(device) for _ in range(4)]
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    counter = iter(range(10**9))
+
+    def train_step():
+        x = data[next(counter) % len(data)]
+        with autocast:
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        train_step()
+    steady = median_time(train_step, device, steps)
+    row = {"steady_step_s": steady, "tokens_per_s": batch * seq / steady}
+    if method != "adamw":
+        tm.force_projection_refresh(opt, GAP)
+        refresh = median_time(train_step, device, 1)
+        row["refresh_step_s"] = refresh
+        row["amortised_tokens_per_s"] = batch * seq / (steady + (refresh - steady) / GAP)
+    else:
+        row["amortised_tokens_per_s"] = row["tokens_per_s"]
+    if device.type == "cuda":
+        row["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    row["optimizer_state_gib"] = fullrank.memory.optimizer_state_bytes(opt) / 2**30
+    print(f"  e2e {method:7s} {row['tokens_per_s']:9.0f} tok/s steady, {row['amortised_tokens_per_s']:9.0f} "
+          f"amortised, peak {row.get('max_memory_allocated_gib', float('nan')):.2f} GiB, state "
+          f"{row['optimizer_state_gib']:.3f} GiB", flush=True)
+    return row
+
+
 def end_to_end(device, quick: bool, steps: int, batch: int) -> dict:
-    from fullrank.train.models import build_model, model_config
+    from fullrank.train.models import model_config
 
     config = model_config("llama_350m")
     if quick:
@@ -242,42 +282,7 @@ def end_to_end(device, quick: bool, steps: int, batch: int) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        model = build_model(config, seed=0).to(device)
-        groups = fullrank.param_groups(model, rank=rank, update_proj_gap=GAP, scale=0.25)
-        opt = fullrank.make_optimizer(method, groups, lr=1e-3)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        data = [torch.randint(0, config.vocab_size, (batch, seq), generator=gen).to(device) for _ in range(4)]
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-        def train_step(k=[0]):  # noqa: B006 (a step counter)
-            x = data[k[0] % len(data)]
-            k[0] += 1
-            with autocast:
-                loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(3):
-            train_step()
-        steady = median_time(train_step, device, steps)
-        row = {"steady_step_s": steady, "tokens_per_s": batch * seq / steady}
-        if method != "adamw":
-            tm.force_projection_refresh(opt, GAP)
-            refresh = median_time(train_step, device, 1)
-            row["refresh_step_s"] = refresh
-            amortised = steady + (refresh - steady) / GAP
-            row["amortised_tokens_per_s"] = batch * seq / amortised
-        else:
-            row["amortised_tokens_per_s"] = row["tokens_per_s"]
-        if device.type == "cuda":
-            row["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        row["optimizer_state_gib"] = fullrank.memory.optimizer_state_bytes(opt) / 2**30
-        rows[method] = row
-        print(f"  350M {method:7s} {row['tokens_per_s']:9.0f} tok/s steady, {row['amortised_tokens_per_s']:9.0f} "
-              f"amortised, peak {row.get('max_memory_allocated_gib', float('nan')):.2f} GiB, state "
-              f"{row['optimizer_state_gib']:.3f} GiB", flush=True)
-        del model, opt, data
+        rows[method] = train_one(method, config, rank, seq, batch, steps, device)
     base = rows["adamw"]["amortised_tokens_per_s"]
     for row in rows.values():
         row["throughput_vs_adamw"] = row["amortised_tokens_per_s"] / base

@@ -48,7 +48,7 @@ from .options import validate_common, validate_projected
 from .projector import add_back_, project, project_back, projection_side
 from .random_proj import stores_seed_only
 from .rank import current_rank, summarize
-from .refresh import converged_flag, record_energy_, stacked_energy, uses_trigger
+from .refresh import record_energy_, stacked_energy, uses_trigger
 from .residual import Bucket, Rule, get_rule, norm_dtype
 
 MIB = 2**20

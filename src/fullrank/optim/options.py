@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import numbers
 
-import torch
 
 from .inner_adam import ADAM_CONVENTIONS
 from .limiter import LIMITER_REGISTRY
