@@ -56,7 +56,11 @@ def with_flags(tiny, out, **flags):
     ({"proj_type": "diagonal"}, ["proj_type", "std", "reverse_std"]),
     ({"device": "tpu"}, ["--device", "cpu", "cuda"]),
     ({"optim_arg": "gamma=0.5"}, ["gamma", "0.5"]),
-    ({"optim_arg": "colour=blue"}, ["optimizer 'fira'", "colour"]),
+    ({"optim_arg": "colour=blue"}, ["--optim-arg colour", "method 'fira'", "gamma", "--help-optim"]),
+    ({"optim_arg": "gama=1.01"}, ["--optim-arg gama", "did you mean 'gamma'"]),
+    ({"method": "adamw", "optim_arg": "gamma=1.01"}, ["--optim-arg gamma", "method 'adamw'", "amsgrad"]),
+    ({"recipe": "papr"}, ["--recipe", "did you mean 'paper'", "auto, paper, cpu"]),
+    ({"max_steps": 0}, ["--max-steps", "[1, inf)"]),
     ({"optim_arg": "eps=1e-7"}, ["--optim-arg eps", "use --eps"]),
     ({"optim_arg": "betas=0.9"}, ["--optim-arg betas", "use --beta1 and --beta2"]),
     ({"target_modules": "conv"}, ["--target-modules", "conv"]),
@@ -71,12 +75,16 @@ def test_bad_input_is_one_line(flags, expected, tiny, tmp_path, capsys):
 
 def test_bad_flag_values_and_keys(tiny, tmp_path, capsys):
     assert "--rank" in run_error(capsys, ["pretrain", "--rank", "abc"])
-    assert "unrecognized" in run_error(capsys, ["pretrain", "--colour", "blue"])
+    line = run_error(capsys, ["pretrain", "--colour", "blue"])
+    assert line == "fullrank: error: unrecognized arguments: --colour blue"  # one prefix, not "fullrank: error: fullrank: ..."
+    assert run_error(capsys, ["pretrain", "--optim-arg", "gamma"]).count("fullrank") == 1
     assert "required" in run_error(capsys, [])
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("model: llama_tiny\nlearning_rate: 0.1\n")
     line = run_error(capsys, ["pretrain", "--config", cfg])
     assert "learning_rate" in line and "allowed keys" in line and "lr" in line
+    cfg.write_text("model: llama_tiny\nmax_step: 10\n")
+    assert "unknown key 'max_step' (did you mean 'max_steps'?)" in run_error(capsys, ["pretrain", "--config", cfg])
     cfg.write_text("rank: sixteen\n")
     assert "'rank' must be an integer" in run_error(capsys, ["pretrain", "--config", cfg])
     assert "does not exist" in run_error(capsys, ["pretrain", "--config", tmp_path / "none.yaml"])
@@ -149,11 +157,47 @@ def test_yaml_config_and_flag_override(tiny, tmp_path, monkeypatch, capsys):
     assert saved["optim_args"] == {"seed": 3, "gamma": float("inf"), "refresh_beta": 0.1}
 
 
-def test_plot_overlays_runs(finished_run, tmp_path, capsys):
+def test_plot_overlays_runs(finished_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "both.png"
     assert main(["plot", str(finished_run), str(finished_run), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "no metrics.jsonl" in run_error(capsys, ["plot", tmp_path])
+    monkeypatch.chdir(tmp_path)  # the default output goes next to the first run, never into the current directory
+    assert main(["plot", str(finished_run), str(finished_run)]) == 0
+    assert (finished_run / "loss_curves.png").is_file() and not (tmp_path / "loss_curves.png").exists()
+
+
+def test_version_and_help_optim(capsys):
+    import fullrank
+
+    with pytest.raises(SystemExit) as exit_info:
+        from fullrank.cli import build_parser
+
+        build_parser().parse_args(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fullrank {fullrank.__version__}"
+    assert main(["pretrain", "--help-optim"]) == 0
+    text = capsys.readouterr().out
+    sections = {line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")}
+    assert {"adamw", "fira", "galore", "adarankgrad", "apollo"} <= sections
+    assert "gamma (1.01)" in text and "rank_energy" in text and "apollo_scale" in text and "amsgrad" in text
+
+
+def test_summary_compares_the_state_with_adamw(finished_run, tiny, tmp_path, capsys):
+    import json
+
+    fira = json.loads((finished_run / "summary.json").read_text())["memory"]
+    assert fira["projected_state_bytes"] < 0.7 * fira["projected_adamw_state_bytes"]
+    assert fira["state_bytes"] < fira["adamw_state_bytes"]
+    assert fira["projected_matrices"] == 14 and 0 < fira["projected_parameter_share"] < 1
+    out = tmp_path / "adamw"
+    assert main(tiny_argv(tiny, out, method="adamw", lr=1e-3, max_steps=2, eval_every=0)) == 0
+    printed = capsys.readouterr().out
+    adamw = json.loads((out / "summary.json").read_text())["memory"]
+    # the computed AdamW figure is what torch.optim.AdamW really holds
+    assert adamw["state_bytes"] == adamw["adamw_state_bytes"]
+    assert adamw["projected_state_bytes"] == adamw["projected_adamw_state_bytes"]
+    assert "state, projected" in printed and "for AdamW: 0% less" in printed
 
 
 def test_help_and_module_entry_point(tiny, tmp_path):

@@ -71,6 +71,7 @@ def tiny_argv(paths: dict, out: Path, **flags) -> list[str]:
         "model": paths["model"], "data": paths["data"], "val_data": paths["val"], "tokenizer": paths["tokenizer"],
         "method": "fira", "rank": 8, "seq_len": 32, "batch_size": 4, "grad_accum": 1, "max_steps": 20,
         "eval_every": 10, "eval_tokens": 256, "save_every": 0, "update_proj_gap": 10, "out_dir": out, "seed": 0,
+        "threads": 1,  # the same thread count in every run and resumption: identical float reductions
     }
     values.update(flags)
     argv = ["pretrain", "--no-progress"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from .finetune.cli import register as register_finetune
 from .train import config as C
 from .train.errors import ConfigError, TrainingError
 
@@ -33,7 +34,16 @@ Data: --data c4 streams allenai/c4 'en' from the Hugging Face Hub and needs inte
 corpora are .txt (documents separated by blank lines), .jsonl / .json.gz / .jsonl.gz (JSON Lines
 with a 'text' field, C4's shard format) or .parquet (a 'text' column) files, or folders of them.
 Relative paths, on the command line or in a --config file, resolve against the current directory.
-Outputs in the run directory: config.yaml, metrics.jsonl, checkpoints/, summary.json, loss.png.
+Defaults: --recipe auto is 'cpu' on a CPU (4 x 1 x 256 = 1,024 tokens per step, 16K eval tokens: a
+llama_tiny step takes about a second) and 'paper' on a GPU (64 x 8 x 256 = 131K tokens, 10M eval
+tokens); --recipe paper (or explicit --batch-size/--grad-accum/--eval-tokens) gives the paper's on a CPU.
+Ctrl-C stops after the current step and saves a checkpoint; a second Ctrl-C stops at once and saves
+the last completed step. --resume RUN_DIR --max-steps N extends a finished run (the lr schedule keeps
+its original cosine: the added steps run at the floor min_lr_ratio x lr; --schedule-steps N re-plans it).
+Engine options (--optim-arg KEY=VALUE): fullrank pretrain --help-optim lists them per method.
+Outputs in the run directory: config.yaml, metrics.jsonl, tensorboard/ (when the tensorboard package
+is installed), checkpoints/, hf_model/ (save_pretrained: the trained model, LoRA merged, and the
+tokenizer), summary.json, loss.png, rank.png (when ranks changed: adaptive methods).
 """
 
 
@@ -41,7 +51,30 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse with its errors raised as ``ConfigError`` (one line, exit status 2)."""
 
     def error(self, message: str):
-        raise ConfigError(f"{self.prog}: {message}")
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""  # 'fullrank pretrain' -> 'pretrain'
+        raise ConfigError(f"{command}: {message}" if command else message)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fullrank")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+class HelpOptim(argparse.Action):
+    """``--help-optim``: print every method's ``--optim-arg`` keys and exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(C.optim_help())
+        parser.exit()
 
 
 def _default_text(field) -> str:
@@ -87,18 +120,21 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="fullrank", description="Memory-efficient full-rank LLM training (Fira, GaLore).")
-    sub = parser.add_subparsers(dest="command", metavar="{pretrain,plot}", parser_class=OneLineParser)
+    parser.add_argument("--version", action="version", version=f"fullrank {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="{pretrain,finetune,plot}", parser_class=OneLineParser)
     sub.required = True
     pre = sub.add_parser("pretrain", help="pre-train a LLaMA model", description=PRETRAIN_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     pre.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS,
                      help="YAML file of config keys (the flag names with underscores); flags override it")
+    pre.add_argument("--help-optim", action=HelpOptim, help="list the --optim-arg keys of every method and exit")
     _add_config_flags(pre)
+    register_finetune(sub)
     plot = sub.add_parser("plot", help="overlay the loss curves of run directories",
                           description="Plot train (smoothed) and validation loss of one or more run directories in one PNG.")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("-o", "--output", default=None,
-                      help="PNG to write (default: RUN_DIR/loss.png for one run, loss_curves.png for several)")
+                      help="PNG to write (default: RUN_DIR/loss.png for one run, loss_curves.png in the first RUN_DIR for several)")
     plot.add_argument("--title", default=None, help="plot title")
     plot.add_argument("--ranks", action="store_true",
                       help="plot each projected matrix's rank over steps (one run) instead of the loss")
@@ -125,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             from .train.loop import pretrain
 
             pretrain(overrides_from_args(args))
+        elif args.command == "finetune":
+            args.handler(args)
         elif args.command == "plot":
             from .train.plot import plot_ranks, plot_runs
 
@@ -134,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = args.output or Path(args.run_dirs[0]) / "rank.png"
                 print(plot_ranks(Path(args.run_dirs[0]), Path(out), title=args.title))
             else:
-                out = args.output or (Path(args.run_dirs[0]) / "loss.png" if len(args.run_dirs) == 1 else "loss_curves.png")
+                first = Path(args.run_dirs[0])
+                out = args.output or first / ("loss.png" if len(args.run_dirs) == 1 else "loss_curves.png")
                 print(plot_runs([Path(d) for d in args.run_dirs], Path(out), title=args.title))
         return 0
     except ConfigError as err:
@@ -144,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fullrank: training failed: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        print(f"fullrank: {err or 'interrupted'}", file=sys.stderr)
+        message = str(err).strip() or ("interrupted by Ctrl-C before the first step; nothing was trained (if a run "
+                                       "directory was created, start it again with --overwrite)")
+        print(f"fullrank: {message}", file=sys.stderr)
         return 130
     except SystemExit as err:  # --help
         return err.code if isinstance(err.code, int) else 0

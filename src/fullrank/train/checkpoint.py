@@ -72,3 +72,27 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_hf_model(model: torch.nn.Module, tokenizer, folder: Path) -> Path:
+    """Write ``model`` (DDP unwrapped; a peft LoRA model merged into plain weights, on a copy) and
+    ``tokenizer`` with ``save_pretrained``, so that ``AutoModelForCausalLM.from_pretrained(folder)``
+    and ``AutoTokenizer.from_pretrained(folder)`` load them."""
+    import copy
+
+    folder = Path(folder)
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    if hasattr(model, "merge_and_unload"):  # peft: LoRA/ReLoRA
+        model = copy.deepcopy(model).merge_and_unload()
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no 'Writing model shards' bar in the run's output
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder

@@ -52,7 +52,7 @@ class TrainConfig:
     update_proj_gap: int = _f(200, "T: steps between projection refreshes (galore/fira)")
     scale: float | None = _f(None, "alpha, the scale of the projected update (galore/fira); default 0.25, 0.0625 for llama_1b/llama_7b")
     proj_type: str = _f("std", "projection side: std, reverse_std, left, right, full")
-    optim_args: dict = _f({}, "extra engine option KEY=VALUE (repeatable), e.g. gamma=1.01 or svd=randomized", flag_type="kv")
+    optim_args: dict = _f({}, "extra engine option KEY=VALUE (repeatable), e.g. gamma=1.01 or svd=randomized; --help-optim lists every method's keys", flag_type="kv")
     lora_alpha: float = _f(32.0, "LoRA alpha (lora/relora); the adapter is scaled by alpha/rank")
     lora_dropout: float = _f(0.0, "LoRA dropout probability (lora/relora)")
     relora_every: int = _f(1000, "ReLoRA: merge the adapters into the weights and restart them every N steps")
@@ -67,9 +67,11 @@ class TrainConfig:
     warmup_ratio: float = _f(0.1, "fraction of max_steps of linear lr warm-up")
     min_lr_ratio: float = _f(0.1, "cosine decay ends at this fraction of the peak lr")
     grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 disables)")
-    max_steps: int = _f(10000, "optimizer steps (paper: 10K for 60M, 20K for 130M, 60K for 350M, 100K for 1B)")
-    batch_size: int = _f(64, "sequences per micro-batch per process")
-    grad_accum: int = _f(8, "micro-batches per optimizer step; tokens/step = batch_size x grad_accum x processes x seq_len (paper: 512 x 256 = 131K)")
+    max_steps: int = _f(10000, "optimizer steps (paper: 10K for 60M, 20K for 130M, 60K for 350M, 100K for 1B); a resumed run may be given more steps to extend it")
+    schedule_steps: int | None = _f(None, "steps of the warm-up + cosine lr schedule; default max_steps. A run extended with --resume RUN --max-steps N keeps its original schedule (the added steps run at the floor min_lr_ratio x lr); --schedule-steps N there re-plans it")
+    recipe: str = _f("auto", "defaults of batch_size, grad_accum and eval_tokens: 'paper' (64 x 8 sequences = 131K tokens per step, 10M eval tokens), 'cpu' (4 x 1 = 1K tokens per step, 16K eval tokens) or 'auto' (cpu on a CPU, paper on a GPU); explicit values win")
+    batch_size: int | None = _f(None, "sequences per micro-batch per process; default from --recipe (paper 64, cpu 4)")
+    grad_accum: int | None = _f(None, "micro-batches per optimizer step; tokens/step = batch_size x grad_accum x processes x seq_len; default from --recipe (paper 8: 512 x 256 = 131K tokens, cpu 1)")
     seq_len: int = _f(256, "tokens per sequence (documents are packed, EOS between them)")
     seed: int = _f(42, "random seed (model initialisation, LoRA, dropout)")
     # --- data
@@ -80,20 +82,26 @@ class TrainConfig:
     allow_repeat: bool = _f(False, "start the training corpus again when it runs out (else the run stops early with a warning)")
     # --- evaluation, logging, checkpoints
     eval_every: int = _f(1000, "evaluate every N steps (0: only at the end)")
-    eval_tokens: int = _f(10_000_000, "validation tokens per evaluation (GaLore: 10M)")
+    eval_tokens: int | None = _f(None, "validation tokens per evaluation; default from --recipe (paper: 10M as GaLore, cpu: 16,384)")
     save_every: int = _f(1000, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "number of most recent checkpoints kept")
     out_dir: str | None = _f(None, "run directory; default runs/<model>_<method>")
     overwrite: bool = _f(False, "replace the outputs of an existing run directory")
     resume: str | None = _f(None, "continue the run in this run directory from its latest checkpoint")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    threads: int = _f(0, "CPU threads of PyTorch (torch.set_num_threads); 0 keeps PyTorch's default (one per core)")
+    threads: int = _f(0, "CPU threads of PyTorch (torch.set_num_threads); 0 = auto: 1 when other work keeps the CPU busy (1-minute load average >= 1), else PyTorch's default (one per core)")
     progress: bool = _f(True, "show the tqdm progress bar")
+    tensorboard: bool | None = _f(None, "write TensorBoard event files to RUN_DIR/tensorboard (needs the 'tensorboard' package: pip install fullrank[tensorboard]); default: on when it is installed")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Fields that may differ between a run and its resumption: they change no trained number.
-RESUME_FREE = ("resume", "overwrite", "out_dir", "eval_every", "save_every", "keep_checkpoints", "device", "threads", "progress")
+RESUME_FREE = ("resume", "overwrite", "out_dir", "eval_every", "save_every", "keep_checkpoints", "device", "threads",
+               "progress", "tensorboard", "recipe", "max_steps", "schedule_steps")
+RECIPES = {  # batch_size, grad_accum, eval_tokens
+    "paper": (64, 8, 10_000_000),
+    "cpu": (4, 1, 16_384),
+}
 PATH_FIELDS = ("data", "val_data", "tokenizer", "out_dir", "resume")
 
 
@@ -116,10 +124,18 @@ def _number(text: str, default: Any) -> Any:
     return default
 
 
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of ``choices``, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def coerce(name: str, value: Any, source: str) -> Any:
     """Check (and convert) one value of field ``name``; ``source`` names where it came from."""
     if name not in FIELDS:
-        raise ConfigError(f"{source}: unknown key '{name}'; allowed keys: {', '.join(FIELDS)}")
+        raise ConfigError(f"{source}: unknown key '{name}'{did_you_mean(name, FIELDS)}; allowed keys: {', '.join(FIELDS)}")
     f = FIELDS[name]
     kind = _base_type(f)
     if value is None and "None" in str(f.type):
@@ -193,6 +209,10 @@ def finalize(cfg: TrainConfig) -> TrainConfig:
 
     validate_ranges(cfg)
     changes: dict[str, Any] = {}
+    recipe = RECIPES[resolved_recipe(cfg)]
+    for name, value in zip(("batch_size", "grad_accum", "eval_tokens"), recipe):
+        if getattr(cfg, name) is None:
+            changes[name] = value
     if cfg.rank is None:
         changes["rank"] = default_rank(cfg.model, model_config(cfg.model))
     if cfg.lr is None:
@@ -210,6 +230,70 @@ def finalize(cfg: TrainConfig) -> TrainConfig:
     cfg = dataclasses.replace(cfg, **changes)
     return dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).resolve()),
                                resume=str(Path(cfg.resume).resolve()) if cfg.resume else None)
+
+
+def resolved_recipe(cfg: TrainConfig) -> str:
+    """'paper' or 'cpu': ``--recipe auto`` is 'cpu' unless the run goes to a GPU."""
+    if cfg.recipe != "auto":
+        return cfg.recipe
+    if cfg.device == "auto":
+        import torch
+
+        return "paper" if torch.cuda.is_available() else "cpu"
+    return "cpu" if cfg.device == "cpu" else "paper"
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """{option: default} of the keyword options ``--optim-arg`` may set for an engine ``method``.
+
+    Read from the ``__init__`` signatures of the preset's class and its bases (a preset function's
+    ``**options`` go to ``SubspaceAdamW``), so the list follows the engine; the options with their
+    own flag (lr, betas, eps, weight_decay, rank, update_proj_gap, scale, proj_type) are left out.
+    """
+    import inspect
+
+    import torch
+
+    import fullrank
+
+    if method == "adamw":
+        classes = [torch.optim.AdamW]
+    else:
+        preset = getattr(fullrank, "PRESETS", {}).get(method)
+        if inspect.isclass(preset):
+            classes = list(preset.__mro__)
+        else:
+            bound = inspect.getclosurevars(preset).nonlocals.get("cls") if inspect.isfunction(preset) else None
+            classes = list(bound.__mro__) if inspect.isclass(bound) else [fullrank.SubspaceAdamW]
+    found: dict[str, Any] = {}
+    for cls in classes:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in OWN_FLAG_OPTIONS or p.name in ("self", "params"):
+                continue
+            found.setdefault(p.name, None if p.default is p.empty else p.default)
+        if cls is fullrank.SubspaceAdamW or cls is torch.optim.AdamW:
+            break
+    return dict(sorted(found.items()))
+
+
+# engine options that have their own flag
+OWN_FLAG_OPTIONS = {"betas": "beta1", "rank": "rank", "update_proj_gap": "update_proj_gap", "scale": "scale",
+                    "proj_type": "proj_type", "lr": "lr", "weight_decay": "weight_decay", "eps": "eps"}
+
+
+def optim_help() -> str:
+    """The ``--optim-arg`` keys of every method with their defaults (``fullrank pretrain --help-optim``)."""
+    lines = ["--optim-arg KEY=VALUE keys per method, with the default of the method's class in parentheses (a",
+             "preset may choose another, e.g. galore sets limiter=none; see the README's table). lr, betas, eps,",
+             "weight_decay, rank, update_proj_gap, scale and proj_type have their own flags; lora/relora take none.", ""]
+    for method in engine_methods():
+        opts = method_options(method)
+        lines.append(f"{method}:")
+        lines.append("  " + ", ".join(f"{k} ({v!r})" for k, v in opts.items()))
+    return "\n".join(lines)
 
 
 def _range(name: str, value, low, high=math.inf, *, low_open=False, high_open=False, integer=False):
@@ -231,8 +315,12 @@ def validate_ranges(cfg: TrainConfig) -> None:
         _range("lr", cfg.lr, 0.0, low_open=True)
     if cfg.scale is not None:
         _range("scale", cfg.scale, 0.0, low_open=True)
-    for name in ("update_proj_gap", "max_steps", "batch_size", "grad_accum", "relora_every", "keep_checkpoints", "eval_tokens"):
-        _range(name, getattr(cfg, name), 1, integer=True)
+    if cfg.recipe not in ("auto", *RECIPES):
+        raise ConfigError(f"--recipe: unknown recipe '{cfg.recipe}'{did_you_mean(cfg.recipe, ('auto', *RECIPES))}; allowed: auto, {', '.join(RECIPES)}")
+    for name in ("update_proj_gap", "max_steps", "batch_size", "grad_accum", "relora_every", "keep_checkpoints",
+                 "eval_tokens", "schedule_steps"):
+        if getattr(cfg, name) is not None:
+            _range(name, getattr(cfg, name), 1, integer=True)
     for name in ("eval_every", "save_every", "relora_warmup", "threads"):
         _range(name, getattr(cfg, name), 0, integer=True)
     _range("seq_len", cfg.seq_len, 2, integer=True)
@@ -252,12 +340,15 @@ def validate_ranges(cfg: TrainConfig) -> None:
         raise ConfigError(f"--device: unknown device '{cfg.device}'; allowed: auto, cpu, cuda, cuda:N")
     if cfg.method in LORA_METHODS and cfg.optim_args:
         raise ConfigError(f"--optim-arg: engine options {sorted(cfg.optim_args)} do not apply to method '{cfg.method}' (AdamW on LoRA adapters)")
+    allowed = method_options(cfg.method) if cfg.optim_args and cfg.method not in LORA_METHODS else {}
     for key in cfg.optim_args:
-        flag = {"betas": "beta1", "rank": "rank", "update_proj_gap": "update_proj_gap", "scale": "scale",
-                "proj_type": "proj_type"}.get(key, key if key in ("lr", "weight_decay", "eps") else None)
+        flag = OWN_FLAG_OPTIONS.get(key)
         if flag is not None:
             raise ConfigError(f"--optim-arg {key}: set by its own flag; use --{flag.replace('_', '-')}"
                               + (" and --beta2" if key == "betas" else ""))
+        if key not in allowed:
+            raise ConfigError(f"--optim-arg {key}: not an option of method '{cfg.method}'{did_you_mean(key, allowed)}; "
+                              f"allowed: {', '.join(allowed)} (see fullrank pretrain --help-optim)")
 
 
 def validate_against_model(cfg: TrainConfig, model_config, linears: list[tuple[str, tuple[int, int]]]) -> None:

@@ -12,18 +12,32 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import config as C
-from .checkpoint import rng_state, save_checkpoint
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_hf_model,
+)
 from .data import CorpusExhausted, Prefetcher
 from .distributed import DistEnv, all_gather_objects, all_reduce_sum, cleanup, setup
 from .errors import TrainingError
-from .metrics import RankTracker, format_summary, peak_memory, ppl
-from .plot import has_rank_records, plot_ranks, plot_runs
+from .metrics import (
+    RankTracker,
+    format_duration,
+    format_summary,
+    memory_comparison,
+    peak_memory,
+    ppl,
+)
+from .plot import plot_ranks, plot_runs, ranks_changed
 from .setup import Run, build_run, resolve_config
 
 
@@ -52,9 +66,10 @@ def evaluate(run: Run) -> float:
     return (total[0] / total[1]).item()
 
 
-def save(run: Run, step: int, data_state: dict) -> None:
-    """Checkpoint after ``step`` optimizer steps (written by the main process)."""
-    rngs = all_gather_objects(rng_state(run.env.device), run.env)
+def save(run: Run, step: int, data_state: dict, rng: dict | None = None) -> None:
+    """Checkpoint after ``step`` optimizer steps (written by the main process); ``rng``: the RNG
+    state to store (default: the current one)."""
+    rngs = all_gather_objects(rng if rng is not None else rng_state(run.env.device), run.env)
     if run.env.main:
         payload = {
             "step": step, "tokens": run.tokens, "train_time": run.train_time, "config": C.to_dict(run.cfg),
@@ -65,12 +80,25 @@ def save(run: Run, step: int, data_state: dict) -> None:
     all_gather_objects(None, run.env)
 
 
-class StopFlag:
-    """Ctrl-C asks the loop to stop after the current step (and save); a second one aborts."""
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on Ctrl-C; the message says what was saved and how to go on."""
 
-    def __init__(self):
+
+STOP_MESSAGE = "Ctrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to stop at once)"
+
+
+class StopFlag:
+    """Ctrl-C handling: the first press asks the loop to stop and save after the current step (and
+    says so at once); a second press stops at once, except inside ``critical()`` sections (the
+    optimizer update and its bookkeeping), where it waits for the section to end, so the model,
+    optimizer and data position are always those of a completed step when it stops."""
+
+    def __init__(self, announce):
         self.requested = False
+        self._announce = announce
         self._previous = None
+        self._critical = 0
+        self._abort_pending = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -78,13 +106,49 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if not self.requested:
+            self.requested = True
+            self._announce(STOP_MESSAGE)
+        elif self._critical:
+            self._abort_pending = True
+        else:
+            raise KeyboardInterrupt("second Ctrl-C")
+
+    @contextlib.contextmanager
+    def critical(self):
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+        if self._abort_pending and not self._critical:
+            self._abort_pending = False
+            raise KeyboardInterrupt("second Ctrl-C")
 
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def abort(run: Run, done: int, data_state: dict, rng: dict) -> Interrupted:
+    """After a second Ctrl-C: save the last completed step (one process) and say how to go on."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.model.train()
+    where = f"stopped at once by a second Ctrl-C during step {done + 1}"
+    if run.env.world_size == 1:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C must not cut this save short
+        save(run, done, data_state, rng)
+        return Interrupted(f"{where}: saved the last completed step {done}; continue with: fullrank pretrain --resume {run.run_dir}")
+    return Interrupted(f"{where}: nothing saved (a multi-process run saves only between steps); {restart_hint(run.run_dir)}")
+
+
+def restart_hint(run_dir) -> str:
+    """What to run to go on with ``run_dir``: resume its latest checkpoint, or start it again."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        return f"continue from its latest checkpoint ({ckpt.name}) with: fullrank pretrain --resume {run_dir}"
+    return f"it holds no checkpoint; start it again with: fullrank pretrain --config {run_dir}/config.yaml --overwrite"
 
 
 def accumulate_gradients(run: Run, ddp: torch.nn.Module, prefetch: Prefetcher) -> tuple[torch.Tensor, dict]:
@@ -138,55 +202,76 @@ def train(run: Run) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc=cfg.method, unit="step",
                disable=not (cfg.progress and env.main), dynamic_ncols=True, file=sys.stderr)
     ranks = RankTracker(run.optimizer)
-    session_tokens, session_time = 0, 0.0
+    session_tokens, session_time, session_steps = 0, 0.0, 0
     last_eval, stopped_early, done = None, False, run.start_step
-    with StopFlag() as stop, contextlib.closing(prefetch), bar:
+    step_rng = rng_state(env.device)
+    announce = (lambda message: tqdm.write(message, file=sys.stderr)) if env.main else (lambda message: None)
+    with StopFlag(announce) as stop, contextlib.closing(prefetch), bar:
         for step in range(run.start_step, cfg.max_steps):
             t0 = time.perf_counter()
-            if cfg.method == "relora" and step > 0 and step % cfg.relora_every == 0:
-                relora_restart(run.model, run.optimizer, cfg.relora_prune)
             try:
-                loss_sum, state = accumulate_gradients(run, ddp, prefetch)
-            except CorpusExhausted as err:
-                run.optimizer.zero_grad(set_to_none=True)
-                stopped_early = True
-                if env.main:
-                    tqdm.write(f"warning: {err} after {step} steps; stopping early (pass --allow-repeat to repeat it)", file=sys.stderr)
-                break
-            lr, grad_norm = optimizer_step(run, params, step)
-            done, data_state = step + 1, state
-            # one reduction for the logged loss and for a stop request (Ctrl-C) on any process
-            shared = all_reduce_sum(torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(stop.requested), device=env.device)]), env)
-            loss, interrupted = shared[0].item() / env.world_size, shared[1].item() > 0
-            if not math.isfinite(loss):
-                raise TrainingError(f"step {done}: the training loss is {loss}; lower --lr or set --grad-clip")
-            dt = time.perf_counter() - t0
-            run.tokens, run.train_time = run.tokens + tokens_per_step, run.train_time + dt
-            session_tokens, session_time = session_tokens + tokens_per_step, session_time + dt
-            if env.main:
-                record = {"type": "train", "step": done, "tokens": run.tokens, "loss": loss, "ppl": ppl(loss),
-                          "lr": lr, "tokens_per_s": session_tokens / session_time, "step_time_s": dt}
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
-                record.update(ranks.fields())
-                run.log.write(record)
-                bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{ppl(loss):.1f}", lr=f"{lr:.2e}",
-                                tok_s=f"{session_tokens / session_time:,.0f}", refresh=False)
-                bar.update(1)
-            if interrupted:
-                save(run, done, data_state)
-                raise KeyboardInterrupt(f"interrupted: checkpoint saved after step {done}; continue with --resume {run.run_dir}")
-            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
-                last_eval = (done, evaluate(run))
-                log_eval(run, *last_eval)
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
-                save(run, done, data_state)
+                if cfg.method == "relora" and step > 0 and step % cfg.relora_every == 0:
+                    with stop.critical():
+                        relora_restart(run.model, run.optimizer, cfg.relora_prune)
+                try:
+                    loss_sum, state = accumulate_gradients(run, ddp, prefetch)
+                except CorpusExhausted as err:
+                    run.optimizer.zero_grad(set_to_none=True)
+                    stopped_early = True
+                    if env.main:
+                        tqdm.write(f"warning: {err} after {step} steps; stopping early (pass --allow-repeat to repeat it)", file=sys.stderr)
+                    break
+                with stop.critical():
+                    lr, grad_norm = optimizer_step(run, params, step)
+                    done, data_state = step + 1, state
+                    # one reduction for the logged loss and for a stop request (Ctrl-C) on any process
+                    shared = all_reduce_sum(torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(stop.requested), device=env.device)]), env)
+                    loss, interrupted = shared[0].item() / env.world_size, shared[1].item() > 0
+                    if not math.isfinite(loss):
+                        raise TrainingError(f"step {done}: the training loss is {loss}; lower --lr or set --grad-clip")
+                    dt = time.perf_counter() - t0
+                    run.tokens, run.train_time = run.tokens + tokens_per_step, run.train_time + dt
+                    session_tokens, session_time, session_steps = session_tokens + tokens_per_step, session_time + dt, session_steps + 1
+                    step_rng = rng_state(env.device)
+                    if env.main:
+                        record = {"type": "train", "step": done, "tokens": run.tokens, "loss": loss, "ppl": ppl(loss),
+                                  "lr": lr, "tokens_per_s": session_tokens / session_time, "step_time_s": dt}
+                        if grad_norm is not None:
+                            record["grad_norm"] = grad_norm
+                        record.update(ranks.fields())
+                        run.log.write(record)
+                        bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{ppl(loss):.1f}", lr=f"{lr:.2e}",
+                                        tok_s=f"{session_tokens / session_time:,.0f}", refresh=False)
+                        bar.update(1)
+                        if session_steps == ETA_AFTER_STEPS and done < cfg.max_steps:
+                            tqdm.write(eta_line(session_time / session_steps, cfg.max_steps - done), file=sys.stderr)
+                    if interrupted:
+                        save(run, done, data_state)
+                        raise Interrupted(f"interrupted: checkpoint saved after step {done}; continue with: fullrank pretrain --resume {run.run_dir}")
+                if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
+                    last_eval = (done, evaluate(run))
+                    log_eval(run, *last_eval)
+                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
+                    with stop.critical():
+                        save(run, done, data_state)
+            except Interrupted:
+                raise
+            except KeyboardInterrupt:
+                raise abort(run, done, data_state, step_rng) from None
     if stopped_early and done > run.start_step:
         save(run, done, data_state)
     if last_eval is None or last_eval[0] != done:
         last_eval = (done, evaluate(run))
         log_eval(run, *last_eval)
     return summarize(run, done, last_eval[1], session_tokens / session_time if session_time else 0.0, stopped_early)
+
+
+ETA_AFTER_STEPS = 3
+
+
+def eta_line(seconds_per_step: float, remaining: int) -> str:
+    return (f"timing: {seconds_per_step:.2f} s per step over the first {ETA_AFTER_STEPS} steps; "
+            f"about {format_duration(seconds_per_step * remaining)} for the remaining {remaining} steps (evaluations extra)")
 
 
 def log_eval(run: Run, step: int, loss: float) -> None:
@@ -205,6 +290,7 @@ def summarize(run: Run, step: int, val_loss: float, tokens_per_s: float, stopped
         "steps": step, "tokens": run.tokens, "final_val_loss": val_loss, "final_val_ppl": ppl(val_loss),
         "optimizer_state_bytes": fullrank.memory.optimizer_state_bytes(run.optimizer),
         "projected_state_bytes": fullrank.memory.projected_state_bytes(run.optimizer),
+        "memory": memory_comparison(run.model, run.optimizer, run.cfg.target_modules),
         "final_ranks": final_ranks(run.optimizer),
         "peak_memory_bytes": mem, "peak_memory_kind": kind, "tokens_per_s": tokens_per_s,
         "train_time_s": run.train_time, "wall_time_s": time.perf_counter() - run.wall_start,
@@ -226,32 +312,93 @@ def header(run: Run) -> str:
     tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
     method = cfg.method if cfg.method == "adamw" else f"{cfg.method} (rank {cfg.rank})"
     resumed = f", resuming after step {run.start_step}" if run.start_step else ""
+    schedule = "" if cfg.schedule_steps in (None, cfg.max_steps) else (
+        f"; lr schedule planned for {cfg.schedule_steps} steps, then at the floor {cfg.min_lr_ratio:g} x lr")
+    n_val = run.val_blocks.shape[0] * run.val_blocks.shape[1]
     return (
         f"model {cfg.model}: {run.n_params:,} parameters ({run.n_params / 1e6:.2f}M), {run.n_trainable:,} trainable\n"
         f"method {method}, lr {cfg.lr:g}, {cfg.max_steps} steps of {tokens_per_step:,} tokens "
-        f"({cfg.batch_size} x {cfg.grad_accum} x {env.world_size} x {cfg.seq_len}) on {env.device}{resumed}\n"
+        f"({cfg.batch_size} x {cfg.grad_accum} x {env.world_size} x {cfg.seq_len}; recipe {C.resolved_recipe(cfg)}) "
+        f"= {tokens_per_step * cfg.max_steps:,} tokens{schedule}\n"
+        f"evaluation on {n_val:,} validation tokens every {cfg.eval_every or cfg.max_steps} steps; "
+        f"on {env.device}{resumed}\n"
         f"run dir {run.run_dir}"
     )
+
+
+def choose_threads(requested: int) -> tuple[int, str]:
+    """(CPU threads, why): ``requested``, or for 0 one thread when the CPU is busy with other work
+    (1-minute load average >= 1: extra threads then wait on each other, 2-5x slower per step in our
+    measurements) and PyTorch's default (one per core) on an idle machine."""
+    import os
+
+    if requested:
+        return requested, "--threads"
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        return torch.get_num_threads(), "default"
+    if load >= 1.0:
+        return 1, f"auto: load average {load:.1f}"
+    return torch.get_num_threads(), f"auto: idle, load average {load:.1f}"
+
+
+def finished(cfg: C.TrainConfig, ckpt) -> dict | None:
+    """The summary of a run already trained to ``max_steps`` (a resume with nothing to do), else None."""
+    if ckpt is None:
+        return None
+    step = int(load_checkpoint(ckpt, lazy=True)["step"])
+    summary_path = Path(cfg.out_dir) / "summary.json"
+    if step < cfg.max_steps or not summary_path.is_file():
+        return None
+    try:
+        return json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def export_hf_model(run: Run) -> Path:
+    """``RUN_DIR/hf_model``: the trained model (LoRA adapters merged) and the tokenizer, for
+    ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``."""
+    return save_hf_model(run.model, run.tokenizer, run.run_dir / "hf_model")
 
 
 def pretrain(overrides: dict) -> dict:
     """Run (or resume) a pre-training run; returns the summary written to ``RUN_DIR/summary.json``."""
     wall_start = time.perf_counter()
     cfg, ckpt = resolve_config(overrides)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    done = finished(cfg, ckpt)
+    if done is not None:
+        print(f"run {cfg.out_dir} already finished {done.get('steps', cfg.max_steps)} of {cfg.max_steps} steps: "
+              f"nothing to do (outputs unchanged); pass --max-steps N (N > {cfg.max_steps}) to extend it", flush=True)
+        return done
     env = setup(cfg.device)
+    threads_note = None
+    if env.device.type == "cpu":
+        threads, why = choose_threads(cfg.threads)
+        torch.set_num_threads(threads)
+        threads_note = f"CPU threads: {threads} ({why}; --threads N sets it)"
+    elif cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
         run = build_run(cfg, env, ckpt)
         run.wall_start = wall_start
         if env.main:
-            print(header(run), flush=True)
-        summary = train(run)
+            print(header(run) + (f"\n{threads_note}" if threads_note else ""), flush=True)
+        try:
+            summary = train(run)
+        finally:
+            if env.main:
+                run.log.close()
         if env.main:
+            export_hf_model(run)
             (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
             plot_runs([run.run_dir], run.run_dir / "loss.png", title=f"{cfg.model} {cfg.method}")
-            if has_rank_records(run.run_dir):
-                plot_ranks(run.run_dir, run.run_dir / "rank.png", title=f"{cfg.model} {cfg.method}: rank per matrix")
+            rank_png = run.run_dir / "rank.png"
+            if ranks_changed(run.run_dir):
+                plot_ranks(run.run_dir, rank_png, title=f"{cfg.model} {cfg.method}: rank per matrix")
+            else:
+                rank_png.unlink(missing_ok=True)
             print(format_summary(summary), flush=True)
         return summary
     finally:

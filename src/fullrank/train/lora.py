@@ -7,7 +7,14 @@ them, prunes their optimizer moments and re-warms the learning rate (see ``sched
 """
 from __future__ import annotations
 
+import logging
+import warnings
+
 import torch
+
+# peft imports bitsandbytes, whose CPU backend logs a warning about an optional 4-bit kernel package
+# (`kernels`) at import; fullrank never quantizes, so only its errors are shown
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -16,7 +23,11 @@ from torch import nn
 def apply_lora(model: nn.Module, module_names: list[str], rank: int, alpha: float, dropout: float) -> nn.Module:
     """Wrap ``model`` with LoRA adapters on ``module_names``; every non-adapted weight stays trainable."""
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=module_names, bias="none")
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` property (a FutureWarning
+        # in transformers 5); we never enable gradient checkpointing, so the warning says nothing here
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
         param.requires_grad = ".base_layer." not in name  # only the adapted (projected) weights are frozen
     return peft_model

@@ -57,6 +57,9 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
         if c["val"]:
             steps, losses = zip(*c["val"])
             ax.plot(steps, losses, color=color, linestyle="--", marker="o", markersize=4, label=f"{name} val")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("loss (cross-entropy, nats)")
     ax.set_title(title or ("loss curves" if len(curves) > 1 else curves[0][0].resolve().name))
@@ -104,6 +107,11 @@ def has_rank_records(run_dir: Path) -> bool:
     return (Path(run_dir) / "metrics.jsonl").is_file() and bool(rank_history(run_dir))
 
 
+def ranks_changed(run_dir: Path) -> bool:
+    """True when some matrix's rank changed during the run (adaptive methods): then rank.png says something."""
+    return has_rank_records(run_dir) and any(len({r for _, r in pts}) > 1 for pts in rank_history(run_dir).values())
+
+
 def _module_kind(name: str) -> str:
     """'q_proj', 'gate_proj', …: the last dotted component that is not 'weight'."""
     parts = [p for p in name.split(".") if p != "weight"]
@@ -113,7 +121,20 @@ def _module_kind(name: str) -> str:
 def draw_ranks(ax, history: dict[str, list[tuple[int, int]]], title: str) -> None:
     """Draw ``rank_history`` on ``ax``: one thin step line per matrix, coloured by module kind."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("rank")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len({tuple(points) for points in history.values()}) == 1:  # fixed rank: one line says it all
+        steps, ranks = zip(*next(iter(history.values())))
+        ax.step(steps, ranks, where="post", linewidth=1.5, label=f"all {len(history)} projected matrices: rank {ranks[0]}"
+                if len(set(ranks)) == 1 else f"all {len(history)} projected matrices")
+        ax.legend(fontsize=8)
+        return
     kinds = sorted({_module_kind(n) for n in history})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for name, points in history.items():
@@ -122,10 +143,6 @@ def draw_ranks(ax, history: dict[str, list[tuple[int, int]]], title: str) -> Non
                 alpha=0.6, linewidth=1)
     for i, kind in enumerate(kinds):
         ax.plot([], [], color=colors[i % len(colors)], label=kind)
-    ax.set_xlabel("step")
-    ax.set_ylabel("rank")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
 

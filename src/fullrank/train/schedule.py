@@ -34,13 +34,29 @@ class WarmupCosine:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    """The schedule of ``cfg`` (warm-up over ``warmup_ratio`` of the steps, floor ``min_lr_ratio``)."""
+    """The schedule of ``cfg`` over ``schedule_steps`` (warm-up over ``warmup_ratio`` of them, floor
+    ``min_lr_ratio``); steps beyond it (an extended run) stay at the floor."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_fn(cfg))
+
+
+def schedule_fn(cfg) -> WarmupCosine:
     relora = cfg.method == "relora"
-    fn = WarmupCosine(
-        max_steps=cfg.max_steps,
-        warmup=max(1, round(cfg.warmup_ratio * cfg.max_steps)) if cfg.warmup_ratio > 0 else 0,
+    steps = cfg.schedule_steps or cfg.max_steps
+    return WarmupCosine(
+        max_steps=steps,
+        warmup=max(1, round(cfg.warmup_ratio * steps)) if cfg.warmup_ratio > 0 else 0,
         min_ratio=cfg.min_lr_ratio,
         restart_every=cfg.relora_every if relora else 0,
         restart_warmup=cfg.relora_warmup if relora else 0,
     )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict, cfg) -> None:
+    """Restore the step count of a checkpoint under ``cfg``'s plan (``load_state_dict`` alone would also
+    bring back the saved plan's horizon, so ``--schedule-steps`` could not re-plan an extended run)."""
+    scheduler.load_state_dict(state)
+    plan = schedule_fn(cfg)
+    for fn in scheduler.lr_lambdas:
+        fn.__dict__.update(plan.__dict__)
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)

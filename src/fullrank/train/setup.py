@@ -5,6 +5,7 @@ All user input is checked before the run directory is touched, so a bad flag nev
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from dataclasses import dataclass
@@ -21,10 +22,11 @@ from .distributed import DistEnv, all_gather_objects
 from .errors import ConfigError
 from .metrics import MetricsLog
 from .models import build_model, count_parameters, model_config, projected_linears
-from .schedule import make_scheduler
+from .schedule import load_scheduler_state, make_scheduler
 from .tokenizer import load_tokenizer
 
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "checkpoints")
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "rank.png", "checkpoints", "tensorboard",
+               "hf_model")
 
 
 def resolve_config(overrides: dict) -> tuple[C.TrainConfig, Path | None]:
@@ -36,14 +38,24 @@ def resolve_config(overrides: dict) -> tuple[C.TrainConfig, Path | None]:
         raise ConfigError(f"--resume: run directory '{run_dir}' does not exist")
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
+        if (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: '{run_dir}' was stopped before its first checkpoint, so there is nothing to "
+                              f"resume; start it again with: fullrank pretrain --config {run_dir / 'config.yaml'} --overwrite")
         raise ConfigError(f"--resume: '{run_dir}' holds no checkpoint (checkpoints/step_*.pt)")
     if overrides.get("out_dir") and Path(overrides["out_dir"]).resolve() != run_dir.resolve():
         raise ConfigError(f"--out-dir: a resumed run continues in its own directory '{run_dir}'; drop --out-dir")
-    saved = C.from_dict(load_checkpoint(ckpt, lazy=True)["config"], f"checkpoint {ckpt}")
+    state = load_checkpoint(ckpt, lazy=True)
+    saved = C.finalize(C.from_dict(state["config"], f"checkpoint {ckpt}"))
     given = C.finalize(C.build({**C.to_dict(saved), **overrides, "out_dir": str(run_dir)}))
-    diffs = C.resume_mismatches(C.finalize(saved), given)
+    diffs = C.resume_mismatches(saved, given)
     if diffs:
         raise ConfigError(f"--resume: '{run_dir}' was trained with a different config: {'; '.join(diffs[:4])}")
+    if "schedule_steps" not in overrides:  # keep the original schedule (an extended run goes on at the floor lr)
+        given = dataclasses.replace(given, schedule_steps=saved.schedule_steps or saved.max_steps)
+    step = int(state["step"])
+    if given.max_steps < step:
+        raise ConfigError(f"--max-steps {given.max_steps} is below the {step} steps '{run_dir}' already trained; "
+                          f"allowed: {step}.. (a larger value extends the run)")
     return given, ckpt
 
 
@@ -64,6 +76,7 @@ class Run:
     tokens: int = 0
     train_time: float = 0.0
     wall_start: float = 0.0  # time.perf_counter() when the command started
+    tokenizer: object = None  # TextTokenizer, saved with the exported Hugging Face model
 
 
 def _warn(env: DistEnv):
@@ -76,8 +89,20 @@ def _warn(env: DistEnv):
     return warn
 
 
+def use_tensorboard(cfg: C.TrainConfig) -> bool:
+    """``--tensorboard`` as given, or on when the ``tensorboard`` package is installed."""
+    import importlib.util
+
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if cfg.tensorboard and not installed:
+        raise ConfigError("--tensorboard: the 'tensorboard' package is not installed; "
+                          "pip install 'fullrank[tensorboard]' or pass --no-tensorboard")
+    return installed if cfg.tensorboard is None else cfg.tensorboard
+
+
 def check_inputs(cfg: C.TrainConfig, env: DistEnv):
     """Model/rank/seq_len, tokenizer, corpora: (model config, linears, tokenizer, corpora, val blocks)."""
+    use_tensorboard(cfg)
     mconfig = model_config(cfg.model)
     with torch.device("meta"):  # shapes only, no memory
         meta_model = LlamaForCausalLM(mconfig)
@@ -105,9 +130,10 @@ def check_run_dir(cfg: C.TrainConfig) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out-dir: '{run_dir}' exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
+        resumable = latest_checkpoint(run_dir) is not None
         raise ConfigError(
-            f"--out-dir: run directory '{run_dir}' already exists and is not empty; "
-            f"pass --overwrite to replace its outputs or --resume {run_dir} to continue it"
+            f"--out-dir: run directory '{run_dir}' already exists and is not empty; pass --overwrite to replace its outputs"
+            + (f" or --resume {run_dir} to continue it" if resumable else " (it holds no checkpoint to resume)")
         )
 
 
@@ -171,11 +197,11 @@ def build_run(cfg: C.TrainConfig, env: DistEnv, ckpt_path: Path | None) -> Run:
     n_params, n_trainable = count_parameters(model)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(optimizer, cfg)
-    run = Run(cfg, env, run_dir, model, optimizer, scheduler, None, val, None, n_params, n_trainable)
+    run = Run(cfg, env, run_dir, model, optimizer, scheduler, None, val, None, n_params, n_trainable, tokenizer=tokenizer)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_scheduler_state(scheduler, state["scheduler"], cfg)
         rngs = state["rng"]
         if len(rngs) != env.world_size:
             raise ConfigError(f"--resume: the checkpoint was written by {len(rngs)} processes, this run has {env.world_size}")
@@ -186,6 +212,7 @@ def build_run(cfg: C.TrainConfig, env: DistEnv, ckpt_path: Path | None) -> Run:
         state=state["data"] if state is not None else None, warn=_warn(env),
     )
     if env.main:
-        run.log = MetricsLog(run_dir / "metrics.jsonl", resume_step=run.start_step if state is not None else None)
+        run.log = MetricsLog(run_dir / "metrics.jsonl", resume_step=run.start_step if state is not None else None,
+                             tensorboard_dir=run_dir / "tensorboard" if use_tensorboard(cfg) else None)
     all_gather_objects(None, env)  # every process waits for the run directory
     return run

@@ -13,8 +13,33 @@ class TextTokenizer:
     """``encode(texts) -> ids`` without special tokens, plus the ids the packer needs."""
 
     def __init__(self, name: str, encode: Callable[[list[str]], list[list[int]]], eos_id: int,
-                 unk_id: int, vocab_size: int):
+                 unk_id: int, vocab_size: int, hf_tokenizer=None):
         self.name, self.encode, self.eos_id, self.unk_id, self.vocab_size = name, encode, eos_id, unk_id, vocab_size
+        self.hf_tokenizer = hf_tokenizer  # the transformers tokenizer, for save_pretrained (None for a .model file)
+
+    def save_pretrained(self, folder) -> None:
+        """Write a folder that ``AutoTokenizer.from_pretrained`` loads."""
+        tok = self.hf_tokenizer if self.hf_tokenizer is not None else _fast_from_sentencepiece(self.name)
+        tok.save_pretrained(str(folder))
+
+
+def _fast_from_sentencepiece(path: str):
+    """A ``PreTrainedTokenizerFast`` with the pieces and scores of a SentencePiece unigram ``.model``."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=max(sp.unk_id(), 0), byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    specials = {"eos_token": sp.id_to_piece(sp.eos_id())}
+    if sp.unk_id() >= 0:
+        specials["unk_token"] = sp.id_to_piece(sp.unk_id())
+    if sp.pad_id() >= 0:
+        specials["pad_token"] = sp.id_to_piece(sp.pad_id())
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
 
 
 _EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
@@ -28,6 +53,8 @@ def _from_hf(name: str, tok) -> TextTokenizer:
         eos = next((vocab[t] for t in _EOS_CANDIDATES if t in vocab), None)
     if eos is None:
         raise ConfigError(f"--tokenizer: '{name}' defines no end-of-sequence token (looked for {', '.join(_EOS_CANDIDATES)})")
+    if tok.eos_token_id is None:
+        tok.eos_token = tok.convert_ids_to_tokens(eos)  # saved with the exported model
     added = set(tok.get_added_vocab())
     base = 1 + max((i for t, i in vocab.items() if t not in added), default=max(vocab.values()))
     unk = tok.unk_token_id if tok.unk_token_id is not None else eos
@@ -35,7 +62,7 @@ def _from_hf(name: str, tok) -> TextTokenizer:
     def encode(texts: list[str]) -> list[list[int]]:
         return tok(texts, add_special_tokens=False)["input_ids"]
 
-    return TextTokenizer(name, encode, eos, unk, base)
+    return TextTokenizer(name, encode, eos, unk, base, tok)
 
 
 def load_tokenizer(spec: str) -> TextTokenizer:
