@@ -134,3 +134,24 @@ def test_adaptive_ranks_are_logged_and_plotted(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(["plot", "--ranks", str(plain)]) == 2
     assert "no rank records" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["fira", "adamw"])
+def test_layerwise_pretrain_has_the_ordinary_losses(method, tiny, tmp_path):
+    """``--layerwise`` (weights stepped during backward, gradient accumulation over 2 micro-batches,
+    a refresh at step 5) trains to the same losses as the ordinary loop, and resumes exactly."""
+    common = dict(method=method, max_steps=8, update_proj_gap=5, grad_accum=2, eval_every=0, save_every=4)
+    assert main(tiny_argv(tiny, tmp_path / "ordinary", **common)) == 0
+    assert main(tiny_argv(tiny, tmp_path / "layerwise", layerwise=True, **common)) == 0
+    ordinary, layerwise = train_losses(tmp_path / "ordinary"), train_losses(tmp_path / "layerwise")
+    assert len(ordinary) == 8 and layerwise == pytest.approx(ordinary, rel=1e-5, abs=1e-6)
+    # resume the layer-wise run from its step-4 checkpoint: the same last four losses
+    assert main(tiny_argv(tiny, tmp_path / "layerwise", layerwise=True, **dict(common, max_steps=4), schedule_steps=8,
+                          overwrite=True)) == 0
+    assert main(["pretrain", "--resume", str(tmp_path / "layerwise"), "--max-steps", "8", "--no-progress"]) == 0
+    assert train_losses(tmp_path / "layerwise")[4:] == pytest.approx(layerwise[4:], rel=1e-6, abs=1e-7)
+
+
+def test_layerwise_refuses_gradient_clipping(tiny, tmp_path, capsys):
+    assert main(tiny_argv(tiny, tmp_path / "clip", layerwise=True, grad_clip=1.0)) == 2
+    assert "--grad-clip must be 0 with --layerwise" in capsys.readouterr().err

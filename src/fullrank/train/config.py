@@ -67,6 +67,7 @@ class TrainConfig:
     warmup_ratio: float = _f(0.1, "fraction of max_steps of linear lr warm-up")
     min_lr_ratio: float = _f(0.1, "cosine decay ends at this fraction of the peak lr")
     grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 disables)")
+    layerwise: bool = _f(False, "update each weight during backward and free its gradient at once (GaLore's layer-wise mode): one gradient alive at a time; needs --grad-clip 0 and one process (not DDP)")
     max_steps: int = _f(10000, "optimizer steps (paper: 10K for 60M, 20K for 130M, 60K for 350M, 100K for 1B); a resumed run may be given more steps to extend it")
     schedule_steps: int | None = _f(None, "steps of the warm-up + cosine lr schedule; default max_steps. A run extended with --resume RUN --max-steps N keeps its original schedule (the added steps run at the floor min_lr_ratio x lr); --schedule-steps N there re-plans it")
     recipe: str = _f("auto", "defaults of batch_size, grad_accum and eval_tokens: 'paper' (64 x 8 sequences = 131K tokens per step, 10M eval tokens), 'cpu' (4 x 1 = 1K tokens per step, 16K eval tokens) or 'auto' (cpu on a CPU, paper on a GPU); explicit values win")
@@ -338,6 +339,9 @@ def validate_ranges(cfg: TrainConfig) -> None:
         raise ConfigError("--target-modules must name at least one module, e.g. self_attn,mlp")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device == "cuda" or cfg.device.startswith("cuda:")):
         raise ConfigError(f"--device: unknown device '{cfg.device}'; allowed: auto, cpu, cuda, cuda:N")
+    if cfg.layerwise and cfg.grad_clip > 0:
+        raise ConfigError("--layerwise updates each weight during backward, before the global gradient norm exists: "
+                          "--grad-clip must be 0 with --layerwise")
     if cfg.method in LORA_METHODS and cfg.optim_args:
         raise ConfigError(f"--optim-arg: engine options {sorted(cfg.optim_args)} do not apply to method '{cfg.method}' (AdamW on LoRA adapters)")
     allowed = method_options(cfg.method) if cfg.optim_args and cfg.method not in LORA_METHODS else {}

@@ -103,6 +103,9 @@ def use_tensorboard(cfg: C.TrainConfig) -> bool:
 def check_inputs(cfg: C.TrainConfig, env: DistEnv):
     """Model/rank/seq_len, tokenizer, corpora: (model config, linears, tokenizer, corpora, val blocks)."""
     use_tensorboard(cfg)
+    if cfg.layerwise and env.enabled:
+        raise ConfigError("--layerwise: not supported with several processes (DDP averages the gradients after the "
+                          "per-parameter hooks would step); run on one process or without --layerwise")
     mconfig = model_config(cfg.model)
     with torch.device("meta"):  # shapes only, no memory
         meta_model = LlamaForCausalLM(mconfig)
@@ -153,18 +156,34 @@ def prepare_run_dir(cfg: C.TrainConfig) -> Path:
 
 
 def make_optimizer(cfg: C.TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The engine's optimizer for ``cfg.method`` (AdamW on the trainable parameters for LoRA/ReLoRA)."""
+    """The engine's optimizer for ``cfg.method`` (AdamW on the trainable parameters for LoRA/ReLoRA),
+    stepped per parameter during backward with ``--layerwise``."""
+    import fullrank
+
+    optimizer = _engine_optimizer(cfg, model)
+    if not cfg.layerwise:
+        return optimizer
+    layerwise = fullrank.optim.LayerwiseOptimizer(model, optimizer, accumulation_steps=cfg.grad_accum)
+    if next(model.parameters()).device.type == "meta":  # the option check of check_inputs: no hooks left on a throw-away model
+        layerwise.remove()
+    return layerwise
+
+
+def _engine_optimizer(cfg: C.TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     import fullrank
 
     hyper = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     plain = [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
     options = dict(cfg.optim_args)
+    # layer-wise mode needs the engine; on groups without a rank it is torch.optim.AdamW's update
+    adamw = (lambda groups, **kw: fullrank.SubspaceAdamW(groups, **kw)) if cfg.layerwise else (
+        lambda groups, **kw: fullrank.make_optimizer("adamw", groups, **kw))
     try:
         if cfg.method in C.LORA_METHODS:
-            return fullrank.make_optimizer("adamw", plain, **hyper)
+            return adamw(plain, **hyper)
         if cfg.method == "adamw":
-            return fullrank.make_optimizer("adamw", plain, **hyper, **options)
+            return adamw(plain, **hyper, **options)
         groups = fullrank.param_groups(
             model, rank=cfg.rank, target_modules=tuple(cfg.target_modules),
             update_proj_gap=cfg.update_proj_gap, scale=cfg.scale, proj_type=cfg.proj_type,
