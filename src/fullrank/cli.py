@@ -10,7 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
 
 from .finetune.cli import register as register_finetune
 from .train import config as C
@@ -90,16 +89,6 @@ def _default_text(field) -> str:
     return f" (default: {value})"
 
 
-def _kv(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        return key.strip(), value
-
-
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in C.FIELDS.items():
         flag = "--" + name.replace("_", "-")
@@ -110,7 +99,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif kind == "dict":
-            parser.add_argument("--optim-arg", dest=name, action="append", type=_kv, default=argparse.SUPPRESS,
+            parser.add_argument("--optim-arg", dest=name, action="append", type=C.parse_key_value, default=argparse.SUPPRESS,
                                 metavar="KEY=VALUE", help=help_text)
         else:
             parser.add_argument(flag, dest=name, type={"int": int, "float": float}.get(kind, str),

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
 
+from ..train.config import parse_key_value
 from ..train.errors import ConfigError
 from .training import FIELDS, LIST_FIELDS
 
@@ -31,16 +31,6 @@ checkpoints/, predictions.jsonl, summary.json, loss.png, hf_model/.
 """
 
 
-def _kv(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        return key.strip(), value
-
-
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -58,7 +48,7 @@ def register(sub) -> argparse.ArgumentParser:
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif isinstance(default, dict):
-            parser.add_argument("--optim-arg", dest=name, action="append", type=_kv, default=argparse.SUPPRESS,
+            parser.add_argument("--optim-arg", dest=name, action="append", type=parse_key_value, default=argparse.SUPPRESS,
                                 metavar="KEY=VALUE", help=help_text)
         elif name in LIST_FIELDS:
             parser.add_argument(flag, dest=name, type=_csv, default=argparse.SUPPRESS, metavar="A,B,...", help=help_text)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -22,6 +21,7 @@ import yaml
 
 from ..train.errors import ConfigError, TrainingError, first_line
 from ..train.metrics import MetricsLog, peak_memory
+from ..train.setup import remove_outputs
 from . import data as D
 from .scoring import SCORINGS, accuracy, score_generations, score_likelihood
 
@@ -242,12 +242,7 @@ def start_run_dir(cfg: FinetuneConfig, resume: bool) -> Path:
         if not cfg.overwrite:
             raise ConfigError(f"--out-dir: run directory '{run_dir}' already exists and is not empty; "
                               f"pass --overwrite to replace its outputs or --resume {run_dir} to continue it")
-        for name in RUN_OUTPUTS:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        remove_outputs(run_dir, RUN_OUTPUTS)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), encoding="utf-8")
     return run_dir

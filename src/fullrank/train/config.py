@@ -386,3 +386,16 @@ def resume_mismatches(saved: TrainConfig, given: TrainConfig) -> list[str]:
 
 def save_yaml(cfg: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def parse_key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--optim-arg`` (pretrain and finetune), the value read as YAML (numbers are numbers)."""
+    import argparse
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value

@@ -140,16 +140,20 @@ def check_run_dir(cfg: C.TrainConfig) -> None:
         )
 
 
+def remove_outputs(run_dir: Path, names) -> None:
+    """Delete a previous run's outputs ``names`` (files or folders) from ``run_dir`` (``--overwrite``)."""
+    for name in names:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
 def prepare_run_dir(cfg: C.TrainConfig) -> Path:
     """Create the run directory (main process); with ``--overwrite`` delete the previous run's outputs."""
     run_dir = Path(cfg.out_dir)
-    if run_dir.is_dir():
-        for name in RUN_OUTPUTS:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    remove_outputs(run_dir, RUN_OUTPUTS)
     run_dir.mkdir(parents=True, exist_ok=True)
     C.save_yaml(cfg, run_dir / "config.yaml")
     return run_dir
