@@ -172,21 +172,22 @@ def test_ablation_presets_choose_their_parts():
         fullrank.make_optimizer("adam8bit", groups)
 
 
+@pytest.mark.parametrize("rows", [7, 150])  # 150: the CPU path sums over blocks of 64 rows
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_stacked_column_norms_are_each_matrix_s_column_norms(side, dtype):
+def test_stacked_column_norms_are_each_matrix_s_column_norms(rows, side, dtype):
     """``column_norms`` of a B×m×n stack: for a left projection the norms of each matrix's n columns,
     for a right one of its m rows, accumulated in ≥ fp32 — checked entry by entry with math.fsum."""
     from fullrank.optim.residual import column_norms
 
-    stack = (torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    stack = (torch.randn(3, rows, 5, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
     got = column_norms(stack, side)
-    assert got.shape == ((3, 1, 5) if side == "left" else (3, 7, 1))
+    assert got.shape == ((3, 1, 5) if side == "left" else (3, rows, 1))
     assert got.dtype == torch.promote_types(dtype, torch.float32)
     values = stack.double().tolist()
     for b in range(3):
-        for k in range(5 if side == "left" else 7):
-            entries = [values[b][i][k] for i in range(7)] if side == "left" else values[b][k]
+        for k in range(5 if side == "left" else rows):
+            entries = [values[b][i][k] for i in range(rows)] if side == "left" else values[b][k]
             expected = math.sqrt(math.fsum(x * x for x in entries))
             index = (b, 0, k) if side == "left" else (b, k, 0)
             assert got[index].item() == pytest.approx(expected, rel=1e-6 if dtype != torch.float64 else 1e-12)

@@ -73,10 +73,25 @@ def matrix_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=(-2, -1), keepdim=True, dtype=norm_dtype(t.dtype))
 
 
+# On the CPU torch reduces over a strided dimension ~10× slower than over a contiguous one (145 vs
+# 10 ms for twelve 768×2048 matrices on one thread): column norms over the rows are summed over blocks
+# of this many rows there, contiguous reads and a cache-sized temporary (0: off). Other devices take
+# one ``vector_norm``. The CPU path dispatches more ops (3 per block), none per matrix.
+CPU_ROW_BLOCK = 64
+
+
 def column_norms(t: torch.Tensor, side: str) -> torch.Tensor:
     """Norms of the columns (left projection: …×1×n) or rows (right: …×m×1) of every matrix, ≥ fp32."""
-    dim = -2 if column_dim(side) == 0 else -1
-    return torch.linalg.vector_norm(t, dim=dim, keepdim=True, dtype=norm_dtype(t.dtype))
+    dtype = norm_dtype(t.dtype)
+    if column_dim(side) == 1:
+        return torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=dtype)
+    rows = t.shape[-2]
+    if t.device.type != "cpu" or not CPU_ROW_BLOCK or rows <= CPU_ROW_BLOCK:
+        return torch.linalg.vector_norm(t, dim=-2, keepdim=True, dtype=dtype)
+    total = torch.zeros((*t.shape[:-2], 1, t.shape[-1]), dtype=dtype)
+    for block in t.split(CPU_ROW_BLOCK, dim=-2):
+        total += block.to(dtype).square().sum(dim=-2, keepdim=True)
+    return total.sqrt_()
 
 
 class Bucket:
