@@ -13,7 +13,8 @@ bench/quality.py. Run directories go to runs/analysis/ (ignored by git).
 * probe_galore / probe_fira: GaLore / Fira at rank 32 carrying the probe at rank 32: the low-rank
   side of the across-runs comparison (Fig. 3, Tables 7/8, r1/r2).
 * rows: Fira-only-scaling with SVD vs random P (Table r4), at ranks 4, 16, 64, 128 = full (Table r5),
-  Flora (Tables r6/r7 baseline) and SGD with momentum (Fig. 15).
+  Fira under each stabiliser of Table r10 beside probe_fira's norm-growth limiter (spikes and ‖S‖
+  logged), Flora (Tables r6/r7 baseline) and SGD with momentum (Fig. 15).
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ RUNS_SPEC: dict[str, dict] = {
     "only_scaling_r16": dict(method="fira_only_scaling", rank=16),
     "only_scaling_r64": dict(method="fira_only_scaling", rank=64),
     "only_scaling_r128_full": dict(method="fira_only_scaling", rank=128),
+    "r10_no_limiter": dict(method="fira", rank=32, optim_args={"limiter": "none"}),
+    "r10_clip": dict(method="fira", rank=32, optim_args={"limiter": "clip"}),
+    "r10_gradient_shrink": dict(method="fira", rank=32, optim_args={"limiter": "gradient_shrink"}),
+    "r10_tensor_scaling": dict(method="fira", rank=32, optim_args={"limiter": "tensor_scaling"}),
     "flora_r32": dict(method="flora", rank=32),
     "sgd": dict(method="sgd", lr=0.1),
 }
@@ -109,7 +114,6 @@ def report(args) -> None:
     out["variance_measured"] = variance.measured(full, steps=10)
     plot_variance(out["variance_simulated"], out["variance_measured"], IMG / "analysis_variance.png")
     out["spikes"], out["rows"] = {}, {}
-    spike_runs = []
     for name in RUNS_SPEC:
         summary_path = RUNS / name / "summary.json"
         if not summary_path.exists():
@@ -120,9 +124,12 @@ def report(args) -> None:
         if (RUNS / name / "spikes.jsonl").exists():
             _, steps = read_spikes(RUNS / name)
             out["spikes"][name] = spike_summary(steps, PROFILE["update_proj_gap"])
-            spike_runs.append(RUNS / name)
     plot_spikes([RUNS / n for n in ("probe_adamw", "probe_galore", "probe_fira") if (RUNS / n / "spikes.jsonl").exists()],
                 IMG / "analysis_spikes.png")
+    stabilisers = [RUNS / n for n in ("probe_fira", "r10_no_limiter", "r10_clip", "r10_gradient_shrink", "r10_tensor_scaling")
+                   if (RUNS / n / "spikes.jsonl").exists()]
+    if stabilisers:
+        plot_spikes(stabilisers, IMG / "analysis_spikes_r10.png")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {RESULTS}")

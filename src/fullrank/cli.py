@@ -127,6 +127,8 @@ def build_parser() -> OneLineParser:
     plot.add_argument("--title", default=None, help="plot title")
     plot.add_argument("--ranks", action="store_true",
                       help="plot each projected matrix's rank over steps (one run) instead of the loss")
+    plot.add_argument("--spikes", action="store_true",
+                      help="plot loss and residual norm ‖S‖ with the subspace refreshes and the spikes marked (runs trained with --probe spikes)")
     return parser
 
 
@@ -155,6 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plot":
             from .train.plot import plot_ranks, plot_runs
 
+            if args.spikes:
+                from .analysis.plots import plot_spikes
+
+                out = args.output or Path(args.run_dirs[0]) / "spikes.png"
+                try:
+                    print(plot_spikes([Path(d) for d in args.run_dirs], Path(out)))
+                except FileNotFoundError as err:
+                    raise ConfigError(f"plot --spikes: {err}") from None
+                return 0
             if args.ranks:
                 if len(args.run_dirs) != 1:
                     raise ConfigError(f"plot --ranks: takes one RUN_DIR, got {len(args.run_dirs)}")

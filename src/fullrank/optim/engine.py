@@ -526,7 +526,7 @@ class SubspaceAdamW(Optimizer):
         directions = inner_adam.directions(exp_avgs, exp_avg_sqs, adam_steps, beta1=beta1, beta2=beta2,
                                            eps=group["eps"], foreach=True, convention=convention)
         psi = directions[0].unsqueeze(0) if single else torch.stack(directions)
-        previous = torch.stack([s[S.RESIDUAL_NORM] for s in states]) if plan.rule.name != "discard" else None
+        previous = torch.stack([s[S.RESIDUAL_NORM] for s in states]) if plan.rule.has_residual else None
         compiled = group["compile"] and keep is None
         update, kept, factors, residual_sq = plan.residual_update(side, not single, compiled)(
             grads, low, psi, bucket.grad_norms, previous, left, right)

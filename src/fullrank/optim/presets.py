@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from .engine import SubspaceAdamW
+from .flora import Flora, SGDMomentum
 from .options import check_range
 
 PAPER_LR = 1e-2
@@ -185,6 +186,8 @@ PRESETS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "fira_adaptive": FiraAdaptive,
     "apollo": APOLLO,
     "apollo_mini": APOLLO_Mini,
+    "flora": Flora,  # rebuttal Tables r6/r7 baseline (Hao et al. 2024)
+    "sgd": SGDMomentum,  # paper Fig. 15 baseline
 }
 
 _ADAMW_KEYS = ("params", "param_names", "lr", "betas", "eps", "weight_decay")

@@ -136,6 +136,7 @@ class Rule:
 
     name = ""
     column_level = False  # φ per column of G (needs a one-sided projection)
+    has_residual = True  # contributes a residual term (then the limiter keeps a norm per matrix)
 
     def uses_columns(self, options: dict) -> bool:
         return self.column_level
@@ -157,6 +158,7 @@ def _scaled(phi: torch.Tensor, sq_g: torch.Tensor, sq_r: torch.Tensor, kappa: fl
 
 class Discard(Rule):
     name = "discard"
+    has_residual = False
 
     def contribution(self, bucket, options):
         return Contribution(subspace_scale=options["scale"])

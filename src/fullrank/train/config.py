@@ -92,12 +92,14 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     threads: int = _f(0, "CPU threads of PyTorch (torch.set_num_threads); 0 = auto: 1 when other work keeps the CPU busy (1-minute load average >= 1), else PyTorch's default (one per core)")
     progress: bool = _f(True, "show the tqdm progress bar")
+    probe: str = _f("", "instruments to carry (issue 11), comma-separated: scaling (scaling-factor probe: scaling_probe.jsonl), spikes (loss, gradient and residual norms per step: spikes.jsonl, spike metric in summary.json); empty: none")
+    probe_ranks: list = _f([], "ranks of the scaling probe's shadow low-rank Adam, comma-separated (default: d/16 and d/2 of the projected matrices)")
     tensorboard: bool | None = _f(None, "write TensorBoard event files to RUN_DIR/tensorboard (needs the 'tensorboard' package: pip install fullrank[tensorboard]); default: on when it is installed")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Fields that may differ between a run and its resumption: they change no trained number.
-RESUME_FREE = ("resume", "overwrite", "out_dir", "eval_every", "save_every", "keep_checkpoints", "device", "threads",
+RESUME_FREE = ("probe", "probe_ranks", "resume", "overwrite", "out_dir", "eval_every", "save_every", "keep_checkpoints", "device", "threads",
                "progress", "tensorboard", "recipe", "max_steps", "schedule_steps")
 RECIPES = {  # batch_size, grad_accum, eval_tokens
     "paper": (64, 8, 10_000_000),

@@ -178,6 +178,9 @@ def optimizer_step(run: Run, params: list[torch.Tensor], step: int) -> tuple[flo
     cfg, opt = run.cfg, run.optimizer
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if cfg.grad_clip > 0 else None
     lr = opt.param_groups[0]["lr"]
+    probes = getattr(run, "probes", None)
+    if probes is not None:  # issue 11 instruments (--probe): the gradients are final here
+        probes.before_step(step)
     try:
         opt.step()
     except RuntimeError as err:
@@ -202,6 +205,8 @@ def train(run: Run) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc=cfg.method, unit="step",
                disable=not (cfg.progress and env.main), dynamic_ncols=True, file=sys.stderr)
     ranks = RankTracker(run.optimizer)
+    from ..analysis.harness import loop_probes, probe_summary  # issue 11 instruments (--probe)
+    run.probes = loop_probes(cfg, run.model, run.optimizer, run.run_dir) if env.main else None
     session_tokens, session_time, session_steps = 0, 0.0, 0
     last_eval, stopped_early, done = None, False, run.start_step
     step_rng = rng_state(env.device)
@@ -240,6 +245,8 @@ def train(run: Run) -> dict:
                             record["grad_norm"] = grad_norm
                         record.update(ranks.fields())
                         run.log.write(record)
+                        if run.probes is not None:
+                            run.probes.after_step(step, loss)
                         bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{ppl(loss):.1f}", lr=f"{lr:.2e}",
                                         tok_s=f"{session_tokens / session_time:,.0f}", refresh=False)
                         bar.update(1)
@@ -263,7 +270,11 @@ def train(run: Run) -> dict:
     if last_eval is None or last_eval[0] != done:
         last_eval = (done, evaluate(run))
         log_eval(run, *last_eval)
-    return summarize(run, done, last_eval[1], session_tokens / session_time if session_time else 0.0, stopped_early)
+    summary = summarize(run, done, last_eval[1], session_tokens / session_time if session_time else 0.0, stopped_early)
+    if run.probes is not None:
+        run.probes.close()
+        summary.update(probe_summary(run.run_dir))
+    return summary
 
 
 ETA_AFTER_STEPS = 3
