@@ -19,13 +19,13 @@ bench/quality.py. Run directories go to runs/analysis/ (ignored by git).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import json
 import os
 import platform
 import sys
 import time
 import traceback
+from concurrent import futures
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,25 +33,25 @@ SHARED = Path(os.environ.get("FULLRANK_DATA", ROOT.parent / "shared" / "data"))
 RUNS = ROOT / "runs" / "analysis"
 RESULTS = ROOT / "bench" / "results" / "analysis_cpu.json"
 IMG = ROOT / "docs" / "img"
-PROFILE = dict(model="llama_tiny", steps=150, update_proj_gap=50, batch_size=8, seq_len=256, seed=0, eval_blocks=256)
+PROFILE = {"model": "llama_tiny", "steps": 150, "update_proj_gap": 50, "batch_size": 8, "seq_len": 256, "seed": 0, "eval_blocks": 256}
 HIDDEN = 128
 
 RUNS_SPEC: dict[str, dict] = {
-    "probe_adamw": dict(method="adamw", lr=1e-3, scaling_ranks=[1, 4, 8, 16, 32, 64]),
-    "probe_galore": dict(method="galore", rank=32, scaling_ranks=[32]),
-    "probe_fira": dict(method="fira", rank=32, scaling_ranks=[32]),
-    "only_scaling_svd_r32": dict(method="fira_only_scaling", rank=32),
-    "only_scaling_random_r32": dict(method="fira_only_scaling", rank=32, optim_args={"projector": "random"}),
-    "only_scaling_r4": dict(method="fira_only_scaling", rank=4),
-    "only_scaling_r16": dict(method="fira_only_scaling", rank=16),
-    "only_scaling_r64": dict(method="fira_only_scaling", rank=64),
-    "only_scaling_r128_full": dict(method="fira_only_scaling", rank=128),
-    "r10_no_limiter": dict(method="fira", rank=32, optim_args={"limiter": "none"}),
-    "r10_clip": dict(method="fira", rank=32, optim_args={"limiter": "clip"}),
-    "r10_gradient_shrink": dict(method="fira", rank=32, optim_args={"limiter": "gradient_shrink"}),
-    "r10_tensor_scaling": dict(method="fira", rank=32, optim_args={"limiter": "tensor_scaling"}),
-    "flora_r32": dict(method="flora", rank=32),
-    "sgd": dict(method="sgd", lr=0.1),
+    "probe_adamw": {"method": "adamw", "lr": 1e-3, "scaling_ranks": [1, 4, 8, 16, 32, 64]},
+    "probe_galore": {"method": "galore", "rank": 32, "scaling_ranks": [32]},
+    "probe_fira": {"method": "fira", "rank": 32, "scaling_ranks": [32]},
+    "only_scaling_svd_r32": {"method": "fira_only_scaling", "rank": 32},
+    "only_scaling_random_r32": {"method": "fira_only_scaling", "rank": 32, "optim_args": {"projector": "random"}},
+    "only_scaling_r4": {"method": "fira_only_scaling", "rank": 4},
+    "only_scaling_r16": {"method": "fira_only_scaling", "rank": 16},
+    "only_scaling_r64": {"method": "fira_only_scaling", "rank": 64},
+    "only_scaling_r128_full": {"method": "fira_only_scaling", "rank": 128},
+    "r10_no_limiter": {"method": "fira", "rank": 32, "optim_args": {"limiter": "none"}},
+    "r10_clip": {"method": "fira", "rank": 32, "optim_args": {"limiter": "clip"}},
+    "r10_gradient_shrink": {"method": "fira", "rank": 32, "optim_args": {"limiter": "gradient_shrink"}},
+    "r10_tensor_scaling": {"method": "fira", "rank": 32, "optim_args": {"limiter": "tensor_scaling"}},
+    "flora_r32": {"method": "flora", "rank": 32},
+    "sgd": {"method": "sgd", "lr": 0.1},
 }
 
 
@@ -84,14 +84,19 @@ def runs(args) -> None:
             try:
                 name, summary = job.result()
                 print(f"{name}: {json.dumps({k: summary.get(k) for k in ('final_val_loss', 'final_val_ppl', 'train_time_s', 'diverged')})}", flush=True)
-            except Exception:  # keep the other runs going
+            except Exception:  # noqa: BLE001 (report the failed run, keep the others going)
                 print(f"{jobs[job]} failed:\n{traceback.format_exc()}", flush=True)
 
 
 def report(args) -> None:
     from fullrank.analysis import similarity as sim
     from fullrank.analysis import variance
-    from fullrank.analysis.plots import plot_same_dynamic, plot_scaling_sorted, plot_spikes, plot_variance
+    from fullrank.analysis.plots import (
+        plot_same_dynamic,
+        plot_scaling_sorted,
+        plot_spikes,
+        plot_variance,
+    )
     from fullrank.analysis.scaling_probe import read_probe
     from fullrank.analysis.spikes import read_spikes, spike_summary
 

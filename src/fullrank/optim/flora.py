@@ -65,13 +65,15 @@ class Flora(Optimizer):
     β1 = ``betas[0]`` (0 turns the first moment off: plain Adafactor); Adam's β2 and ε have no
     Adafactor counterpart and are not used (β2,t = 1 − t^``decay_rate``; the ε pair is
     ``adafactor_eps`` = (ε1, ε2), regularising the squared gradient and the parameter scale).
-    ``lr`` is Adafactor's relative step, multiplied by max(ε2, RMS(W)) when ``scale_parameter``.
+    ``lr`` is the step size of the RMS-clipped update, as an Adam lr (so ``--lr`` means the same for
+    every preset); ``scale_parameter=True`` (Adafactor's and the authors' package default) makes it
+    relative: multiplied by max(ε2, RMS(W)).
     """
 
     def __init__(self, params, lr: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, *,
                  rank: int | None = None, kappa: int | None = None, decay_rate: float = -0.8,
                  adafactor_eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
-                 scale_parameter: bool = True, factorize_second_moment: bool = True, seed: int = 0):
+                 scale_parameter: bool = False, factorize_second_moment: bool = True, seed: int = 0):
         beta1 = betas[0]
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -89,9 +91,9 @@ class Flora(Optimizer):
             raise ValueError(f"clip_threshold must be > 0, got {clip_threshold}")
         if len(adafactor_eps) != 2 or min(adafactor_eps) < 0:
             raise ValueError(f"adafactor_eps must be two numbers >= 0, got {adafactor_eps}")
-        defaults = dict(lr=lr, beta1=beta1, rank=rank, kappa=kappa, weight_decay=weight_decay,
-                        decay_rate=decay_rate, adafactor_eps=tuple(adafactor_eps), clip_threshold=clip_threshold,
-                        scale_parameter=scale_parameter, factorize_second_moment=factorize_second_moment)
+        defaults = {"lr": lr, "beta1": beta1, "rank": rank, "kappa": kappa, "weight_decay": weight_decay,
+                        "decay_rate": decay_rate, "adafactor_eps": tuple(adafactor_eps), "clip_threshold": clip_threshold,
+                        "scale_parameter": scale_parameter, "factorize_second_moment": factorize_second_moment}
         super().__init__(params, defaults)
         index = seed
         for group in self.param_groups:
@@ -197,7 +199,8 @@ class SGDMomentum(torch.optim.SGD):
     projection keys of the groups (rank, update_proj_gap, ...) are ignored."""
 
     def __init__(self, params, lr: float = 1e-2, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, *,
-                 momentum: float = SGD_MOMENTUM, nesterov: bool = False):
+                 momentum: float = SGD_MOMENTUM, nesterov: bool = False, seed: int = 0):
+        # ``seed`` is accepted because ``fullrank pretrain`` passes its seed to every preset; SGD draws nothing.
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
