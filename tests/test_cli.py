@@ -44,7 +44,7 @@ def with_flags(tiny, out, **flags):
 @pytest.mark.parametrize("flags,expected", [
     ({"model": "llama_5b"}, ["--model", "llama_5b", "llama_tiny", "llama_60m", "llama_7b"]),
     ({"model": "missing/config.json"}, ["--model", "does not exist"]),
-    ({"method": "sgd"}, ["--method", "sgd", "adamw", "galore", "fira", "relora"]),
+    ({"method": "adam8bit"}, ["--method", "adam8bit", "adamw", "galore", "fira", "relora"]),
     ({"rank": 33}, ["--rank 33", "allowed: 1..32"]),
     ({"rank": 0}, ["--rank", "[1, inf)"]),
     ({"seq_len": 65}, ["--seq-len 65", "max_position_embeddings", "2..64"]),

@@ -67,7 +67,7 @@ def test_the_saved_model_chains_into_another_finetune(setup, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--train", "nope"], "--train: task 'nope' is unknown"),
     (["--eval", "keys,piqa"], "--eval: task 'piqa' has no file there"),
-    (["--method", "sgd"], "--method: unknown method 'sgd'"),
+    (["--method", "adam8bit"], "--method: unknown method 'adam8bit'"),
     (["--batch-size", "10", "--micro-batch-size", "4"], "--batch-size: must be a multiple"),
     (["--lora-dropout", "2"], "--lora-dropout: must be a number [0.0, 1.0]"),
     (["--scoring", "exact"], "--scoring: allowed: generate, likelihood"),

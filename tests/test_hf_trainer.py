@@ -37,7 +37,7 @@ def test_bad_options_fail_at_the_call():
     with pytest.raises(ValueError, match="layerwise"):
         hf.optimizer_cls_and_kwargs(model, "fira", layerwise=True)
     with pytest.raises(ValueError, match="method must be one of"):
-        hf.optimizer_cls_and_kwargs(model, "sgd")
+        hf.optimizer_cls_and_kwargs(model, "adam8bit")
     with pytest.raises(ValueError):
         hf.optimizer_cls_and_kwargs(model, "fira", rank=0)
 

@@ -270,6 +270,8 @@ def method_options(method: str) -> dict[str, Any]:
             classes = list(bound.__mro__) if inspect.isclass(bound) else [fullrank.SubspaceAdamW]
     found: dict[str, Any] = {}
     for cls in classes:
+        if cls.__module__.startswith("torch.") and cls is not torch.optim.AdamW:
+            break  # torch's base classes (Optimizer, SGD) take what the subclass passes them, no more
         init = cls.__dict__.get("__init__")
         if init is None:
             continue
