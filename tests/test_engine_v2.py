@@ -272,3 +272,50 @@ def test_new_options_are_validated():
         with pytest.raises(ValueError, match=message):
             fullrank.SubspaceAdamW([{"params": [W], "rank": 2}], **options)
     assert math.isclose(fullrank.SubspaceAdamW([{"params": [W], "rank": 2}]).param_groups[0]["bucket_cap_mb"], 256.0)
+
+
+class HostReads:
+    """Counts the tensor methods that copy a device value to the host (each one a synchronisation on
+    a GPU): item, tolist, bool, float, int, numpy, cpu."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("method", ["fira", "galore", "apollo", "adarankgrad", "fira_gradient_shrink"])
+def test_a_steady_step_reads_the_device_once(method, monkeypatch):
+    """The non-finite check (with the convergence flags) is the step's one transfer to the host."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 16), torch.nn.Linear(16, 24))
+    opt = fullrank.make_optimizer(method, fullrank.param_groups(model, rank=4, target_modules=["0", "1", "2"]),
+                                  lr=1e-3)
+    for step in range(3):
+        if step == 2:
+            reads = HostReads(monkeypatch)
+        model(torch.randn(8, 16, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert reads.calls == ["tolist"]
+
+
+def test_layerwise_reads_the_device_once_per_step_not_per_parameter(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 16), torch.nn.Linear(16, 24))
+    opt = fullrank.layerwise(model, lambda g: fullrank.Fira(g, lr=1e-3),
+                             fullrank.param_groups(model, rank=4, target_modules=["0", "1", "2"]))
+    for step in range(3):
+        if step == 2:
+            reads = HostReads(monkeypatch)
+        model(torch.randn(8, 16, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+        if step == 2:
+            assert reads.calls == []  # six parameters were stepped in the hooks without a read
+        opt.step()
+    assert reads.calls == ["tolist"]
