@@ -10,7 +10,8 @@ Prints and writes JSON (``$OUT/gpu_check.json`` when ``$OUT`` is set, else
    ``fira`` 1.0.2 and ``apollo-torch`` 1.0.3, at LLaMA-130M and LLaMA-1B shapes (all weights,
    rank 256 / 512, fp32 parameters with fixed random gradients);
 3. **refresh**: all 84 projected matrices of LLaMA-130M at rank 256 — exact SVD one matrix at a time
-   (engine v1), batched exact, batched randomized and batched warm (1 iteration);
+   (engine v1), batched exact, batched randomized and batched warm (1 iteration); and the
+   **transient memory** of a steady Fira step at LLaMA-7B's matrix shapes (bf16) per ``bucket_cap_mb``;
 4. **end to end**: LLaMA-350M (paper Table 5), rank 256, α = 0.25, bf16 autocast, sequence 256,
    random tokens (no data travels): tokens/s of the steady steps, amortised over T = 200 with a timed
    refresh step, and ``torch.cuda.max_memory_allocated``, for AdamW, GaLore and Fira — the analogue
@@ -155,7 +156,7 @@ def optimizers(named, rank, official) -> dict:
     return opts
 
 
-def step_times(device, shape_name, shape, steps, official, dtype) -> dict:
+def step_times(device, shape_name, shape, steps, official, dtype, refresh_reps: int = 2) -> dict:
     named = weights(shape, device, dtype)
     rows = {}
     for name, make in optimizers(named, shape[3], official).items():
@@ -168,7 +169,7 @@ def step_times(device, shape_name, shape, steps, official, dtype) -> dict:
         row = {"steady_s": steady, "amortised_s": steady}
         if not name.startswith("adamw"):
             extras = []
-            for _ in range(2):
+            for _ in range(refresh_reps):
                 tm.force_projection_refresh(opt, GAP)
                 refresh = median_time(opt.step, device, 1)
                 extras.append(refresh - median_time(opt.step, device, 1))
@@ -223,6 +224,38 @@ def refresh_times(device, shape, reps) -> dict:
         fn()
         out[name + "_s"] = median_time(fn, device, reps)
         print(f"  refresh {len(grads)} matrices, {name:22s} {out[name + '_s']:.3f} s", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------- 3b. transient memory
+def transient_memory(device, quick: bool) -> dict:
+    """Memory a steady Fira step allocates beyond the weights, gradients and state (CUDA's peak minus
+    what was allocated before it), at LLaMA-7B's matrix shapes (4 layers, bf16), per ``bucket_cap_mb``:
+    the docstring's bound is one bucket's stacked gradient plus its low-rank temporaries."""
+    if device.type != "cuda":
+        return {"skipped": "CUDA's allocator statistics are needed (torch.cuda.max_memory_allocated)"}
+    shape = (256, 688, 2, 64) if quick else (4096, 11008, 4, 1024)
+    out = {"shape": dict(hidden=shape[0], intermediate=shape[1], layers=shape[2], rank=shape[3], dtype="bfloat16")}
+    for cap in (64, 256):
+        named = weights(shape, device, torch.bfloat16)
+        proj = [p for _, p, pr in named if pr]
+        opt = fullrank.Fira([dict(params=proj, rank=shape[3], update_proj_gap=GAP)], lr=1e-3, bucket_cap_mb=cap)
+        opt.step()
+        opt.step()
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        opt.step()
+        sync(device)
+        transient = torch.cuda.max_memory_allocated(device) - before
+        grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in proj)
+        largest = max(p.grad.numel() * p.grad.element_size() for p in proj)
+        out[f"cap_{cap}_mib"] = dict(transient_mib=transient / 2**20, projected_gradients_mib=grad_bytes / 2**20,
+                                     largest_matrix_mib=largest / 2**20, share_of_gradients=transient / grad_bytes)
+        print(f"  transient of a Fira step, bucket_cap_mb={cap}: {transient / 2**20:.0f} MiB "
+              f"({transient / grad_bytes:.1%} of {grad_bytes / 2**20:.0f} MiB of projected gradients)", flush=True)
+        del named, proj, opt
+        torch.cuda.empty_cache()
     return out
 
 
@@ -296,7 +329,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="toy sizes (a CPU dry run of every section)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16, help="end-to-end micro-batch (sequences of 256 tokens)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("ops", "step", "refresh", "e2e"))
+    parser.add_argument("--skip", nargs="*", default=[], choices=("ops", "step", "refresh", "memory", "e2e"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device (use --device cpu --quick for a dry run)")
@@ -310,9 +343,12 @@ def main(argv=None) -> int:
                                                                         for k in ("galore_torch", "fira", "apollo_torch")},
               "targets": TARGETS}
     sections = [("ops", lambda: op_counts(device, [2] if args.quick else [2, 6, 12])),
-                ("step", lambda: {name: step_times(device, name, shape, 3 if args.quick else args.steps, official,
-                                                   torch.float32) for name, shape in shapes.items()}),
+                ("step", lambda: {name: step_times(device, name, shape,
+                                                   3 if args.quick else (args.steps if name == "llama_130m" else 10),
+                                                   official, torch.float32, 2 if name == "llama_130m" else 1)
+                                  for name, shape in shapes.items()}),
                 ("refresh", lambda: refresh_times(device, shapes["llama_130m"], 2 if args.quick else 5)),
+                ("memory", lambda: transient_memory(device, args.quick)),
                 ("e2e", lambda: end_to_end(device, args.quick, 3 if args.quick else 10, 2 if args.quick else args.batch))]
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else tm.RESULTS_DIR
     if args.quick and not os.environ.get("OUT"):
