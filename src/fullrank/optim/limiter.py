@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-STATE_KEY = "residual_norm"
+from .state import RESIDUAL_NORM
 
 
 class Limiter:
@@ -92,10 +92,10 @@ def get_limiter(name: str) -> Limiter:
 def limit_factor(
     kind: str, norm: torch.Tensor, state: dict, *, gamma: float, clip_threshold: float, limiter_alpha: float = 0.5
 ) -> torch.Tensor | None:
-    """One matrix's factor c for ‖S‖ = ``norm`` (None means 1); updates ``state[STATE_KEY]``."""
+    """One matrix's factor c for ‖S‖ = ``norm`` (None means 1); updates ``state[RESIDUAL_NORM]``."""
     group = dict(gamma=gamma, clip_threshold=clip_threshold, limiter_alpha=limiter_alpha)
-    previous = state.get(STATE_KEY, torch.zeros_like(norm)).reshape(1)
+    previous = state.get(RESIDUAL_NORM, torch.zeros_like(norm)).reshape(1)
     factor, kept = get_limiter(kind).factors(norm.reshape(1), previous, group)
     if kept is not None:
-        state[STATE_KEY] = kept.reshape(())
+        state[RESIDUAL_NORM] = kept.reshape(())
     return None if factor is None else factor.reshape(())

@@ -23,7 +23,6 @@ import math
 
 import torch
 
-SEED_KEY = "proj_seed"
 _SEED_STRIDE = 1_000_003
 
 

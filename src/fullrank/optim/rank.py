@@ -21,6 +21,8 @@ import statistics
 
 import torch
 
+from .state import EXP_AVG
+
 
 def energy_rank(
     singular_values: torch.Tensor, total_energy: torch.Tensor, eta: float, min_rank: int, max_rank: int
@@ -44,7 +46,7 @@ def low_rank_dim(side: str) -> int:
 
 def current_rank(state: dict, side: str) -> int | None:
     """The rank a matrix's state is allocated at, or None before its first step."""
-    exp_avg = state.get("exp_avg")
+    exp_avg = state.get(EXP_AVG)
     if exp_avg is None:
         return None
     return int(exp_avg.shape[low_rank_dim(side)])

@@ -35,8 +35,7 @@ import torch
 
 from .residual import squared_norm
 
-ENERGY_KEY = "captured_energy"
-LAST_REFRESH_KEY = "last_refresh"
+from .state import CAPTURED_ENERGY, EXP_AVG, LAST_REFRESH, STEP
 
 
 def uses_trigger(group: dict) -> bool:
@@ -55,17 +54,17 @@ def stagger_offset(group: dict, index: int) -> int:
 def refresh_due(group: dict, state: dict, flagged: bool, offset: int = 0) -> bool:
     """Whether the matrix with ``state`` gets a new subspace at this step (``flagged``: ē < τ was read;
     ``offset``: its :func:`stagger_offset`). Every matrix gets its first subspace at its first step."""
-    if "exp_avg" not in state:
+    if EXP_AVG not in state:
         return True
-    last = state.get(LAST_REFRESH_KEY)
+    last = state.get(LAST_REFRESH)
     if uses_trigger(group) and last is not None:
-        return flagged or state["step"] - last >= group["update_proj_gap"]
-    return flagged or (state["step"] - offset) % group["update_proj_gap"] == 0
+        return flagged or state[STEP] - last >= group["update_proj_gap"]
+    return flagged or (state[STEP] - offset) % group["update_proj_gap"] == 0
 
 
 def converged_flag(group: dict, state: dict) -> torch.Tensor | None:
     """0-d bool ``ē < τ`` on the device, or None when the trigger is off or has no average yet."""
-    energy = state.get(ENERGY_KEY)
+    energy = state.get(CAPTURED_ENERGY)
     if energy is None or not uses_trigger(group):
         return None
     return energy.lt(group["refresh_threshold"])
@@ -86,7 +85,7 @@ def captured_energy(grad: torch.Tensor, low: torch.Tensor, grad_norm: torch.Tens
 
 def record_energy_(state: dict, energy: torch.Tensor, refreshed: bool, beta: float) -> None:
     """ē ← e at a refresh, else ē ← β·ē + (1 − β)·e, in place."""
-    if refreshed or ENERGY_KEY not in state:
-        state[ENERGY_KEY] = energy
+    if refreshed or CAPTURED_ENERGY not in state:
+        state[CAPTURED_ENERGY] = energy
     else:
-        state[ENERGY_KEY].lerp_(energy, 1.0 - beta)
+        state[CAPTURED_ENERGY].lerp_(energy, 1.0 - beta)

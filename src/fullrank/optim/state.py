@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from .projector import projection_side
-from .random_proj import SEED_KEY, stores_seed_only
-from .rank import rank_bounds
-
 STEP, ADAM_STEP = "step", "adam_step"
 EXP_AVG, EXP_AVG_SQ = "exp_avg", "exp_avg_sq"
-PROJ_LEFT, PROJ_RIGHT, PROJ_SEED = "proj_left", "proj_right", SEED_KEY
+PROJ_LEFT, PROJ_RIGHT, PROJ_SEED = "proj_left", "proj_right", "proj_seed"
 RESIDUAL_NORM = "residual_norm"
 CAPTURED_ENERGY, LAST_REFRESH = "captured_energy", "last_refresh"
 
@@ -60,11 +56,15 @@ def validate_projected_state(state: dict, param: torch.Tensor, name: str, group:
     """Loaded projection state must fit the parameter and the group's rank: the rank itself for a
     fixed-rank group, any rank in [min_rank, max_rank] for an adaptive one (catches a resume from
     another configuration)."""
+    from .projector import projection_side  # (these units import the keys above)
+    from .random_proj import stores_seed_only
+    from .rank import rank_bounds
+
     m, n = param.shape
     low, high = rank_bounds(group, (m, n))
     at = f"rank {low}" if low == high else f"a rank in [{low}, {high}]"
     left, right, exp_avg = state.get(PROJ_LEFT), state.get(PROJ_RIGHT), state.get(EXP_AVG)
-    seed = state.get(SEED_KEY)
+    seed = state.get(PROJ_SEED)
     if seed is not None:
         if not stores_seed_only(group):
             raise ValueError(f"optimizer state of {name!r} holds a projection seed: it was saved with "

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from . import state as S
+
 ON_SWITCH = ("keep", "reproject", "reset")
 
 
@@ -63,14 +65,13 @@ def switch_moments_(
     """Carry ``state``'s moments from its current projection to (new_left, new_right)."""
     if policy not in ON_SWITCH:
         raise ValueError(f"on_switch must be one of {ON_SWITCH}, got {policy!r}")
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg, exp_avg_sq = state[S.EXP_AVG], state[S.EXP_AVG_SQ]
     if policy == "reproject":
-        q_left, q_right = _rotations(state.get("proj_left"), state.get("proj_right"), new_left, new_right)
-        state["exp_avg"] = _apply(exp_avg, q_left, q_right)
+        q_left, q_right = _rotations(state.get(S.PROJ_LEFT), state.get(S.PROJ_RIGHT), new_left, new_right)
+        state[S.EXP_AVG] = _apply(exp_avg, q_left, q_right)
         sq = lambda q: None if q is None else q.square()  # noqa: E731
-        state["exp_avg_sq"] = _apply(exp_avg_sq, sq(q_left), sq(q_right)).clamp_min_(0.0)
+        state[S.EXP_AVG_SQ] = _apply(exp_avg_sq, sq(q_left), sq(q_right)).clamp_min_(0.0)
         return
     if policy == "reset" or exp_avg.shape != low_shape:
-        state["exp_avg"] = torch.zeros(low_shape, dtype=exp_avg.dtype, device=exp_avg.device)
-        state["exp_avg_sq"] = torch.zeros(low_shape, dtype=exp_avg.dtype, device=exp_avg.device)
-        state["adam_step"] = 0
+        S.new_moments(state, low_shape, exp_avg)
+        state[S.ADAM_STEP] = 0
