@@ -17,6 +17,7 @@ column norms over rows go through 64-row blocks (``residual.CPU_ROW_BLOCK``: mor
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -65,7 +66,11 @@ def build(package, method: str, layers: int, device: torch.device, rank: int = 2
     groups = [dict(params=[p for _, p, pr in named if pr], param_names=[n for n, _, pr in named if pr], rank=rank,
                    update_proj_gap=200),
               dict(params=[p for _, p, pr in named if not pr], param_names=[n for n, _, pr in named if not pr])]
-    options = {"foreach": True} if device.type == "cpu" else {}
+    options = {}
+    if device.type == "cpu":  # the GPU configuration, counted on the CPU: stacked buckets, foreach kernels
+        options = {"foreach": True}
+        if "bucket_cap_mb" in inspect.signature(package.SubspaceAdamW).parameters:
+            options["bucket_cap_mb"] = 256
     return package.make_optimizer(method, groups, lr=1e-3, **options)
 
 

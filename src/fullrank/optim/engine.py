@@ -19,7 +19,9 @@ parameters with one ``_foreach_add_``. The number of operations per step is set 
 buckets, not by depth. Buckets are capped at ``bucket_cap_mb`` of stacked gradient: the transient
 memory of a step is at most that cap (or one matrix, if larger) for the gradient stack plus the
 bucket's low-rank temporaries (R, ψ, moments: ≈ 3·r/min(m, n) of it), e.g. 256 MiB against the
-13 GiB of bf16 gradients of LLaMA-7B (2%). The optimizer state stays per parameter, exactly
+13 GiB of bf16 gradients of LLaMA-7B (2%). On the CPU the default bucket is one matrix: there the
+step is bound by memory traffic, not launches, and a one-matrix bucket is a view of its gradient whose
+update goes straight into the weight (one ``addmm_`` and one ``addcmul_``, engine v1's two passes). The optimizer state stays per parameter, exactly
 2·r·max(m, n) + r·min(m, n) elements per matrix (``state.py`` owns the schema).
 
 The parts are units with one owner each: ``residual.py`` (update rules, a registry), ``limiter.py``
@@ -45,13 +47,17 @@ from . import inner_adam, subspace
 from . import state as S
 from .limiter import Limiter, get_limiter
 from .options import validate_common, validate_projected
-from .projector import add_back_, project, project_back, projection_side
+from .projector import add_back_, add_projected_back_, project, project_back, projection_side
 from .random_proj import stores_seed_only
 from .rank import current_rank, summarize
 from .refresh import record_energy_, stacked_energy, uses_trigger
-from .residual import Bucket, Rule, get_rule, norm_dtype
+from .residual import Bucket, Contribution, Rule, get_rule, norm_dtype
 
 MIB = 2**20
+# bucket_cap_mb=None: one matrix per bucket on the CPU (launches are cheap there and memory traffic is
+# what costs: a one-matrix bucket is a view of its gradient, written straight into the weight), this
+# many MiB of stacked gradient elsewhere (a GPU's step is bound by launches).
+DEFAULT_BUCKET_CAP_MB = 256.0
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -86,32 +92,25 @@ class GroupPlan:
     trigger: bool  # convergence-triggered refresh (τ > 0)
     seed_only: bool  # APOLLO: P regenerated from a stored seed
     options: dict  # the rule's and limiter's options (_RULE_OPTIONS)
-    compiled: dict  # (side, in place) → the compiled residual_update, filled on first use
+    compiled: dict  # (side, compile) → residual_update, compiled on first use when asked
 
-    def residual_update(self, side: str, inplace: bool, compile: bool):
+    def residual_update(self, side: str, compile: bool):
         """:func:`residual_update` with this plan's units bound, compiled when ``compile``."""
-        key = (side, inplace, compile)
+        key = (side, compile)
         if key not in self.compiled:
-            fn = functools.partial(residual_update, self.rule, self.limiter, self.options, side, inplace)
+            fn = functools.partial(residual_update, self.rule, self.limiter, self.options, side)
             self.compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
         return self.compiled[key]
 
 
-def residual_update(rule: Rule, limiter: Limiter, options: dict, side: str, inplace: bool, grads: torch.Tensor,
-                    low: torch.Tensor, psi: torch.Tensor, grad_norms: list, previous: torch.Tensor,
-                    left: torch.Tensor | None, right: torch.Tensor | None):
-    """The steady bucket step after Adam: the rule's contribution (φ, ‖S‖), the limiter's factors and
-    the assembled update P·(a·ψ − κ·c·w·φ∘R) + c·w·φ∘G of every matrix (eq. 7–12).
-
-    Returns (update, kept norms or None, factors or None, ‖S‖² before the limiter or None). A pure
-    function of tensors, with the units and options bound by :meth:`GroupPlan.residual_update`:
-    ``torch.compile(fullgraph=True)`` compiles it without graph breaks (``compile=True``). ``psi``,
-    ``low`` and, when ``inplace``, ``grads`` are overwritten.
-    """
+def residual_coefficients(rule: Rule, limiter: Limiter, options: dict, side: str, grads: torch.Tensor,
+                          low: torch.Tensor, psi: torch.Tensor, grad_norms: list, previous: torch.Tensor | None):
+    """The rule's contribution (φ, ‖S‖) and the limiter's factors c (eq. 8–12): returns
+    (contribution, coef = c·w·φ in the gradients' dtype or None, kept norms or None, factors or None)."""
     contribution = rule.contribution(Bucket(grads, low, psi, side, grad_norms), options)
     factors = kept = None
     if contribution.phi is None:
-        return project_back(psi.mul_(contribution.subspace_scale), left, right), None, None, None
+        return contribution, None, None, None
     coef = contribution.phi
     if contribution.residual_sq is not None:
         norms = contribution.residual_sq.sqrt()
@@ -123,13 +122,39 @@ def residual_update(rule: Rule, limiter: Limiter, options: dict, side: str, inpl
         coef = coef * contribution.weight
     if coef.dtype != grads.dtype:
         coef = coef.to(grads.dtype)
-    update = grads.mul_(coef) if inplace else grads.mul(coef)
+    return contribution, coef, kept, factors
+
+
+def low_rank_term(contribution: Contribution, coef: torch.Tensor | None, low: torch.Tensor, psi: torch.Tensor):
+    """(A, a) with update = a·P·A + coef∘G: A = ψ − (κ/a)·coef∘R, or (coef∘R, −κ) when a = 0, or
+    (None, 0) when there is no subspace term. ``psi`` and ``low`` are overwritten."""
     a, kappa = contribution.subspace_scale, contribution.kappa
-    if a != 0.0:  # + P·(a·ψ − κ·coef∘R) = + a·P·(ψ − (κ/a)·coef∘R)
-        low_term = psi.addcmul_(low, coef, value=-kappa / a) if kappa != 0.0 else psi
-        add_back_(update, low_term, left, right, alpha=a)
-    elif kappa != 0.0:
-        add_back_(update, low.mul_(coef), left, right, alpha=-kappa)
+    if a != 0.0:  # P·(a·ψ − κ·coef∘R) = a·P·(ψ − (κ/a)·coef∘R)
+        return (psi.addcmul_(low, coef, value=-kappa / a) if coef is not None and kappa != 0.0 else psi), a
+    if coef is not None and kappa != 0.0:
+        return low.mul_(coef), -kappa
+    return None, 0.0
+
+
+def residual_update(rule: Rule, limiter: Limiter, options: dict, side: str, grads: torch.Tensor,
+                    low: torch.Tensor, psi: torch.Tensor, grad_norms: list, previous: torch.Tensor | None,
+                    left: torch.Tensor | None, right: torch.Tensor | None):
+    """The steady step of a stacked bucket after Adam: :func:`residual_coefficients`, then the update
+    P·(a·ψ − κ·coef∘R) + coef∘G of every matrix assembled in the gradient stack (eq. 7–12).
+
+    Returns (update, kept norms or None, factors or None, ‖S‖² before the limiter or None). A pure
+    function of tensors, with the units and options bound by :meth:`GroupPlan.residual_update`:
+    ``torch.compile(fullgraph=True)`` compiles it without graph breaks (``compile=True``). ``grads``,
+    ``psi`` and ``low`` are overwritten.
+    """
+    contribution, coef, kept, factors = residual_coefficients(rule, limiter, options, side, grads, low, psi,
+                                                              grad_norms, previous)
+    term, a = low_rank_term(contribution, coef, low, psi)
+    if coef is None:
+        return project_back(term.mul_(a), left, right), None, None, None
+    update = grads.mul_(coef)
+    if term is not None:
+        add_back_(update, term, left, right, alpha=a)
     return update, kept, factors, contribution.residual_sq
 
 
@@ -147,6 +172,20 @@ class Item:
 def _check_dense(grad: torch.Tensor, name: str) -> None:
     if grad.is_sparse:
         raise ValueError(f"parameter {name!r} has a sparse gradient; SubspaceAdamW needs dense gradients")
+
+
+def write_update_(param: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor | None, term: torch.Tensor | None,
+                  a: float, left, right, step_size: float, decay: float) -> None:
+    """W ← W·decay − η·(a·back(term) + coef∘G) for one matrix, in two passes over W: one ``addmm_``
+    (with the decay as its β) and one ``addcmul_`` — no m×n temporary (engine v1's arithmetic)."""
+    left = None if left is None else left[0]
+    right = None if right is None else right[0]
+    if term is not None:
+        add_projected_back_(param, term, left, right, alpha=-step_size * a, beta=decay)
+    elif decay != 1.0:
+        param.mul_(decay)
+    if coef is not None:
+        param.addcmul_(grad, coef, value=-step_size)
 
 
 class SubspaceAdamW(Optimizer):
@@ -190,7 +229,8 @@ class SubspaceAdamW(Optimizer):
             skipped steps are counted in ``skipped_steps``.
         foreach: ``torch._foreach_*`` kernels for the plain groups and the parameter writes
             (default: on).
-        bucket_cap_mb: the most stacked gradient a bucket holds, in MiB (0: one matrix per bucket).
+        bucket_cap_mb: the most stacked gradient a bucket holds, in MiB (0: one matrix per bucket);
+            default: 256 on a GPU, 0 on the CPU (see ``DEFAULT_BUCKET_CAP_MB``).
         compile: run the steady bucket step through ``torch.compile`` (see ``bucket_step``).
     """
 
@@ -230,7 +270,7 @@ class SubspaceAdamW(Optimizer):
         seed: int = 0,
         nonfinite: str = "raise",
         foreach: bool | None = None,
-        bucket_cap_mb: float = 256.0,
+        bucket_cap_mb: float | None = None,
         compile: bool = False,
     ):
         defaults = dict(
@@ -491,9 +531,11 @@ class SubspaceAdamW(Optimizer):
             low_shape = tuple(self.state[item.param][S.EXP_AVG].shape)
             key = (item.param.device, item.param.dtype, tuple(item.param.shape), low_shape)
             by_key.setdefault(key, []).append(item)
-        cap = group["bucket_cap_mb"] * MIB
         buckets = []
-        for members in by_key.values():
+        for (device, *_), members in by_key.items():
+            cap = group["bucket_cap_mb"]
+            cap = (0.0 if device.type == "cpu" else DEFAULT_BUCKET_CAP_MB) if cap is None else cap
+            cap *= MIB
             size = members[0].grad.numel() * members[0].grad.element_size()
             per_bucket = max(1, int(cap // size)) if size else len(members)
             buckets.extend(members[k:k + per_bucket] for k in range(0, len(members), per_bucket))
@@ -527,21 +569,22 @@ class SubspaceAdamW(Optimizer):
                                            eps=group["eps"], foreach=True, convention=convention)
         psi = directions[0].unsqueeze(0) if single else torch.stack(directions)
         previous = torch.stack([s[S.RESIDUAL_NORM] for s in states]) if plan.rule.has_residual else None
-        compiled = group["compile"] and keep is None
-        update, kept, factors, residual_sq = plan.residual_update(side, not single, compiled)(
-            grads, low, psi, bucket.grad_norms, previous, left, right)
-        if kept is not None:
-            if keep is not None:
-                kept = torch.where(keep, kept, previous)
-            torch._foreach_copy_([s[S.RESIDUAL_NORM] for s in states], list(kept.unbind(0)))
-        if residual_sq is not None:
-            self._record_stats(residual_sq, factors)
-
         lr = group["lr"]
         decay = 1.0 - lr * group["weight_decay"]
         # transformers' order W ← (W − η·c·u)·decay, written as W·decay − η·c·decay·u
         late_decay = decay if convention == "transformers" else 1.0
         step_sizes = [lr * c * late_decay for c in inner_adam.step_factors(adam_steps, beta1, beta2, convention)]
+        if single and keep is None:  # one matrix: its update goes straight into the weight
+            contribution, coef, kept, factors = residual_coefficients(
+                plan.rule, plan.limiter, plan.options, side, grads, low, psi, bucket.grad_norms, previous)
+            self._keep_norms(states, kept, previous, keep, contribution.residual_sq, factors)
+            term, a = low_rank_term(contribution, coef, low, psi)
+            write_update_(params[0], members[0].grad, None if coef is None else coef[0],
+                          None if term is None else term[0], a, left, right, step_sizes[0], decay)
+            return
+        update, kept, factors, residual_sq = plan.residual_update(side, group["compile"] and keep is None)(
+            grads, low, psi, bucket.grad_norms, previous, left, right)  # (one matrix here: layer-wise's own copy)
+        self._keep_norms(states, kept, previous, keep, residual_sq, factors)
         step_size = inner_adam.per_matrix(step_sizes, update)
         if isinstance(step_size, torch.Tensor):
             update.mul_(step_size)
@@ -555,6 +598,15 @@ class SubspaceAdamW(Optimizer):
         if decay != 1.0:
             torch._foreach_mul_(params, decay)
         torch._foreach_add_(params, list(update.unbind(0)), alpha=-step_size)
+
+    def _keep_norms(self, states, kept, previous, keep, residual_sq, factors) -> None:
+        """Store the limiter's kept norms (unchanged where ``keep`` is false) and the step's statistics."""
+        if kept is not None:
+            if keep is not None:
+                kept = torch.where(keep, kept, previous)
+            torch._foreach_copy_([s[S.RESIDUAL_NORM] for s in states], list(kept.unbind(0)))
+        if residual_sq is not None:
+            self._record_stats(residual_sq, factors)
 
     # ------------------------------------------------------------------ layer-wise
     @torch.no_grad()

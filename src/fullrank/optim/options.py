@@ -58,7 +58,8 @@ def validate_common(group: dict) -> None:
     check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
     check_range("eps", group["eps"], 0.0, math.inf)
     check_range("weight_decay", group["weight_decay"], 0.0, math.inf)
-    check_range("bucket_cap_mb", group["bucket_cap_mb"], 0.0, math.inf)
+    if group["bucket_cap_mb"] is not None:
+        check_range("bucket_cap_mb", group["bucket_cap_mb"], 0.0, math.inf)
     check_choice("nonfinite", group["nonfinite"])
     check_choice("adam_convention", group["adam_convention"])
 
