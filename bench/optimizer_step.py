@@ -267,7 +267,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rank", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20, help="timed steady steps per optimizer")
     ap.add_argument("--per-turn", type=int, default=2, help="steps an optimizer takes per turn of the round robin")
-    ap.add_argument("--refresh-reps", type=int, default=3, help="timed refresh (SVD) steps per projected optimizer")
+    ap.add_argument("--refresh-reps", type=int, default=3,
+                    help="timed refresh (SVD) steps per projected optimizer (0: steady steps only, amortised = steady)")
     ap.add_argument("--gap", type=int, default=200, help="T: steps between projection refreshes")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -308,7 +309,7 @@ def main(argv=None) -> dict:
     steady = time_steady(opts, device, args.steps, args.per_turn)
     print("  steady steps timed", flush=True)
     refresh = tm.time_refreshes({n: o for n, o in opts.items() if is_projected_optimizer(n)}, device,
-                                args.refresh_reps, args.gap)
+                                args.refresh_reps, args.gap) if args.refresh_reps else {}
     print("  refresh steps timed", flush=True)
     breakdown = {name: profile_breakdown(opt, device) for name, opt in opts.items()} if args.profile else {}
     floor = matmul_floor(named, args, device, reps=max(5, args.steps // 2))
