@@ -3,7 +3,8 @@
 A LLaMA with LLaMA-130M's widths (hidden 768, intermediate 2048, 12 heads, T5 vocabulary) and
 ``--layers`` layers is trained with Fira (rank ``--rank``, lr ``--lr``, no warm-up) on the
 offline Wikipedia corpus; the gradients of every projected matrix are kept at steps 0 and
-``--gaps``. For each gap Δ the basis P of the step-0 gradient (exact top-r) is the "previous"
+``--gaps``, each averaged over ``--keep-batches`` micro-batches (4,096 tokens: one micro-batch of 256
+tokens gives a gradient of rank ≤ 256, which every rank-256 basis of its span captures whole). For each gap Δ the basis P of the step-0 gradient (exact top-r) is the "previous"
 subspace, and the refresh of the gradient G at step Δ is done three ways:
 
 * exact: top-r singular vectors of G (``torch.linalg.svd``, GaLore's projector)
@@ -54,12 +55,15 @@ def collect_gradients(args) -> dict[int, dict[str, torch.Tensor]]:
     names = dict(zip(groups[0]["params"], groups[0]["param_names"]))
     keep, wanted = {}, {0, *args.gaps}
     for step in range(max(args.gaps) + 1):
-        batch = stream.next_batch(args.batch_size)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+        micro = args.keep_batches if step in wanted else 1
+        for _ in range(micro):  # a kept gradient averages many tokens, like a real (large) batch's
+            batch = stream.next_batch(args.batch_size)
+            loss = model(input_ids=batch, labels=batch).loss / micro
+            loss.backward()
         if step in wanted:
             keep[step] = {names[p]: p.grad.detach().clone() for p in groups[0]["params"]}
-            print(f"  step {step}: loss {loss.item():.3f}, gradients kept", flush=True)
+            print(f"  step {step}: loss {micro * loss.item():.3f}, gradients of {micro * args.batch_size * args.seq_len} "
+                  "tokens kept", flush=True)
         optimizer.step()
         optimizer.zero_grad()
     return keep
@@ -86,6 +90,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--keep-batches", type=int, default=16,
+                        help="micro-batches averaged into each kept gradient (16 × 2 × 128 = 4,096 tokens: a gradient "
+                             "of rank up to 768, not the ≤ 256 of one micro-batch, which any rank-256 basis would hold)")
     parser.add_argument("--out", default=str(tm.RESULTS_DIR / "refresh.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
