@@ -281,6 +281,12 @@ def method_options(method: str) -> dict[str, Any]:
             found.setdefault(p.name, None if p.default is p.empty else p.default)
         if cls is fullrank.SubspaceAdamW or cls is torch.optim.AdamW:
             break
+    try:  # the values the method really uses (a preset overrides some of the engine's defaults)
+        probe = torch.nn.Parameter(torch.zeros(2, 2))
+        group = fullrank.make_optimizer(method, [{"params": [probe], "rank": 1}]).param_groups[0]
+        found.update({k: group[k] for k in found if k in group})
+    except Exception:  # noqa: BLE001 (an optimizer that needs more than this: keep the signature's defaults)
+        pass
     return dict(sorted(found.items()))
 
 
@@ -291,8 +297,7 @@ OWN_FLAG_OPTIONS = {"betas": "beta1", "rank": "rank", "update_proj_gap": "update
 
 def optim_help() -> str:
     """The ``--optim-arg`` keys of every method with their defaults (``fullrank pretrain --help-optim``)."""
-    lines = ["--optim-arg KEY=VALUE keys per method, with the default of the method's class in parentheses (a",
-             "preset may choose another, e.g. galore sets limiter=none; see the README's table). lr, betas, eps,",
+    lines = ["--optim-arg KEY=VALUE keys per method, with the value the method uses in parentheses. lr, betas, eps,",
              "weight_decay, rank, update_proj_gap, scale and proj_type have their own flags; lora/relora take none.", ""]
     for method in engine_methods():
         opts = method_options(method)
