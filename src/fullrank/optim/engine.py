@@ -545,7 +545,7 @@ class SubspaceAdamW(Optimizer):
                      keep: torch.Tensor | None = None, captured: list | None = None) -> None:
         """One step of a bucket. ``keep`` (layer-wise mode, one matrix, its gradient already zeroed
         where non-finite): a 0-d bool on the device; when false nothing of the matrix changes.
-        ``captured`` collects (members, ‖R‖² per matrix) for the convergence trigger."""
+        ``captured`` collects (members, ‖R‖ per matrix) for the convergence trigger."""
         states = [self.state[i.param] for i in members]
         for state in states:
             state[S.STEP] += 1
@@ -556,7 +556,7 @@ class SubspaceAdamW(Optimizer):
         side = projection_side(group["proj_type"], tuple(params[0].shape))
         left, right = subspace.stacked_projection(self, group, plan, members, states, side)
         low = project(grads, left, right)
-        bucket = Bucket(grads, low, None, side, [grad_norms.get(id(p)) for p in params])  # (ψ comes below)
+        norms = [grad_norms.get(id(p)) for p in params]  # the non-finite check's ‖G‖ (rules reuse them)
         if captured is not None:
             captured.append((members, torch.linalg.vector_norm(low, dim=(-2, -1), dtype=norm_dtype(low.dtype))))
         beta1, beta2 = group["betas"]
@@ -576,14 +576,14 @@ class SubspaceAdamW(Optimizer):
         step_sizes = [lr * c * late_decay for c in inner_adam.step_factors(adam_steps, beta1, beta2, convention)]
         if single and keep is None:  # one matrix: its update goes straight into the weight
             contribution, coef, kept, factors = residual_coefficients(
-                plan.rule, plan.limiter, plan.options, side, grads, low, psi, bucket.grad_norms, previous)
+                plan.rule, plan.limiter, plan.options, side, grads, low, psi, norms, previous)
             self._keep_norms(states, kept, previous, keep, contribution.residual_sq, factors)
             term, a = low_rank_term(contribution, coef, low, psi)
             write_update_(params[0], members[0].grad, None if coef is None else coef[0],
                           None if term is None else term[0], a, left, right, step_sizes[0], decay)
             return
         update, kept, factors, residual_sq = plan.residual_update(side, group["compile"] and keep is None)(
-            grads, low, psi, bucket.grad_norms, previous, left, right)  # (one matrix here: layer-wise's own copy)
+            grads, low, psi, norms, previous, left, right)  # (one matrix here: layer-wise's own copy)
         self._keep_norms(states, kept, previous, keep, residual_sq, factors)
         step_size = inner_adam.per_matrix(step_sizes, update)
         if isinstance(step_size, torch.Tensor):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import torch
 
-from .residual import squared_norm
 
 from .state import CAPTURED_ENERGY, EXP_AVG, LAST_REFRESH, STEP
 
@@ -74,13 +73,6 @@ def stacked_energy(low_norms: torch.Tensor, grad_norms: torch.Tensor) -> torch.T
     """e_b = ‖R_b‖²/‖G_b‖² from the vectors of norms ‖R_b‖ and ‖G_b‖ (≥ fp32); 1 for a zero gradient."""
     ratio = low_norms.div(grad_norms).square_()
     return torch.where(grad_norms > 0, ratio, 1.0).clamp_max_(1.0)
-
-
-def captured_energy(grad: torch.Tensor, low: torch.Tensor, grad_norm: torch.Tensor | None = None) -> torch.Tensor:
-    """e = ‖R‖²_F / ‖G‖²_F as a 0-d tensor in at least fp32; 1 for a zero gradient (``grad_norm``: ‖G‖
-    if the step has it already)."""
-    grad_sq, low_sq = squared_norm(grad, grad_norm), squared_norm(low)
-    return torch.where(grad_sq > 0, low_sq / grad_sq, torch.ones_like(grad_sq)).clamp_(max=1.0)
 
 
 def record_energy_(state: dict, energy: torch.Tensor, refreshed: bool, beta: float) -> None:

@@ -60,14 +60,6 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return _NORM_DTYPES[dtype]
 
 
-def squared_norm(t: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
-    """‖t‖²_F accumulated in ≥ fp32; ``norm`` = ‖t‖ when already computed, reused at that precision."""
-    dtype = norm_dtype(t.dtype)
-    if norm is not None and norm.dtype == dtype:
-        return norm.square()
-    return torch.linalg.vector_norm(t, dtype=dtype).square()
-
-
 def matrix_norms(t: torch.Tensor) -> torch.Tensor:
     """‖t_b‖ of every matrix of a stack (…×m×n → …×1×1), in ≥ fp32."""
     return torch.linalg.vector_norm(t, dim=(-2, -1), keepdim=True, dtype=norm_dtype(t.dtype))
