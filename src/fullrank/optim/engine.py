@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim import Optimizer
 
-from . import inner_adam, subspace
+from . import inner_adam, sharding, subspace
 from . import state as S
 from .limiter import Limiter, get_limiter
 from .options import validate_common, validate_projected
@@ -104,10 +104,11 @@ class GroupPlan:
 
 
 def residual_coefficients(rule: Rule, limiter: Limiter, options: dict, side: str, grads: torch.Tensor,
-                          low: torch.Tensor, psi: torch.Tensor, grad_norms: list, previous: torch.Tensor | None):
+                          low: torch.Tensor, psi: torch.Tensor, grad_norms: list, previous: torch.Tensor | None,
+                          shard: sharding.BucketShard | None = None):
     """The rule's contribution (φ, ‖S‖) and the limiter's factors c (eq. 8–12): returns
     (contribution, coef = c·w·φ in the gradients' dtype or None, kept norms or None, factors or None)."""
-    contribution = rule.contribution(Bucket(grads, low, psi, side, grad_norms), options)
+    contribution = rule.contribution(Bucket(grads, low, psi, side, grad_norms, shard), options)
     factors = kept = None
     if contribution.phi is None:
         return contribution, None, None, None
@@ -138,18 +139,21 @@ def low_rank_term(contribution: Contribution, coef: torch.Tensor | None, low: to
 
 def residual_update(rule: Rule, limiter: Limiter, options: dict, side: str, grads: torch.Tensor,
                     low: torch.Tensor, psi: torch.Tensor, grad_norms: list, previous: torch.Tensor | None,
-                    left: torch.Tensor | None, right: torch.Tensor | None):
+                    left: torch.Tensor | None, right: torch.Tensor | None,
+                    shard: sharding.BucketShard | None = None):
     """The steady step of a stacked bucket after Adam: :func:`residual_coefficients`, then the update
     P·(a·ψ − κ·coef∘R) + coef∘G of every matrix assembled in the gradient stack (eq. 7–12).
 
     Returns (update, kept norms or None, factors or None, ‖S‖² before the limiter or None). A pure
     function of tensors, with the units and options bound by :meth:`GroupPlan.residual_update`:
     ``torch.compile(fullgraph=True)`` compiles it without graph breaks (``compile=True``). ``grads``,
-    ``psi`` and ``low`` are overwritten.
+    ``psi`` and ``low`` are overwritten. ``shard``: the bucket's collectives on FSDP2 shards (eager only).
     """
     contribution, coef, kept, factors = residual_coefficients(rule, limiter, options, side, grads, low, psi,
-                                                              grad_norms, previous)
+                                                              grad_norms, previous, shard)
     term, a = low_rank_term(contribution, coef, low, psi)
+    if shard is not None:
+        term, coef = shard.gather_terms(term, coef, rule.uses_columns(options))
     if coef is None:
         return project_back(term.mul_(a), left, right), None, None, None
     update = grads.mul_(coef)
@@ -164,9 +168,19 @@ class Item:
 
     ordinal: int  # position over all groups (seeds random draws)
     index: int  # position in its group (refresh staggering)
-    param: torch.Tensor
-    grad: torch.Tensor
+    param: torch.Tensor  # the state's key (an FSDP2 DTensor, or the tensor itself)
+    grad: torch.Tensor  # this rank's part of the gradient
     name: str
+    weight: torch.Tensor | None = None  # this rank's part of the parameter, written in place
+    shard: sharding.RowShard | None = None  # where that part lies (FSDP2), None: the whole tensor
+
+    def __post_init__(self):
+        if self.weight is None:
+            self.weight = self.param
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape)
 
 
 def _check_dense(grad: torch.Tensor, name: str) -> None:
@@ -352,7 +366,7 @@ class SubspaceAdamW(Optimizer):
             if is_projected(group):
                 for param, name in zip(group["params"], parameter_names(group, offset)):
                     if self.state.get(param):
-                        S.validate_projected_state(self.state[param], param, name, group)
+                        S.validate_projected_state(self.state[param], param, name, group, self._row_shard(param, name))
             offset += len(group["params"])
         self.skipped_steps = skipped
         self._plans.clear()
@@ -423,10 +437,24 @@ class SubspaceAdamW(Optimizer):
             for k, (param, name) in enumerate(zip(group["params"], parameter_names(group, offset))):
                 if param.grad is not None:
                     _check_dense(param.grad, name)
-                    items.append(Item(offset + k, k, param, param.grad, name))
+                    shard = self._row_shard(param, name)
+                    if shard is None:
+                        items.append(Item(offset + k, k, param, param.grad, name))
+                    else:
+                        items.append(Item(offset + k, k, param, sharding.local(param.grad), name,
+                                          sharding.local(param), shard))
             offset += len(group["params"])
             work.append((group, items))
         return work
+
+    def _row_shard(self, param: torch.Tensor, name: str) -> sharding.RowShard | None:
+        """The parameter's FSDP2 row shard (cached), or None for a plain tensor."""
+        if not sharding.is_distributed_tensor(param):
+            return None
+        shards = self.__dict__.setdefault("_shards", {})
+        if id(param) not in shards:
+            shards[id(param)] = sharding.row_shard(param, name)
+        return shards[id(param)]
 
     def _synchronize(self, work) -> tuple[bool, set[int], dict[int, torch.Tensor]]:
         """Whether every gradient is finite, the ids of the parameters whose subspace asked for a
@@ -442,10 +470,13 @@ class SubspaceAdamW(Optimizer):
                 if energy is not None:
                     energies.setdefault(energy.device, []).append((id(item.param), energy, group["refresh_threshold"]))
         finite, flagged, grad_norms = True, set(), {}
+        shards = {id(item.param): item.shard for _, items in work for item in items if item.shard is not None}
         for device in grads.keys() | energies.keys():
             values = []
             if device in grads:
                 norms = torch._foreach_norm([g for _, g in grads[device]], 2)
+                if shards:
+                    norms = self._whole_norms(grads[device], norms, shards)
                 grad_norms.update((pid, norm) for (pid, _), norm in zip(grads[device], norms))
                 # a finite 2-norm proves every entry finite (NaN and ±inf propagate through the sum of
                 # squares). Only an overflowing sum of huge finite entries tests non-finite here, and
@@ -467,6 +498,8 @@ class SubspaceAdamW(Optimizer):
             return True, flagged, grad_norms
         entries = [(item.grad, item.name, group) for group, items in work for item in items]
         bad = next(((n, grp) for g, n, grp in entries if not bool(torch.isfinite(g).all())), None)
+        if shards:  # every rank must take the same decision: a non-finite entry anywhere counts
+            bad = self._bad_anywhere(bad, entries, shards)
         if bad is None:  # the 2-norm overflowed on finite gradients
             return True, flagged, grad_norms
         bad_name, bad_group = bad
@@ -477,30 +510,58 @@ class SubspaceAdamW(Optimizer):
             "was changed. Use nonfinite='skip' to skip such steps instead."
         )
 
+    @staticmethod
+    def _whole_norms(pairs, norms, shards) -> list[torch.Tensor]:
+        """Norms of the whole sharded gradients: one all-reduce of their squared local norms per mesh."""
+        norms = list(norms)
+        by_group: dict[int, list[int]] = {}
+        for k, (pid, _) in enumerate(pairs):
+            if pid in shards:
+                by_group.setdefault(id(shards[pid].group), []).append(k)
+        for positions in by_group.values():
+            group = shards[pairs[positions[0]][0]].group
+            sq = torch.stack([norms[k].to(torch.float64) for k in positions]).square_()
+            sharding.all_reduce_(sq, group)
+            for k, value in zip(positions, sq.sqrt_().unbind(0)):
+                norms[k] = value.to(norms[k].dtype)
+        return norms
+
+    @staticmethod
+    def _bad_anywhere(bad, entries, shards):
+        """(name, group) of the first non-finite gradient over all ranks (exchanged only on this rare
+        path), so that every rank raises or skips together with the same message."""
+        group = next(iter(shards.values())).group
+        names = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(names, None if bad is None else bad[0], group=group)
+        name = next((n for n in names if n is not None), None)
+        if name is None:
+            return None
+        return name, next(grp for _, n, grp in entries if n == name)
+
     def _plain_step(self, group: dict, items: list[Item], keep: torch.Tensor | None = None) -> None:
         """torch.optim.AdamW's update, foreach over each device and dtype (``keep``: see
         :meth:`step_parameter`)."""
         for item in items:
             state = self.state[item.param]
             if not state:
-                S.init_plain(state, item.param)
+                S.init_plain(state, item.weight)
             state[S.STEP] += 1
         if keep is not None:
             (item,) = items
             state = self.state[item.param]
-            inner_adam.masked_adamw_(item.param, item.grad, state[S.EXP_AVG], state[S.EXP_AVG_SQ], state[S.STEP],
+            inner_adam.masked_adamw_(item.weight, item.grad, state[S.EXP_AVG], state[S.EXP_AVG_SQ], state[S.STEP],
                                      keep, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                                      weight_decay=group["weight_decay"], convention=group["adam_convention"])
             return
         buckets: dict[tuple, list[Item]] = {}
         for item in items:
-            buckets.setdefault((item.param.device, item.param.dtype), []).append(item)
+            buckets.setdefault((item.weight.device, item.weight.dtype), []).append(item)
         beta1, beta2 = group["betas"]
         foreach = group["foreach"] is not False
         for members in buckets.values():
             states = [self.state[i.param] for i in members]
             inner_adam.adamw_(
-                [i.param for i in members], [i.grad for i in members], [s[S.EXP_AVG] for s in states],
+                [i.weight for i in members], [i.grad for i in members], [s[S.EXP_AVG] for s in states],
                 [s[S.EXP_AVG_SQ] for s in states], [s[S.STEP] for s in states], lr=group["lr"], beta1=beta1,
                 beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], foreach=foreach,
                 convention=group["adam_convention"],
@@ -511,10 +572,13 @@ class SubspaceAdamW(Optimizer):
                         grad_norms: dict[int, torch.Tensor], keep: torch.Tensor | None = None) -> set[int]:
         """Refresh what is due, then step every bucket; returns the ids of the refreshed parameters."""
         plan = self._plan(group)
+        if not plan.rule.shard_aware and any(item.shard is not None for item in items):
+            raise ValueError(f"residual={group['residual']!r} is not shard_aware: it cannot step FSDP2-sharded "
+                             "parameters (see residual.py: take norms through the Bucket and set shard_aware)")
         for item in items:
             state = self.state[item.param]
             if not state:
-                S.init_projected(state, item.param, norm_dtype(item.param.dtype))
+                S.init_projected(state, item.weight, norm_dtype(item.weight.dtype))
         refreshed = subspace.refresh_(self, group, items, flagged)
         captured = [] if plan.trigger else None
         for members in self._buckets(group, items):
@@ -529,7 +593,8 @@ class SubspaceAdamW(Optimizer):
         by_key: dict[tuple, list[Item]] = {}
         for item in items:
             low_shape = tuple(self.state[item.param][S.EXP_AVG].shape)
-            key = (item.param.device, item.param.dtype, tuple(item.param.shape), low_shape)
+            key = (item.weight.device, item.weight.dtype, item.full_shape, low_shape,
+                   None if item.shard is None else id(item.shard.group))
             by_key.setdefault(key, []).append(item)
         buckets = []
         for (device, *_), members in by_key.items():
@@ -550,15 +615,20 @@ class SubspaceAdamW(Optimizer):
         for state in states:
             state[S.STEP] += 1
             state[S.ADAM_STEP] += 1
-        params = [i.param for i in members]
+        params = [i.weight for i in members]
         single = len(members) == 1  # a view, no copy: the stack of one matrix
         grads = members[0].grad.unsqueeze(0) if single else torch.stack([i.grad for i in members])
-        side = projection_side(group["proj_type"], tuple(params[0].shape))
+        side = projection_side(group["proj_type"], members[0].full_shape)
+        shard = None if members[0].shard is None else sharding.BucketShard(members[0].shard, side)
         left, right = subspace.stacked_projection(self, group, plan, members, states, side)
         low = project(grads, left, right)
-        norms = [grad_norms.get(id(p)) for p in params]  # the non-finite check's ‖G‖ (rules reuse them)
+        if shard is not None and shard.columns_sharded:  # Σ_k P_kᵀ·G_k, this rank's columns
+            low = shard.reduce_scatter_columns(low)
+        norms = [grad_norms.get(id(i.param)) for i in members]  # the non-finite check's ‖G‖ (rules reuse them)
         if captured is not None:
-            captured.append((members, torch.linalg.vector_norm(low, dim=(-2, -1), dtype=norm_dtype(low.dtype))))
+            low_norms = (torch.linalg.vector_norm(low, dim=(-2, -1), dtype=norm_dtype(low.dtype)) if shard is None
+                         else shard.matrix_norms(low).view(-1))
+            captured.append((members, low_norms))
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = [s[S.EXP_AVG] for s in states], [s[S.EXP_AVG_SQ] for s in states]
         inner_adam.update_moments_(exp_avgs, exp_avg_sqs, list(low.unbind(0)), beta1=beta1, beta2=beta2,
@@ -576,14 +646,20 @@ class SubspaceAdamW(Optimizer):
         step_sizes = [lr * c * late_decay for c in inner_adam.step_factors(adam_steps, beta1, beta2, convention)]
         if single and keep is None:  # one matrix: its update goes straight into the weight
             contribution, coef, kept, factors = residual_coefficients(
-                plan.rule, plan.limiter, plan.options, side, grads, low, psi, norms, previous)
+                plan.rule, plan.limiter, plan.options, side, grads, low, psi, norms, previous, shard)
             self._keep_norms(states, kept, previous, keep, contribution.residual_sq, factors)
             term, a = low_rank_term(contribution, coef, low, psi)
+            if shard is not None:
+                term, coef = shard.gather_terms(term, coef, plan.rule.uses_columns(plan.options))
             write_update_(params[0], members[0].grad, None if coef is None else coef[0],
                           None if term is None else term[0], a, left, right, step_sizes[0], decay)
             return
-        update, kept, factors, residual_sq = plan.residual_update(side, group["compile"] and keep is None)(
-            grads, low, psi, norms, previous, left, right)  # (one matrix here: layer-wise's own copy)
+        if shard is not None:  # collectives run eagerly
+            update, kept, factors, residual_sq = residual_update(plan.rule, plan.limiter, plan.options, side, grads,
+                                                                 low, psi, norms, previous, left, right, shard)
+        else:
+            update, kept, factors, residual_sq = plan.residual_update(side, group["compile"] and keep is None)(
+                grads, low, psi, norms, previous, left, right)  # (one matrix here: layer-wise's own copy)
         self._keep_norms(states, kept, previous, keep, residual_sq, factors)
         step_size = inner_adam.per_matrix(step_sizes, update)
         if isinstance(step_size, torch.Tensor):
@@ -619,6 +695,9 @@ class SubspaceAdamW(Optimizer):
         at this step, or None)."""
         group, index, ordinal, name = self._locate(param)
         _check_dense(param.grad, name)
+        if sharding.is_distributed_tensor(param):
+            raise ValueError(f"parameter {name!r} is FSDP2-sharded: the layer-wise mode steps whole parameters "
+                             "in backward hooks and does not support FSDP2; use the ordinary step")
         norm = torch.linalg.vector_norm(param.grad, dtype=norm_dtype(param.grad.dtype))
         finite = torch.isfinite(norm)
         grad = torch.where(finite, param.grad, torch.zeros((), dtype=param.grad.dtype, device=param.grad.device))

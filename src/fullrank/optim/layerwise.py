@@ -16,7 +16,7 @@ step in one transfer, takes the masked parameters' counters (and any refresh) ba
 cannot be atomic: the parameters whose gradients arrived before a non-finite one were updated.
 
 Under DDP the gradients are averaged by the reducer after the hooks would fire, so the mode refuses
-a model wrapped in ``DistributedDataParallel``.
+a model wrapped in ``DistributedDataParallel``, and for the same reason an FSDP2-sharded one.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import sharding
 from .engine import NonFiniteGradientError, SubspaceAdamW
 from .options import check_range
 
@@ -39,6 +40,9 @@ class LayerwiseOptimizer(Optimizer):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise ValueError("layerwise: not supported under DistributedDataParallel (the hooks would see "
                              "un-averaged gradients); train without --layerwise or on one process")
+        if any(sharding.is_distributed_tensor(p) for p in model.parameters()):
+            raise ValueError("layerwise: not supported on FSDP2-sharded models (a parameter's gradient is "
+                             "reduce-scattered after its hook would fire); train without --layerwise")
         if not isinstance(optimizer, SubspaceAdamW):
             raise TypeError(f"layerwise needs a fullrank SubspaceAdamW (any preset; for AdamW use "
                             f"fullrank.SubspaceAdamW on groups without 'rank'), got {type(optimizer).__name__}")

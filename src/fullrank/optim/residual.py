@@ -31,7 +31,9 @@ Adding a rule:
 
 1. write a class with ``name`` and ``contribution(bucket, options) -> Contribution`` (``bucket`` holds
    the stacked ``grads``, ``low`` = R, ``psi`` = ψ(R), ``grad_sq`` = ‖G‖² per matrix and ``side``);
-   set ``column_level`` if φ is per column (it then needs a one-sided projection);
+   set ``column_level`` if φ is per column (it then needs a one-sided projection); take every norm
+   through the bucket's ``matrix_norms``, ``column_norms``, ``grad_column_sq`` and ``column_total`` and
+   set ``shard_aware = True``, and the rule also runs on FSDP2-sharded weights (``sharding.py``);
 2. ``register_rule(MyRule())`` — in its own file, imported before the optimizer is built.
 """
 from __future__ import annotations
@@ -92,12 +94,17 @@ class Bucket:
     ``grads`` G (B×m×n), ``low`` R = Pᵀ·G (B×r×n), G·Qᵀ (B×m×r) or Pᵀ·G·Qᵀ, ``psi`` ψ(R) (R's shape),
     ``side`` ("left" | "right" | "both") and ``grad_sq`` ‖G_b‖² (B×1×1, ≥ fp32), computed on first use
     from the norms the step already has (``grad_norms``, one 0-d tensor per matrix, or None).
+
+    On FSDP2-sharded matrices (``shard``, ``sharding.py``) G holds this rank's rows and R, ψ its rows
+    (right projection) or columns (left); a rule then takes every norm through the methods below,
+    which sum the ranks' parts, and stays exact.
     """
 
     def __init__(self, grads: torch.Tensor, low: torch.Tensor, psi: torch.Tensor, side: str,
-                 grad_norms: list | None = None):
+                 grad_norms: list | None = None, shard=None):
         self.grads, self.low, self.psi, self.side = grads, low, psi, side
         self.grad_norms = grad_norms
+        self.shard = shard
         self._grad_sq = None
 
     @property
@@ -108,8 +115,30 @@ class Bucket:
             if norms is not None and None not in norms and norms[0].dtype == dtype:
                 self._grad_sq = torch.stack(norms).square_().view(-1, 1, 1)
             else:
-                self._grad_sq = matrix_norms(self.grads).square_()
+                self._grad_sq = self.matrix_norms(self.grads).square_()
         return self._grad_sq
+
+    def matrix_norms(self, t: torch.Tensor) -> torch.Tensor:
+        """‖t_b‖ of each whole matrix (B×1×1) of ``grads``, ``low``, ``psi`` or a tensor laid out like them."""
+        return matrix_norms(t) if self.shard is None else self.shard.matrix_norms(t)
+
+    def column_norms(self, t: torch.Tensor) -> torch.Tensor:
+        """Column norms (eq. 11) of ``low``, ``psi`` or a tensor laid out like them: whole on every rank
+        (a sharded rank holds whole columns of R for a left projection, whole rows for a right one)."""
+        return column_norms(t, self.side)
+
+    @property
+    def grad_column_sq(self) -> torch.Tensor:
+        """Squared column norms of G matching ``column_norms``' columns (summed over the ranks' rows)."""
+        sq = column_norms(self.grads, self.side).square_()
+        if self.shard is not None and self.shard.columns_sharded:
+            sq = self.shard.reduce_scatter_columns(sq)
+        return sq
+
+    def column_total(self, terms: torch.Tensor) -> torch.Tensor:
+        """Σ of per-column terms (B×1×n or B×m×1) per matrix, shape (B,), over all ranks' columns."""
+        total = terms.sum(dim=(-2, -1))
+        return total if self.shard is None else self.shard.sum_(total)
 
 
 @dataclass
@@ -129,6 +158,7 @@ class Rule:
     name = ""
     column_level = False  # φ per column of G (needs a one-sided projection)
     has_residual = True  # contributes a residual term (then the limiter keeps a norm per matrix)
+    shard_aware = False  # takes every norm through the Bucket's methods (so it runs on FSDP2 shards)
 
     def uses_columns(self, options: dict) -> bool:
         return self.column_level
@@ -141,16 +171,19 @@ def _kappa(options: dict) -> float:
     return options["scale"] if options["residual_convention"] == "official" else 1.0
 
 
-def _scaled(phi: torch.Tensor, sq_g: torch.Tensor, sq_r: torch.Tensor, kappa: float) -> torch.Tensor:
-    """Σ φ²·(‖G_i‖² − (2κ − κ²)·‖R_i‖²) per matrix (Pythagoras, clamped at 0 against rounding)."""
+def _scaled(bucket: Bucket, phi: torch.Tensor, sq_g: torch.Tensor, sq_r: torch.Tensor, kappa: float,
+            columns: bool = False) -> torch.Tensor:
+    """Σ φ²·(‖G_i‖² − (2κ − κ²)·‖R_i‖²) per matrix (Pythagoras, clamped at 0 against rounding), over
+    the columns i (``columns``) or of whole matrices."""
     share = 2.0 * kappa - kappa * kappa
-    residual = (sq_g - sq_r if share == 1.0 else sq_g - share * sq_r).clamp_min_(0.0)
-    return residual.mul_(phi.square()).sum(dim=(-2, -1))
+    residual = (sq_g - sq_r if share == 1.0 else sq_g - share * sq_r).clamp_min_(0.0).mul_(phi.square())
+    return bucket.column_total(residual) if columns else residual.sum(dim=(-2, -1))
 
 
 class Discard(Rule):
     name = "discard"
     has_residual = False
+    shard_aware = True
 
     def contribution(self, bucket, options):
         return Contribution(subspace_scale=options["scale"])
@@ -158,49 +191,53 @@ class Discard(Rule):
 
 class Add(Rule):
     name = "add"
+    shard_aware = True
 
     def contribution(self, bucket, options):
         kappa = _kappa(options)
         phi = torch.ones_like(bucket.grad_sq)
-        return Contribution(options["scale"], phi, kappa, _scaled(phi, bucket.grad_sq, matrix_norms(bucket.low).square(), kappa))
+        return Contribution(options["scale"], phi, kappa,
+                            _scaled(bucket, phi, bucket.grad_sq, bucket.matrix_norms(bucket.low).square(), kappa))
 
 
 class ScaleMatrix(Rule):
     name = "scale_matrix"
+    shard_aware = True
 
     def contribution(self, bucket, options):
         kappa = _kappa(options)
-        low_norm = matrix_norms(bucket.low)
-        phi = matrix_norms(bucket.psi) / (low_norm + PHI_EPS)  # eq. 10
-        return Contribution(options["scale"], phi, kappa, _scaled(phi, bucket.grad_sq, low_norm.square(), kappa))
+        low_norm = bucket.matrix_norms(bucket.low)
+        phi = bucket.matrix_norms(bucket.psi) / (low_norm + PHI_EPS)  # eq. 10
+        return Contribution(options["scale"], phi, kappa, _scaled(bucket, phi, bucket.grad_sq, low_norm.square(), kappa))
 
 
 class ScaleColumn(Rule):
     name = "scale_column"
     column_level = True
+    shard_aware = True
 
     def contribution(self, bucket, options):
         kappa = _kappa(options)
-        low_norm = column_norms(bucket.low, bucket.side)
-        phi = column_norms(bucket.psi, bucket.side) / (low_norm + PHI_EPS)  # eq. 11
-        grad_sq = column_norms(bucket.grads, bucket.side).square_()
-        return Contribution(options["scale"], phi, kappa, _scaled(phi, grad_sq, low_norm.square_(), kappa))
+        low_norm = bucket.column_norms(bucket.low)
+        phi = bucket.column_norms(bucket.psi) / (low_norm + PHI_EPS)  # eq. 11
+        return Contribution(options["scale"], phi, kappa,
+                            _scaled(bucket, phi, bucket.grad_column_sq, low_norm.square_(), kappa, columns=True))
 
 
 class OnlyScaling(Rule):
     name = "only_scaling"
+    shard_aware = True
 
     def uses_columns(self, options):
         return options["scaling_granularity"] == "column"
 
     def contribution(self, bucket, options):
         if self.uses_columns(options):
-            phi = column_norms(bucket.psi, bucket.side) / (column_norms(bucket.low, bucket.side) + PHI_EPS)
-            grad_sq = column_norms(bucket.grads, bucket.side).square()
+            phi = bucket.column_norms(bucket.psi) / (bucket.column_norms(bucket.low) + PHI_EPS)
+            residual_sq = bucket.column_total(phi.square() * bucket.grad_column_sq)
         else:
-            phi = matrix_norms(bucket.psi) / (matrix_norms(bucket.low) + PHI_EPS)
-            grad_sq = bucket.grad_sq
-        residual_sq = (phi.square() * grad_sq).sum(dim=(-2, -1))
+            phi = bucket.matrix_norms(bucket.psi) / (bucket.matrix_norms(bucket.low) + PHI_EPS)
+            residual_sq = (phi.square() * bucket.grad_sq).sum(dim=(-2, -1))
         return Contribution(0.0, phi, 0.0, residual_sq, weight=options["scaling_multiplier"])
 
 

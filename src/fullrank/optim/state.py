@@ -52,16 +52,22 @@ def new_moments(state: dict, shape: torch.Size, like: torch.Tensor) -> None:
     state[EXP_AVG_SQ] = torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-def validate_projected_state(state: dict, param: torch.Tensor, name: str, group: dict) -> None:
+def validate_projected_state(state: dict, param: torch.Tensor, name: str, group: dict, shard=None) -> None:
     """Loaded projection state must fit the parameter and the group's rank: the rank itself for a
     fixed-rank group, any rank in [min_rank, max_rank] for an adaptive one (catches a resume from
-    another configuration)."""
+    another configuration). ``shard`` (FSDP2, ``sharding.RowShard``): the state holds this rank's
+    rows of P and its share of the moments (``sharding.py``)."""
     from .projector import projection_side  # (these units import the keys above)
     from .random_proj import stores_seed_only
     from .rank import rank_bounds
 
+    from .sharding import chunk_span
+
     m, n = param.shape
     low, high = rank_bounds(group, (m, n))
+    side = projection_side(group["proj_type"], (m, n))
+    rows_here = m if shard is None else shard.rows  # rows of G (and P) this process holds
+    cols_here = n if shard is None or side != "left" else chunk_span(n, shard.world, shard.rank)[1]
     at = f"rank {low}" if low == high else f"a rank in [{low}, {high}]"
     left, right, exp_avg = state.get(PROJ_LEFT), state.get(PROJ_RIGHT), state.get(EXP_AVG)
     seed = state.get(PROJ_SEED)
@@ -71,16 +77,15 @@ def validate_projected_state(state: dict, param: torch.Tensor, name: str, group:
                              "projector='random' and residual='only_scaling', this group does not use them")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"optimizer state of {name!r}: proj_seed must be an int, got {seed!r}")
-        side = projection_side(group["proj_type"], (m, n))
-        rows = group["rank"] if side in ("left", "both") else m
-        cols = group["rank"] if side in ("right", "both") else n
+        rows = group["rank"] if side in ("left", "both") else rows_here
+        cols = group["rank"] if side in ("right", "both") else cols_here
         if exp_avg is not None and tuple(exp_avg.shape) != (rows, cols):
             raise ValueError(f"optimizer state of {name!r}: moments {tuple(exp_avg.shape)} do not match the projection "
                              f"({rows}, {cols}) at rank {group['rank']}")
         return
     if exp_avg is not None and left is None and right is None:
         raise ValueError(f"optimizer state of {name!r} has moments but no projection: it was saved by a plain group")
-    if left is not None and (left.shape[0] != m or not low <= left.shape[1] <= high):
+    if left is not None and (left.shape[0] != rows_here or not low <= left.shape[1] <= high):
         raise ValueError(
             f"optimizer state of {name!r}: proj_left {tuple(left.shape)} does not fit a {m}×{n} weight at {at}"
         )
@@ -92,8 +97,8 @@ def validate_projected_state(state: dict, param: torch.Tensor, name: str, group:
         raise ValueError(f"optimizer state of {name!r}: proj_left {tuple(left.shape)} and proj_right "
                          f"{tuple(right.shape)} do not match (different ranks)")
     if exp_avg is not None:
-        rows = left.shape[1] if left is not None else m
-        cols = right.shape[0] if right is not None else n
+        rows = left.shape[1] if left is not None else rows_here
+        cols = right.shape[0] if right is not None else cols_here
         exp_avg_sq = state.get(EXP_AVG_SQ)
         for moment in (exp_avg, exp_avg_sq):
             if moment is None or tuple(moment.shape) != (rows, cols):

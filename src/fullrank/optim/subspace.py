@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from . import random_proj
+from . import random_proj, sharding
 from . import state as S
 from .projector import low_rank_shape, projection_side, truncated_projection
 from .random_proj import gaussian_projection, orthonormal_random_projection
@@ -78,50 +78,106 @@ def refresh_(optimizer, group: dict, items, flagged: set[int]) -> set[int]:
     by_shape: dict[tuple, list] = {}
     for item, state in due:
         warm = group["svd"] == "warm" and S.EXP_AVG in state
-        key = (item.grad.device, item.grad.dtype, tuple(item.grad.shape), warm, tuple(state.get(S.EXP_AVG, ()).shape)
-               if warm else None)
+        key = (item.grad.device, item.grad.dtype, item.full_shape, warm,
+               tuple(state.get(S.EXP_AVG, ()).shape) if warm else None, None if item.shard is None else id(item.shard.group))
         by_shape.setdefault(key, []).append((item, state))
-    installs, pending_ranks = [], []
-    for (_, _, shape, warm, _), pairs in by_shape.items():
-        members, states = [p[0] for p in pairs], [p[1] for p in pairs]
+    installs, pending_ranks, resolved = [], [], []
+    for (_, _, shape, warm, _, _), pairs in by_shape.items():
         side = projection_side(group["proj_type"], shape)
         if group["projector"] == "random":
-            installs.extend(_random_projections(group, members, states, shape, side))
-            continue
-        grads = _stack([item.grad for item in members])
-        if warm:
-            left, right = _warm(group, states, grads, side)
-            installs.extend((item, state, (None if left is None else left[b], None if right is None else right[b]), None)
-                            for b, (item, state) in enumerate(pairs))
-            continue
-        low, high = rank_bounds(group, shape)
-        U, singular, Vh = _svd_factors(group, members, states, grads, high)
-        U = U if side != "right" else None
-        Vh = Vh if side != "left" else None
-        if is_adaptive(group):
-            total = torch.linalg.vector_norm(grads, dim=(-2, -1), dtype=singular.dtype).square()
-            ranks = energy_rank(singular, total, group["rank_energy"], low, high)
-            pending_ranks.append(ranks)
-            rank_of = ("pending", len(pending_ranks) - 1)
+            resolved.extend(_random_projections(group, pairs, shape, side))
+        elif pairs[0][0].shard is not None:
+            resolved.extend(_sharded_projections(group, pairs, shape, side, warm))
         else:
-            rank_of = high
-        for b, (item, state) in enumerate(pairs):
-            factors = (None if U is None else U[b], None if Vh is None else Vh[b])
-            installs.append((item, state, factors, (rank_of, b)))
-    read = _read_ranks(pending_ranks)
+            grads = _stack([item.grad for item, _ in pairs])
+            installs.extend(_factors(group, pairs, grads, shape, side, warm, [s for _, s in pairs], pending_ranks))
+    resolved.extend(_resolve(group, installs, _read_ranks(pending_ranks)))
+    for item, state, left, right, seed in resolved:
+        _install(group, state, item, left, right, seed)
+    return {id(item.param) for item, _ in due}
+
+
+def _factors(group: dict, pairs, grads: torch.Tensor, shape, side: str, warm: bool, warm_states, pending: list):
+    """(item, state, (U or P, Vh or Q), rank spec) of whole gradients ``grads`` of one shape: the
+    warm-started bases, or singular vectors at the top rank with the rank fixed or pending (an
+    adaptive rank, appended to ``pending`` to be read with the others)."""
+    if warm:
+        left, right = _warm(group, warm_states, grads, side)
+        return [(item, state, (None if left is None else left[b], None if right is None else right[b]), None)
+                for b, (item, state) in enumerate(pairs)]
+    low, high = rank_bounds(group, shape)
+    U, singular, Vh = _svd_factors(group, [p[0] for p in pairs], [p[1] for p in pairs], grads, high)
+    U = U if side != "right" else None
+    Vh = Vh if side != "left" else None
+    if is_adaptive(group):
+        total = torch.linalg.vector_norm(grads, dim=(-2, -1), dtype=singular.dtype).square()
+        pending.append(energy_rank(singular, total, group["rank_energy"], low, high))
+        rank_of = ("pending", len(pending) - 1)
+    else:
+        rank_of = high
+    return [(item, state, (None if U is None else U[b], None if Vh is None else Vh[b]), (rank_of, b))
+            for b, (item, state) in enumerate(pairs)]
+
+
+def _resolve(group: dict, installs, read) -> list:
+    """(item, state, left, right, None): the projections truncated to their ranks, in the gradient's dtype."""
+    out = []
     for item, state, projection, rank in installs:
-        if isinstance(projection, dict):  # a seed
-            _install(group, state, item.grad, None, None, projection["seed"])
-            continue
+        dtype = item.grad.dtype
         if rank is not None:
             rank_of, b = rank
             r = read[rank_of[1]][b] if isinstance(rank_of, tuple) else rank_of
-            left, right = truncated_projection(*projection, r, projection_side(group["proj_type"], tuple(item.grad.shape)),
-                                               item.grad.dtype)
+            left, right = truncated_projection(*projection, r, projection_side(group["proj_type"], item.full_shape), dtype)
         else:
-            left, right = (None if t is None else t.to(item.grad.dtype, copy=True).contiguous() for t in projection)
-        _install(group, state, item.grad, left, right, None)
-    return {id(item.param) for item, _ in due}
+            left, right = (None if t is None else t.to(dtype, copy=True).contiguous() for t in projection)
+        out.append((item, state, left, right, None))
+    return out
+
+
+def _sharded_projections(group: dict, pairs, shape, side: str, warm: bool) -> list:
+    """The refresh of FSDP2 row-sharded matrices (``sharding.py``): each due matrix is gathered whole to
+    one owner rank (round-robin), which runs the unsharded refresh on it and broadcasts the new P or Q
+    (and the rank). Returns (item, state, whole left, whole right, None) on every rank."""
+    shard = pairs[0][0].shard
+    sharding.BucketShard(shard, side)  # refuses what cannot be sharded, before any collective
+    grads = _stack([item.grad for item, _ in pairs])
+    m, n = shape
+    out: list = [None] * len(pairs)
+    for owner, positions in enumerate(sharding.deal(len(pairs), shard.world)):
+        if not positions:
+            continue
+        mine = [pairs[p] for p in positions]
+        whole = sharding.gather_rows(grads[positions], shard, owner)
+        warm_states = [s for _, s in mine]
+        if warm and side == "left":  # the owner needs the whole previous P
+            old = sharding.gather_rows(_stack([s[S.PROJ_LEFT] for _, s in mine]), shard, owner)
+            warm_states = None if old is None else [{S.PROJ_LEFT: old[b]} for b in range(len(mine))]
+        high = _current_rank(mine[0][1], side) if warm else rank_bounds(group, shape)[1]
+        ranks = torch.full((len(mine),), high, dtype=torch.int64, device=grads.device)
+        stacked = torch.zeros((len(mine), *((m, high) if side == "left" else (high, n))), dtype=grads.dtype,
+                              device=grads.device)
+        if whole is not None:
+            pending: list = []
+            found = _resolve(group, _factors(group, mine, whole, shape, side, warm, warm_states, pending),
+                             _read_ranks(pending))
+            for b, (_, _, left, right, _) in enumerate(found):
+                projection = left if side == "left" else right
+                ranks[b] = projection.shape[-1] if side == "left" else projection.shape[0]
+                stacked[b, ..., :projection.shape[0], :projection.shape[1]] = projection
+        if is_adaptive(group) and not warm:
+            sharding.broadcast(ranks, shard, owner)
+        sharding.broadcast(stacked, shard, owner)
+        for b, (position, rank) in enumerate(zip(positions, ranks.tolist() if is_adaptive(group) else [high] * len(mine))):
+            item, state = pairs[position]
+            projection = stacked[b, :, :rank] if side == "left" else stacked[b, :rank, :]
+            projection = projection.contiguous()
+            out[position] = (item, state, projection if side == "left" else None,
+                             projection if side == "right" else None, None)
+    return out
+
+
+def _current_rank(state: dict, side: str) -> int:
+    return (state[S.PROJ_LEFT].shape[1] if side == "left" else state[S.PROJ_RIGHT].shape[0])
 
 
 def _read_ranks(pending: list[torch.Tensor]) -> list[list[int]]:
@@ -140,32 +196,47 @@ def _read_ranks(pending: list[torch.Tensor]) -> list[list[int]]:
     return read
 
 
-def _random_projections(group: dict, members, states, shape, side):
-    """APOLLO's seeds (seed-only groups) or GoLore's stored orthonormal bases, one per matrix."""
+def _random_projections(group: dict, pairs, shape, side) -> list:
+    """APOLLO's seeds (seed-only groups) or GoLore's stored orthonormal bases, one per matrix, drawn
+    from the seed alone (the same on every rank of a sharded matrix)."""
     out = []
-    for item, state in zip(members, states):
+    for item, state in pairs:
         seed = random_proj.projection_seed(group["seed"], item.ordinal, state[S.STEP])
         if random_proj.stores_seed_only(group):
-            out.append((item, state, {"seed": seed}, None))
+            out.append((item, state, None, None, seed))
         else:
-            projection = orthonormal_random_projection(shape, side, group["rank"], seed, item.grad.device, item.grad.dtype)
-            out.append((item, state, projection, None))
+            left, right = orthonormal_random_projection(shape, side, group["rank"], seed, item.grad.device, item.grad.dtype)
+            out.append((item, state, left, right, None))
     return out
 
 
-def _install(group: dict, state: dict, grad: torch.Tensor, left, right, seed) -> None:
-    """Write the new projection into the state and carry the moments over (``on_switch``)."""
-    side = projection_side(group["proj_type"], tuple(grad.shape))
+def _install(group: dict, state: dict, item, left, right, seed) -> None:
+    """Write the new projection (whole ``left``/``right``) into the state and carry the moments over
+    (``on_switch``); a sharded rank keeps its rows of P and its share of the moments."""
+    shape = item.full_shape
+    side = projection_side(group["proj_type"], shape)
     if seed is not None:
-        m, n = grad.shape
+        m, n = shape
         r = group["rank"]
         low_shape = torch.Size((r if side in ("left", "both") else m, r if side in ("right", "both") else n))
     else:
-        low_shape = low_rank_shape(tuple(grad.shape), left, right)
+        low_shape = low_rank_shape(shape, left, right)
+    rotations = None
+    shard = item.shard
+    if shard is not None:
+        if side == "left":
+            low_shape = torch.Size((low_shape[0], sharding.chunk_span(shape[1], shard.world, shard.rank)[1]))
+            if left is not None:
+                left = sharding.local_rows(left, shard)
+                old = state.get(S.PROJ_LEFT)
+                if group["on_switch"] == "reproject" and old is not None:  # P_newᵀ·P_old = Σ_k over rows
+                    rotations = (sharding.all_reduce_(left.T @ old, shard.group), None)
+        else:
+            low_shape = torch.Size((shard.rows, low_shape[1]))
     if S.EXP_AVG not in state:
-        S.new_moments(state, low_shape, grad)
+        S.new_moments(state, low_shape, item.grad)
     else:
-        switch_moments_(state, group["on_switch"], left, right, low_shape)
+        switch_moments_(state, group["on_switch"], left, right, low_shape, rotations)
         if group["reset_limiter_on_switch"]:
             state[S.RESIDUAL_NORM] = torch.zeros_like(state[S.RESIDUAL_NORM])
     for key, value in ((S.PROJ_LEFT, left), (S.PROJ_RIGHT, right), (S.PROJ_SEED, seed)):
@@ -184,10 +255,13 @@ def stacked_projection(optimizer, group: dict, plan, members, states, side: str)
         left = _stack([s[S.PROJ_LEFT] for s in states]) if side in ("left", "both") else None
         right = _stack([s[S.PROJ_RIGHT] for s in states]) if side in ("right", "both") else None
         return left, right
-    shape = tuple(members[0].grad.shape)
+    shape = members[0].full_shape
+    shard = members[0].shard
     if len(members) == 1:
         left, right = gaussian_projection(shape, side, group["rank"], states[0][S.PROJ_SEED],
                                           members[0].grad.device, members[0].grad.dtype)
+        if shard is not None and left is not None:
+            left = sharding.local_rows(left, shard)
         return (None if left is None else left.unsqueeze(0)), (None if right is None else right.unsqueeze(0))
     m, n = shape
     r = group["rank"]
@@ -201,4 +275,6 @@ def stacked_projection(optimizer, group: dict, plan, members, states, side: str)
     stacks = [buffer.div_(math.sqrt(r)).to(dtype) for buffer in buffers]
     left = stacks.pop(0) if side in ("left", "both") else None
     right = stacks.pop(0) if side in ("right", "both") else None
+    if shard is not None and left is not None:
+        left = left[:, shard.row_offset:shard.row_offset + shard.rows]
     return left, right

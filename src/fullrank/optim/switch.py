@@ -61,13 +61,15 @@ def switch_moments_(
     new_left: torch.Tensor | None,
     new_right: torch.Tensor | None,
     low_shape: torch.Size,
+    rotations: tuple | None = None,
 ) -> None:
-    """Carry ``state``'s moments from its current projection to (new_left, new_right)."""
+    """Carry ``state``'s moments from its current projection to (new_left, new_right); ``rotations``:
+    (Q_left, Q_right) when the caller computed them (a sharded P: the sum over the ranks' rows)."""
     if policy not in ON_SWITCH:
         raise ValueError(f"on_switch must be one of {ON_SWITCH}, got {policy!r}")
     exp_avg, exp_avg_sq = state[S.EXP_AVG], state[S.EXP_AVG_SQ]
     if policy == "reproject":
-        q_left, q_right = _rotations(state.get(S.PROJ_LEFT), state.get(S.PROJ_RIGHT), new_left, new_right)
+        q_left, q_right = rotations or _rotations(state.get(S.PROJ_LEFT), state.get(S.PROJ_RIGHT), new_left, new_right)
         state[S.EXP_AVG] = _apply(exp_avg, q_left, q_right)
         sq = lambda q: None if q is None else q.square()  # noqa: E731
         state[S.EXP_AVG_SQ] = _apply(exp_avg_sq, sq(q_left), sq(q_right)).clamp_min_(0.0)

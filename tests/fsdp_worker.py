@@ -1,0 +1,274 @@
+"""Worker of tests/test_fsdp.py: fullrank optimizers on a tiny LLaMA under FSDP2 (gloo, CPU), beside
+the same optimizer on the unsharded model in the same process. Rank 0 writes what it measured as JSON.
+
+Run by ``torch.multiprocessing.spawn`` (``python -m`` is not needed): ``main(rank, world, init_file,
+out_dir, phase)``; phase "sharded" (2 ranks: equivalence, state size, communication, save and resume)
+or "reshard" (1 rank: resume the 2-rank checkpoint on another world size).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.fsdp import fully_shard
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fullrank.optim import make_optimizer, param_groups
+from fullrank.optim.sharded_state import distributed_state_dict, load_distributed_state_dict
+from fullrank.optim.sharding import CommLog, chunk_span
+
+VOCAB, HIDDEN, INTERMEDIATE, RANK, GAP = 61, 36, 51, 8, 3
+STEPS = 7
+# (case, preset, options): every method the issue names, plus the code paths that differ (per-matrix φ,
+# stacked buckets, the warm refresh, moment re-projection with a fixed rank).
+CASES = [
+    ("fira", "fira", {}),
+    ("galore", "galore", {}),
+    ("apollo", "apollo", {}),
+    ("adarankgrad", "adarankgrad", {}),
+    ("fira_matrix", "fira_matrix", {}),
+    ("fira_stacked", "fira", {"bucket_cap_mb": 64}),
+    ("fira_warm", "fira", {"svd": "warm"}),
+    ("galore_reproject", "galore", {"on_switch": "reproject", "bucket_cap_mb": 64}),
+]
+
+
+def tiny_llama(seed: int, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=3,
+                         num_key_value_heads=3, num_hidden_layers=2, max_position_embeddings=32,
+                         tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def batches(count: int, seed: int = 1) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (4, 16), generator=generator) for _ in range(count)]
+
+
+def optimizer(model, method: str, options: dict):
+    groups = param_groups(model, rank=RANK, update_proj_gap=GAP)
+    return make_optimizer(method, groups, lr=1e-2, weight_decay=0.01, **options)
+
+
+def train_step(model, opt, x: torch.Tensor) -> float:
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def local_batch(x: torch.Tensor) -> torch.Tensor:
+    return x.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def state_bytes(opt) -> dict:
+    moments = other = 0
+    for state in opt.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                size = value.numel() * value.element_size()
+                if key in ("exp_avg", "exp_avg_sq"):
+                    moments += size
+                else:
+                    other += size
+    return {"moments": moments, "other": other, "total": moments + other}
+
+
+def compare(method: str, options: dict, split: bool = False, dtype: torch.dtype = torch.float32) -> dict:
+    """``method`` on the sharded model beside the unsharded one. Every rank runs the whole batch (the
+    gradient FSDP averages is then the reference's, so only the optimizer can differ), or with
+    ``split`` its half (data parallel: the halves' gradients are summed in another order)."""
+    reference, model = tiny_llama(0, dtype), shard(tiny_llama(0, dtype))
+    start = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    opt_ref, opt = optimizer(reference, method, options), optimizer(model, method, options)
+    losses_ref, losses = [], []
+    for x in batches(STEPS):
+        losses_ref.append(train_step(reference, opt_ref, x))
+        losses.append(train_step(model, opt, local_batch(x) if split else x))
+    worst_weight = worst_update = 0.0
+    for (name, p_ref), (_, p) in zip(reference.named_parameters(), model.named_parameters()):
+        whole = p.full_tensor().detach()
+        worst_weight = max(worst_weight, float((whole - p_ref).norm() / p_ref.norm()))
+        moved = p_ref.detach() - start[name]
+        if moved.norm() > 0:
+            worst_update = max(worst_update, float((whole - start[name] - moved).norm() / moved.norm()))
+    ranks = getattr(opt, "current_ranks", dict)()
+    ranks_equal = ranks == getattr(opt_ref, "current_ranks", dict)()
+    return {"weight_rel": worst_weight, "update_rel": worst_update, "ranks_equal": ranks_equal,
+            "ranks": sorted(set(ranks.values())), "state": state_bytes(opt),
+            "state_reference": state_bytes(opt_ref), "losses_ref": losses_ref,
+            "loss_rank_mean": sum(losses) / len(losses)}
+
+
+def nonfinite() -> dict:
+    """A NaN in rank 1's part of one gradient: every rank skips (or raises) the same step."""
+    out = {}
+    for policy in ("skip", "raise"):
+        model = shard(tiny_llama(0))
+        opt = optimizer(model, "fira", {"nonfinite": policy})
+        x = batches(2)
+        train_step(model, opt, local_batch(x[0]))
+        before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+        model(input_ids=local_batch(x[1]), labels=local_batch(x[1])).loss.backward()
+        weight = model.model.layers[0].mlp.down_proj.weight
+        if dist.get_rank() == 1:
+            weight.grad._local_tensor[0, 0] = float("nan")
+        try:
+            opt.step()
+            raised = None
+        except Exception as error:  # noqa: BLE001 (the test reads the type and message)
+            raised = f"{type(error).__name__}: {error}"
+        unchanged = all(torch.equal(p.full_tensor(), before[n]) for n, p in model.named_parameters())
+        out[policy] = {"raised": raised, "unchanged": unchanged, "skipped": opt.skipped_steps}
+    return out
+
+
+def errors() -> dict:
+    """What a sharded model refuses, with the message."""
+    from fullrank.optim import layerwise
+    from fullrank.optim.residual import Rule, register_rule, Contribution
+
+    class Unaware(Rule):
+        name = "test_unaware"
+
+        def contribution(self, bucket, options):
+            return Contribution(options["scale"])
+
+    register_rule(Unaware())
+    out = {}
+    x = batches(1)[0]
+    for case, build in (
+        ("proj_type_full", lambda m: make_optimizer("galore", param_groups(m, rank=RANK, proj_type="full"))),
+        ("unaware_rule", lambda m: optimizer(m, "galore", {"residual": "test_unaware"})),
+    ):
+        model = shard(tiny_llama(0))
+        opt = build(model)
+        try:
+            train_step(model, opt, local_batch(x))
+            out[case] = None
+        except ValueError as error:
+            out[case] = str(error)
+    model = shard(tiny_llama(0))
+    try:
+        layerwise(model, lambda groups: make_optimizer("fira", groups), param_groups(model, rank=RANK))
+        out["layerwise"] = None
+    except (ValueError, TypeError) as error:
+        out["layerwise"] = str(error)
+    return out
+
+
+def communication() -> dict:
+    """Elements moved by one steady Fira step (no refresh) and by one refresh step, and what the
+    table of sharding.py predicts for this model."""
+    model = shard(tiny_llama(0))
+    opt = optimizer(model, "fira", {})
+    data = batches(GAP + 1)
+    train_step(model, opt, local_batch(data[0]))  # the first refresh
+    with CommLog().recording() as steady:
+        train_step(model, opt, local_batch(data[1]))
+    for x in data[2:GAP]:
+        train_step(model, opt, local_batch(x))
+    with CommLog().recording() as refresh:
+        train_step(model, opt, local_batch(data[GAP]))
+    world = dist.get_world_size()
+    chunk = math.ceil(INTERMEDIATE / world)
+    left = [p for g in opt.param_groups if g.get("rank") for p in g["params"] if p.shape[0] < p.shape[1]]
+    right = [p for g in opt.param_groups if g.get("rank") for p in g["params"] if p.shape[0] >= p.shape[1]]
+    rows = lambda m: math.ceil(m / world)  # noqa: E731
+    predicted_steady = {"reduce_scatter": len(left) * (RANK + 1) * world * chunk,
+                        "all_gather": len(left) * (RANK + 1) * world * chunk}
+    predicted_refresh = {"gather": sum(rows(p.shape[0]) * p.shape[1] for p in left + right),
+                         "broadcast": sum(p.shape[0] * RANK for p in left) + sum(RANK * p.shape[1] for p in right)}
+    return {"steady": steady.elements, "steady_calls": steady.calls, "refresh": refresh.elements,
+            "predicted_steady": predicted_steady, "predicted_refresh": predicted_refresh}
+
+
+def save_and_resume(out: Path) -> dict:
+    """k steps, a DCP checkpoint, then the next steps from a fresh model loaded from it."""
+    data = batches(8, seed=2)
+    model = shard(tiny_llama(0))
+    opt = optimizer(model, "fira", {})
+    for x in data[:4]:
+        train_step(model, opt, local_batch(x))
+    checkpoint = out / "ckpt"
+    dcp.save({"model": model.state_dict(), **distributed_state_dict(opt, model)}, checkpoint_id=str(checkpoint))
+    continued = [train_step(model, opt, local_batch(x)) for x in data[4:]]
+    fresh = shard(tiny_llama(5))  # other weights: everything must come from the checkpoint
+    opt2 = optimizer(fresh, "fira", {})
+    model_state = fresh.state_dict()
+    dcp.load({"model": model_state}, checkpoint_id=str(checkpoint))
+    load_distributed_state_dict(opt2, fresh, checkpoint)
+    resumed = [train_step(fresh, opt2, local_batch(x)) for x in data[4:]]
+    global_losses = []
+    for value in continued:  # the loss of the whole batch: the mean over the ranks' halves
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        global_losses.append(float(t) / dist.get_world_size())
+    return {"continued": continued, "resumed": resumed, "global_continued": global_losses}
+
+
+def reshard(out: Path) -> dict:
+    """The 2-rank checkpoint resumed on this world size (1)."""
+    data = batches(8, seed=2)
+    model = shard(tiny_llama(5))
+    opt = optimizer(model, "fira", {})
+    model_state = model.state_dict()
+    dcp.load({"model": model_state}, checkpoint_id=str(out / "ckpt"))
+    load_distributed_state_dict(opt, model, out / "ckpt")
+    return {"resumed": [train_step(model, opt, local_batch(x)) for x in data[4:]]}
+
+
+def main(rank: int, world: int, init_file: str, out_dir: str, phase: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out = Path(out_dir)
+    try:
+        if phase == "sharded":
+            result = {"cases": {name: compare(method, options) for name, method, options in CASES},
+                      "split": {name: compare(name, {}, split=True) for name in ("adamw", "fira", "galore")},
+                      "float64": {name: compare(name, {}, split=True, dtype=torch.float64)
+                                  for name in ("fira", "galore", "adarankgrad")},
+                      "nonfinite": nonfinite(), "errors": errors(),
+                      "communication": communication(), "resume": save_and_resume(out)}
+        else:
+            result = reshard(out)
+        result["world"] = world
+        gathered = [None] * world
+        dist.all_gather_object(gathered, result)
+        if rank == 0:
+            (out / f"{phase}.json").write_text(json.dumps(gathered))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # by hand: python tests/fsdp_worker.py OUT_DIR
+    import tempfile
+
+    import torch.multiprocessing as mp
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
+    target.mkdir(parents=True, exist_ok=True)
+    for phase, world in (("sharded", 2), ("reshard", 1)):
+        init = target / f"init_{phase}"
+        init.unlink(missing_ok=True)
+        mp.spawn(main, args=(world, str(init), str(target), phase), nprocs=world)
+    print(json.dumps(json.loads((target / "sharded.json").read_text())[0], indent=1)[:4000])
+    print((target / "reshard.json").read_text()[:1000])
+    os.environ.setdefault("unused", "")
+    _ = chunk_span
