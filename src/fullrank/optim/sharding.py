@@ -63,6 +63,11 @@ except ImportError:  # pragma: no cover - torch without DTensor
     DTensor = None
 
 
+# torch ≥ 2.13 names them *_single (the *_tensor names warn)
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def is_distributed_tensor(tensor) -> bool:
     return DTensor is not None and isinstance(tensor, DTensor)
 
@@ -183,7 +188,7 @@ class BucketShard:
         pieces = padded.unflatten(-1, (world, chunk)).movedim(-2, 0).contiguous()  # w×B×a×c
         out = torch.empty(pieces.shape[1:], dtype=partial.dtype, device=partial.device)
         _log("reduce_scatter", pieces.numel())
-        dist.reduce_scatter_tensor(out, pieces.flatten(0, 1), group=self.group)
+        _REDUCE_SCATTER(out, pieces.flatten(0, 1), group=self.group)
         return out[..., :self.local_columns]
 
     def all_gather_columns(self, part: torch.Tensor) -> torch.Tensor:
@@ -193,7 +198,7 @@ class BucketShard:
             part = torch.nn.functional.pad(part, (0, chunk - part.shape[-1]))
         out = torch.empty((world, *part.shape), dtype=part.dtype, device=part.device)
         _log("all_gather", out.numel())
-        dist.all_gather_into_tensor(out.flatten(0, 1), part.contiguous(), group=self.group)
+        _ALL_GATHER(out.flatten(0, 1), part.contiguous(), group=self.group)
         return out.movedim(0, -2).flatten(-2)[..., :self.columns]
 
     def gather_terms(self, term: torch.Tensor | None, coef: torch.Tensor | None, column_coef: bool):

@@ -3,7 +3,9 @@ so that ``torch.load(weights_only=True)`` reads them back.
 
 ``RUN_DIR/checkpoints/step_0001000.pt`` holds the model, the optimizer (moments and projections),
 the scheduler, the data position, every process's RNG states, the step, the token count and the
-config; the newest ``keep`` files are kept.
+config; the newest ``keep`` files are kept. A run with ``--fsdp`` writes a folder
+``step_0001000/`` instead (``fsdp.py``: DCP shards and ``meta.pt`` with everything but the model
+and the optimizer); the functions below treat both alike.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from .errors import ConfigError
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+_FOLDER = re.compile(r"^step_(\d+)$")
+META = "meta.pt"  # of a checkpoint folder (--fsdp)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -29,7 +33,13 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    found += [(int(m.group(1)), p) for p in folder.iterdir() if (m := _FOLDER.match(p.name)) and (p / META).is_file()]
     return sorted(found)
+
+
+def is_sharded(path: Path) -> bool:
+    """A checkpoint folder written with ``--fsdp``."""
+    return Path(path).is_dir()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -51,7 +61,10 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
 
 
 def load_checkpoint(path: Path, *, lazy: bool = False) -> dict:
-    """``torch.load(weights_only=True)`` onto the CPU; ``lazy`` memory-maps the file."""
+    """``torch.load(weights_only=True)`` onto the CPU; ``lazy`` memory-maps the file. For a checkpoint
+    folder (``--fsdp``) its ``meta.pt``: everything but the model and the optimizer."""
+    if is_sharded(path):
+        path = Path(path) / META
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
     except Exception as err:  # unpickling errors, truncated files

@@ -68,6 +68,7 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.1, "cosine decay ends at this fraction of the peak lr")
     grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 disables)")
     layerwise: bool = _f(False, "update each weight during backward and free its gradient at once (GaLore's layer-wise mode): one gradient alive at a time; needs --grad-clip 0 and one process (not DDP)")
+    fsdp: bool = _f(False, "shard the model, its gradients and the optimizer state over the processes with FSDP2 (run under torchrun; checkpoints through torch.distributed.checkpoint, resumable on another number of processes at the same global batch); full-parameter methods only, not --layerwise or --probe")
     max_steps: int = _f(10000, "optimizer steps (paper: 10K for 60M, 20K for 130M, 60K for 350M, 100K for 1B); a resumed run may be given more steps to extend it")
     schedule_steps: int | None = _f(None, "steps of the warm-up + cosine lr schedule; default max_steps. A run extended with --resume RUN --max-steps N keeps its original schedule (the added steps run at the floor min_lr_ratio x lr); --schedule-steps N there re-plans it")
     recipe: str = _f("auto", "defaults of batch_size, grad_accum and eval_tokens: 'paper' (64 x 8 sequences = 131K tokens per step, 10M eval tokens), 'cpu' (4 x 1 = 1K tokens per step, 16K eval tokens) or 'auto' (cpu on a CPU, paper on a GPU); explicit values win")
@@ -351,6 +352,15 @@ def validate_ranges(cfg: TrainConfig) -> None:
     if cfg.layerwise and cfg.grad_clip > 0:
         raise ConfigError("--layerwise updates each weight during backward, before the global gradient norm exists: "
                           "--grad-clip must be 0 with --layerwise")
+    if cfg.fsdp:
+        if cfg.layerwise:
+            raise ConfigError("--fsdp with --layerwise: the layer-wise hooks would fire before FSDP reduce-scatters the "
+                              "gradient; drop one of them")
+        if cfg.method in LORA_METHODS:
+            raise ConfigError(f"--fsdp: method '{cfg.method}' trains LoRA adapters; --fsdp supports the full-parameter "
+                              "methods (adamw and the fullrank presets)")
+        if cfg.probe:
+            raise ConfigError("--probe: the instruments read whole gradients on one process; not available with --fsdp")
     if cfg.method in LORA_METHODS and cfg.optim_args:
         raise ConfigError(f"--optim-arg: engine options {sorted(cfg.optim_args)} do not apply to method '{cfg.method}' (AdamW on LoRA adapters)")
     allowed = method_options(cfg.method) if cfg.optim_args and cfg.method not in LORA_METHODS else {}
@@ -385,8 +395,8 @@ def resume_mismatches(saved: TrainConfig, given: TrainConfig) -> list[str]:
     """'key: saved vs given' for every field that changes training."""
     out = []
     for name in FIELDS:
-        if name in RESUME_FREE:
-            continue
+        if name in RESUME_FREE or (name == "batch_size" and saved.fsdp and given.fsdp):
+            continue  # (FSDP may resume on another number of processes: the global batch is checked there)
         a, b = getattr(saved, name), getattr(given, name)
         if a != b:
             out.append(f"{name}={a!r} (saved) vs {b!r} (given)")

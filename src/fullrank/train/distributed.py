@@ -44,16 +44,21 @@ def pick_device(pref: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(device_pref: str) -> DistEnv:
-    """Read torchrun's environment, choose the device and start the process group if needed."""
+def setup(device_pref: str, single_process_group: bool = False) -> DistEnv:
+    """Read torchrun's environment, choose the device and start the process group if needed (also for
+    one process when ``single_process_group``: FSDP2 needs one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_pref, local_rank)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or single_process_group) and not dist.is_initialized():
         if not dist.is_available():
-            raise ConfigError("WORLD_SIZE > 1 but torch.distributed is not available in this build of PyTorch")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            raise ConfigError("torch.distributed is not available in this build of PyTorch (needed by torchrun and --fsdp)")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world > 1 or "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
+        else:  # one process without torchrun
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(rank, local_rank, world, device)
 
 

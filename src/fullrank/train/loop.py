@@ -20,6 +20,8 @@ from tqdm import tqdm
 
 from . import config as C
 from .checkpoint import (
+    FORMAT_VERSION,
+    checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -29,6 +31,7 @@ from .checkpoint import (
 from .data import CorpusExhausted, Prefetcher
 from .distributed import DistEnv, all_gather_objects, all_reduce_sum, cleanup, setup
 from .errors import TrainingError
+from .fsdp import gradient_sync as fsdp_sync
 from .metrics import (
     RankTracker,
     format_duration,
@@ -70,6 +73,13 @@ def save(run: Run, step: int, data_state: dict, rng: dict | None = None) -> None
     """Checkpoint after ``step`` optimizer steps (written by the main process); ``rng``: the RNG
     state to store (default: the current one)."""
     rngs = all_gather_objects(rng if rng is not None else rng_state(run.env.device), run.env)
+    if run.cfg.fsdp:  # every process writes its shards (fsdp.py)
+        from . import fsdp
+        meta = {"step": step, "tokens": run.tokens, "train_time": run.train_time, "config": C.to_dict(run.cfg),
+                "scheduler": run.scheduler.state_dict(), "data": data_state, "rng": rngs, "format_version": FORMAT_VERSION}
+        fsdp.save(checkpoint_dir(run.run_dir) / f"step_{step:07d}", run.model, run.optimizer, meta, run.env.main,
+                  run.cfg.keep_checkpoints)
+        return
     if run.env.main:
         payload = {
             "step": step, "tokens": run.tokens, "train_time": run.train_time, "config": C.to_dict(run.cfg),
@@ -165,7 +175,11 @@ def accumulate_gradients(run: Run, ddp: torch.nn.Module, prefetch: Prefetcher) -
         batch, state = prefetch.get()
         x = batch[rows].to(env.device, non_blocking=True)
         sync = micro == cfg.grad_accum - 1 or not env.enabled
-        with contextlib.nullcontext() if sync else ddp.no_sync():
+        if cfg.fsdp:
+            context = fsdp_sync(ddp, sync)
+        else:
+            context = contextlib.nullcontext() if sync else ddp.no_sync()
+        with context:
             with autocast(env):
                 loss = ddp(input_ids=x, labels=x).loss
             (loss / cfg.grad_accum).backward()
@@ -197,7 +211,10 @@ def train(run: Run) -> dict:
     cfg, env = run.cfg, run.env
     if cfg.method == "relora":
         from .lora import relora_restart
-    ddp = DistributedDataParallel(run.model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.enabled else run.model
+    if env.enabled and not cfg.fsdp:
+        ddp = DistributedDataParallel(run.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    else:
+        ddp = run.model
     params = [p for p in run.model.parameters() if p.requires_grad]
     tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
     data_state = run.train_stream.state_dict()  # before the prefetch thread moves the stream on
@@ -371,6 +388,15 @@ def finished(cfg: C.TrainConfig, ckpt) -> dict | None:
 def export_hf_model(run: Run) -> Path:
     """``RUN_DIR/hf_model``: the trained model (LoRA adapters merged) and the tokenizer, for
     ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``."""
+    if run.cfg.fsdp:  # gathered whole (collective), written by the main process from an unsharded copy
+        from .fsdp import full_model_state
+        from .models import build_model
+        state = full_model_state(run.model)
+        if not run.env.main:
+            return run.run_dir / "hf_model"
+        whole = build_model(run.model.config, 0)
+        whole.load_state_dict(state)
+        return save_hf_model(whole, run.tokenizer, run.run_dir / "hf_model")
     return save_hf_model(run.model, run.tokenizer, run.run_dir / "hf_model")
 
 
@@ -383,7 +409,7 @@ def pretrain(overrides: dict) -> dict:
         print(f"run {cfg.out_dir} already finished {done.get('steps', cfg.max_steps)} of {cfg.max_steps} steps: "
               f"nothing to do (outputs unchanged); pass --max-steps N (N > {cfg.max_steps}) to extend it", flush=True)
         return done
-    env = setup(cfg.device)
+    env = setup(cfg.device, single_process_group=cfg.fsdp)
     threads_note = None
     if env.device.type == "cpu":
         threads, why = choose_threads(cfg.threads)
@@ -401,8 +427,11 @@ def pretrain(overrides: dict) -> dict:
         finally:
             if env.main:
                 run.log.close()
+        if cfg.fsdp:
+            export_hf_model(run)  # (collective)
         if env.main:
-            export_hf_model(run)
+            if not cfg.fsdp:
+                export_hf_model(run)
             (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
             plot_runs([run.run_dir], run.run_dir / "loss.png", title=f"{cfg.model} {cfg.method}")
             rank_png = run.run_dir / "rank.png"

@@ -101,9 +101,10 @@ def _bytes(n: float) -> str:
 
 
 def _adamw_bytes(params) -> int:
-    """What ``torch.optim.AdamW`` holds for ``params``: two moments in the parameters' dtype and a
-    4-byte step per tensor (computed, not run)."""
-    return sum(2 * p.numel() * p.element_size() + 4 for p in params)
+    """What ``torch.optim.AdamW`` holds for ``params`` in this process (of an FSDP2 parameter: its
+    shard): two moments in the parameters' dtype and a 4-byte step per tensor (computed, not run)."""
+    from ..optim.sharding import local
+    return sum(2 * local(p).numel() * p.element_size() + 4 for p in params)
 
 
 def memory_comparison(model: torch.nn.Module, optimizer, target_modules) -> dict:
@@ -111,6 +112,7 @@ def memory_comparison(model: torch.nn.Module, optimizer, target_modules) -> dict
     model and for the projected matrices alone (the ``nn.Linear`` modules named by ``target_modules``;
     for LoRA: their frozen weights, whose adapters' state is the method's)."""
     from ..memory import optimizer_state_bytes
+    from ..optim.sharding import is_distributed_tensor
 
     model = getattr(model, "module", model)
     targeted = {id(p) for name, module in model.named_modules()
@@ -126,6 +128,7 @@ def memory_comparison(model: torch.nn.Module, optimizer, target_modules) -> dict
         "projected_adamw_state_bytes": _adamw_bytes(projected),
         "projected_matrices": len(projected),
         "projected_parameter_share": sum(p.numel() for p in projected) / max(1, sum(p.numel() for p in full)),
+        "per_process": any(is_distributed_tensor(p) for p in full),  # FSDP2: each process's share
     }
 
 
@@ -151,10 +154,10 @@ def memory_rows(s: dict) -> list[tuple[str, str]]:
     if not m:
         return [("optimizer state", f"{_bytes(s['optimizer_state_bytes'])} ({s['optimizer_state_bytes']:,} bytes)")]
     return [
-        ("state, projected", (f"{_bytes(m['projected_state_bytes'])} vs {_bytes(m['projected_adamw_state_bytes'])} for AdamW: "
+        ("state, projected" + (" (per process)" if m.get("per_process") else ""), (f"{_bytes(m['projected_state_bytes'])} vs {_bytes(m['projected_adamw_state_bytes'])} for AdamW: "
                               f"{_saving(m['projected_state_bytes'], m['projected_adamw_state_bytes'])} "
                               f"({m['projected_matrices']} matrices, {m['projected_parameter_share']:.0%} of the parameters)")),
-        ("state, whole model", (f"{_bytes(m['state_bytes'])} vs {_bytes(m['adamw_state_bytes'])} for AdamW: "
+        ("state, whole model" + (" (per process)" if m.get("per_process") else ""), (f"{_bytes(m['state_bytes'])} vs {_bytes(m['adamw_state_bytes'])} for AdamW: "
                                 f"{_saving(m['state_bytes'], m['adamw_state_bytes'])} (embeddings, lm_head, norms: AdamW in both)")),
     ]
 

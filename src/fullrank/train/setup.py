@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from . import config as C
-from .checkpoint import latest_checkpoint, load_checkpoint, set_rng_state
+from .checkpoint import is_sharded, latest_checkpoint, load_checkpoint, set_rng_state
 from .corpus import check_corpus, make_corpora
 from .data import PackedStream, eval_blocks
 from .distributed import DistEnv, all_gather_objects
@@ -199,6 +199,16 @@ def _engine_optimizer(cfg: C.TrainConfig, model: torch.nn.Module) -> torch.optim
         raise ConfigError(f"optimizer '{cfg.method}': {lines[0] if lines else type(err).__name__}") from None
 
 
+def check_global_batch(state: dict, cfg: C.TrainConfig, env: DistEnv) -> None:
+    """A sharded run resumes on any number of processes that keeps its global batch."""
+    saved = C.from_dict(state["config"], "checkpoint")
+    saved_batch = saved.batch_size * len(state["rng"])
+    if cfg.batch_size * env.world_size != saved_batch:
+        allowed = f"{saved_batch // env.world_size}" if saved_batch % env.world_size == 0 else "none (it does not divide)"
+        raise ConfigError(f"--batch-size: the checkpoint's global batch is {saved_batch} sequences ({saved.batch_size} x "
+                          f"{len(state['rng'])} processes); with {env.world_size} processes --batch-size must be {allowed}")
+
+
 def build_run(cfg: C.TrainConfig, env: DistEnv, ckpt_path: Path | None) -> Run:
     mconfig, linears, tokenizer, train_corpus, val = check_inputs(cfg, env)
     state = load_checkpoint(ckpt_path) if ckpt_path is not None else None
@@ -218,17 +228,31 @@ def build_run(cfg: C.TrainConfig, env: DistEnv, ckpt_path: Path | None) -> Run:
         model = apply_lora(model, [name for name, _ in linears], cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
     model.to(env.device)
     n_params, n_trainable = count_parameters(model)
+    if cfg.fsdp:
+        from .fsdp import shard_model
+        shard_model(model, env.device)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(optimizer, cfg)
     run = Run(cfg, env, run_dir, model, optimizer, scheduler, None, val, None, n_params, n_trainable, tokenizer=tokenizer)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        load_scheduler_state(scheduler, state["scheduler"], cfg)
         rngs = state["rng"]
-        if len(rngs) != env.world_size:
-            raise ConfigError(f"--resume: the checkpoint was written by {len(rngs)} processes, this run has {env.world_size}")
-        set_rng_state(rngs[env.rank], env.device)
+        if is_sharded(ckpt_path):
+            if not cfg.fsdp:
+                raise ConfigError(f"--resume: '{ckpt_path}' was written with --fsdp; resume with --fsdp")
+            check_global_batch(state, cfg, env)
+            from . import fsdp
+            fsdp.load(ckpt_path, model, optimizer)
+        else:
+            if cfg.fsdp:
+                raise ConfigError(f"--resume: '{ckpt_path}' was written without --fsdp; resume without --fsdp")
+            if len(rngs) != env.world_size:
+                raise ConfigError(f"--resume: the checkpoint was written by {len(rngs)} processes, this run has {env.world_size}")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        load_scheduler_state(scheduler, state["scheduler"], cfg)
+        # on another number of processes (--fsdp) each takes the RNG state of its rank modulo the saved ones
+        # (a LLaMA draws no random numbers after its initialisation: the losses do not depend on it)
+        set_rng_state(rngs[env.rank % len(rngs)], env.device)
         run.start_step, run.tokens, run.train_time = int(state["step"]), int(state["tokens"]), float(state["train_time"])
     run.train_stream = PackedStream(
         train_corpus, tokenizer, cfg.seq_len, mconfig.vocab_size, allow_repeat=cfg.allow_repeat,

@@ -1,0 +1,117 @@
+"""``fullrank pretrain --fsdp``: the model sharded by FSDP2 (``fully_shard``), checkpoints through
+``torch.distributed.checkpoint`` (DCP).
+
+* Every decoder layer is its own FSDP unit, the root holds the embeddings, the final norm and the
+  head. Each process keeps ⌈m/w⌉ rows of every weight, its gradient and its share of the optimizer
+  state (``fullrank.optim.sharding``); the fullrank optimizers project whole matrices, so the run
+  trains what one process would. On a GPU the policy computes in bf16 from fp32 master weights and
+  reduces gradients in fp32 (``MixedPrecisionPolicy``); on a CPU everything is fp32.
+* Gradient accumulation reduce-scatters only on the last micro-batch
+  (``set_requires_gradient_sync``).
+* A checkpoint is a folder ``checkpoints/step_NNNNNNN/``: the DCP shards of the model and the
+  optimizer (each process writes its own), and ``meta.pt`` (step, scheduler, data position, RNG
+  states, config) from the main process. It is written under a temporary name and renamed when every
+  process has finished, so a folder with ``meta.pt`` is complete. DCP reshards on load: a run
+  resumes on another number of processes when its global batch (``batch_size`` × processes) is
+  unchanged.
+* The exported Hugging Face model is gathered whole on the main process.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+META = "meta.pt"
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``fully_shard`` each decoder layer, then the root (in place); bf16 compute on a GPU."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        raise ConfigError(f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch {torch.__version__}") from None
+
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+              else MixedPrecisionPolicy())
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ConfigError("--fsdp: the model has no model.layers (a LLaMA-style decoder) to shard")
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Reduce-scatter the gradients on this backward (``sync``) or keep accumulating them locally."""
+    model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The DCP state of the model and the optimizer (fullrank's own layout, or torch's for AdamW)."""
+    from fullrank.optim import SubspaceAdamW
+    from fullrank.optim.sharded_state import distributed_state_dict
+
+    if isinstance(optimizer, SubspaceAdamW):
+        return {"model": model.state_dict(), **distributed_state_dict(optimizer, model)}
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def save(folder: Path, model, optimizer, meta: dict | None, main: bool, keep: int) -> Path:
+    """Write the checkpoint folder (collective: every process calls it; ``meta`` from the main one)."""
+    import torch.distributed.checkpoint as dcp
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
+    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
+    if main:
+        torch.save(meta, tmp / META)
+    dist.barrier()
+    if main:
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        for old in sorted(p for p in folder.parent.iterdir() if p.is_dir() and (p / META).is_file())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return folder
+
+
+def load(folder: Path, model, optimizer) -> None:
+    """Load the model and the optimizer from a checkpoint folder, resharded to this world size."""
+    import torch.distributed.checkpoint as dcp
+
+    from fullrank.optim import SubspaceAdamW
+    from fullrank.optim.sharded_state import load_distributed_state_dict
+
+    if isinstance(optimizer, SubspaceAdamW):
+        model_state = model.state_dict()
+        dcp.load({"model": model_state}, checkpoint_id=str(folder))
+        load_distributed_state_dict(optimizer, model, folder)
+        return
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """Every weight whole, on the CPU of the main process (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

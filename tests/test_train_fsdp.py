@@ -1,0 +1,116 @@
+"""``fullrank pretrain --fsdp``: 2 CPU processes (torchrun, gloo) train what 1 process trains, resume
+exactly from their DCP checkpoints, and resume on 1 process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from train_fixtures import setup_tiny, single_thread, tiny_argv  # noqa: F401 (autouse fixture)
+
+from fullrank.cli import main
+from fullrank.train.checkpoint import latest_checkpoint, list_checkpoints
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+COMMON = dict(method="fira", grad_accum=2, eval_every=2, update_proj_gap=2, grad_clip=1.0, schedule_steps=4,
+              save_every=2)
+
+
+def train_losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["type"] == "train"]
+
+
+def torchrun(tiny, out: Path, processes: int = 2, **flags) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "fullrank", *tiny_argv(tiny, out, **flags)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def weights(run_dir: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(run_dir / "hf_model").state_dict()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp_train")
+    tiny = setup_tiny(tmp)
+    torchrun(tiny, tmp / "fsdp", batch_size=1, max_steps=4, fsdp=True, **COMMON)
+    assert main(tiny_argv(tiny, tmp / "single", batch_size=2, max_steps=4, **COMMON)) == 0
+    torchrun(tiny, tmp / "resumed", batch_size=1, max_steps=2, fsdp=True, **COMMON)
+    torchrun(tiny, tmp / "resumed", batch_size=1, max_steps=4, fsdp=True, **COMMON, resume=tmp / "resumed")
+    return tiny, tmp
+
+
+def test_two_sharded_processes_train_what_one_process_trains(runs):
+    """Fira with refreshes, gradient accumulation (gradient sync on the last micro-batch only) and
+    global clipping: the same losses and the same exported weights as one unsharded process."""
+    _, tmp = runs
+    assert train_losses(tmp / "fsdp") == pytest.approx(train_losses(tmp / "single"), rel=1e-5)
+    single = weights(tmp / "single")
+    for key, value in weights(tmp / "fsdp").items():
+        torch.testing.assert_close(value, single[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_checkpoints_are_dcp_folders(runs):
+    _, tmp = runs
+    found = list_checkpoints(tmp / "fsdp")
+    assert [step for step, _ in found] == [2, 4]
+    for _, folder in found:
+        assert folder.is_dir() and (folder / "meta.pt").is_file()
+        assert len(list(folder.glob("*.distcp"))) == 2  # one file of shards per process
+    assert not list((tmp / "fsdp" / "checkpoints").glob("*.tmp"))
+
+
+def test_resume_continues_with_identical_losses(runs):
+    _, tmp = runs
+    assert train_losses(tmp / "resumed") == train_losses(tmp / "fsdp")
+
+
+def test_resume_on_one_process(runs):
+    """The 2-process checkpoint of step 2, resharded onto 1 process at the same global batch."""
+    tiny, tmp = runs
+    one = tmp / "one"
+    one.mkdir()
+    (one / "checkpoints").mkdir()
+    import shutil
+    for name in ("config.yaml", "metrics.jsonl"):
+        shutil.copy(tmp / "resumed" / name, one / name)
+    shutil.copytree(dict(list_checkpoints(tmp / "resumed"))[2], one / "checkpoints" / "step_0000002")
+    lines = (one / "metrics.jsonl").read_text().splitlines()
+    (one / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= 2))
+    assert main(tiny_argv(tiny, None, resume=one, batch_size=2, max_steps=4, fsdp=True, **COMMON)) == 0
+    assert train_losses(one) == pytest.approx(train_losses(tmp / "fsdp"), rel=1e-5)
+    assert latest_checkpoint(one).name == "step_0000004"
+
+
+def test_resume_at_another_global_batch_is_refused(runs, capsys):
+    tiny, tmp = runs
+    code = main(tiny_argv(tiny, None, resume=tmp / "fsdp", batch_size=1, max_steps=6, fsdp=True, **COMMON))
+    assert code != 0
+    assert "--batch-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(fsdp=True, layerwise=True, grad_clip=0.0), "--layerwise"),
+    (dict(fsdp=True, method="lora"), "LoRA"),
+    (dict(fsdp=True, probe="spikes"), "--probe"),
+])
+def test_fsdp_refuses_what_it_cannot_shard(tmp_path, capsys, flags, message):
+    tiny = setup_tiny(tmp_path)
+    assert main(tiny_argv(tiny, tmp_path / "run", **flags)) != 0
+    assert message in capsys.readouterr().err
