@@ -45,13 +45,15 @@ def _states(optimizer) -> list[tuple[torch.Tensor, dict]]:
 def optimizer_state_bytes(optimizer, params=None) -> int:
     """Bytes held in the optimizer's state tensors (moments, projections, limiter norms, steps),
     each storage counted once and in full (a view keeps its whole storage alive); only the state of
-    ``params`` when given."""
+    ``params`` when given. Of DTensor state (torch optimizers under FSDP2): this process's shards."""
+    from .optim.sharding import local
+
     keep = None if params is None else {id(p) for p in params}
     seen, total = set(), 0
     for param, state in _states(optimizer):
         if keep is not None and id(param) not in keep:
             continue
-        for t in (v for v in state.values() if isinstance(v, torch.Tensor)):
+        for t in (local(v) for v in state.values() if isinstance(v, torch.Tensor)):
             storage = t.untyped_storage()
             key = (t.device, storage.data_ptr(), storage.nbytes())
             if storage.nbytes() == 0 or key in seen:
