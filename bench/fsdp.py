@@ -85,13 +85,14 @@ def build(layers: int, device, dtype, shard: bool):
     return model, named
 
 
-def make(method: str, named, rank: int, gap: int):
+def make(method: str, named, rank: int, gap: int, bucket_cap_mb=None):
     proj = [(n, p) for n, p, is_proj in named if is_proj]
     plain = [(n, p) for n, p, is_proj in named if not is_proj]
     groups = [{"params": [p for _, p in proj], "param_names": [n for n, _ in proj], "rank": rank,
                "update_proj_gap": gap, "scale": 0.25},
               {"params": [p for _, p in plain], "param_names": [n for n, _ in plain]}]
-    return fullrank.make_optimizer(method, groups, lr=1e-3)
+    options = {} if bucket_cap_mb is None or method == "adamw" else {"bucket_cap_mb": bucket_cap_mb}
+    return fullrank.make_optimizer(method, groups, lr=1e-3, **options)
 
 
 def sync(device) -> None:
@@ -100,7 +101,7 @@ def sync(device) -> None:
 
 
 def measure(method: str, named, args, device) -> dict:
-    opt = make(method, named, args.rank, args.gap)
+    opt = make(method, named, args.rank, args.gap, args.bucket_cap_mb)
     sync(device)
     t = time.perf_counter()
     opt.step()  # the first refresh (state allocated)
@@ -126,8 +127,8 @@ def measure(method: str, named, args, device) -> dict:
             sync(device)
             refresh = time.perf_counter() - t
     return {"steady_s": statistics.median(times), "steady_all_s": times, "refresh_s": refresh, "first_step_s": first,
-            "steady_elements": steady_log.elements, "steady_calls": steady_log.calls,
-            "refresh_elements": refresh_log.elements, "refresh_calls": refresh_log.calls,
+            "steady_elements": steady_log.elements, "steady_calls": steady_log.calls, "steady_comm_s": steady_log.seconds,
+            "refresh_elements": refresh_log.elements, "refresh_calls": refresh_log.calls, "refresh_comm_s": refresh_log.seconds,
             "state_bytes": optimizer_state_bytes(opt)}
 
 
@@ -176,15 +177,21 @@ def worker(args) -> None:
         del whole
     gathered = [None] * world
     dist.all_gather_object(gathered, results["sharded"])
-    if me != 0:
-        return
-    elem = torch.empty((), dtype=dtype).element_size()
-    pred = predicted(build_shapes(args), args.rank, world)
-    out = {"machine": tm.machine_info(device), "git": tm.git_info(), "world": world, "rank": args.rank, "gap": args.gap,
+    if me == 0:
+        report(args, device, total_params, gathered, results["unsharded"], named_shapes=build_shapes(args))
+    dist.barrier()  # (a process leaving while another still talks to it aborts in gloo)
+
+
+def report(args, device, total_params, gathered, unsharded, named_shapes) -> None:
+    world = len(gathered)
+    elem = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    pred = predicted(named_shapes, args.rank, world)
+    out = {"command": "python bench/fsdp.py " + " ".join(sys.argv[1:]), "bucket_cap_mb": args.bucket_cap_mb,
+           "machine": tm.machine_info(device), "git": tm.git_info(), "world": world, "rank": args.rank, "gap": args.gap,
            "layers": args.layers, "dtype": args.dtype, "threads_per_process": args.threads,
            "load_average": os.getloadavg(), "parameters": total_params,
            "fsdp_elements_per_step": 3 * total_params * (world - 1) / world,
-           "predicted_elements": pred, "per_process": gathered, "unsharded": results["unsharded"],
+           "predicted_elements": pred, "per_process": gathered, "unsharded": unsharded,
            "element_bytes": elem}
     target = Path(args.out or Path(__file__).parent / "results" / f"fsdp{'' if device.type == 'cpu' else '_' + device.type}.json")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -207,9 +214,9 @@ def summary(out: dict) -> str:
     lines = [f"LLaMA-{out['layers']}-layer shapes (hidden 768), rank {out['rank']}, {world} process(es), {out['dtype']}, "
              f"{out['threads_per_process']} thread(s) each; load average {out['load_average'][0]:.1f}",
              f"FSDP's own traffic per step and process: {out['fsdp_elements_per_step'] * elem / 2**20:.0f} MiB",
-             "| method | step, sharded (per process) | step, 1 process unsharded | ratio | refresh step sharded / unsharded | "
-             "optimizer traffic per step | per refresh | state per process / unsharded |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | step, sharded (per process) | of it in collectives | step, 1 process unsharded | ratio | "
+             "refresh step sharded / unsharded | optimizer traffic per step | per refresh step | state per process / unsharded |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, sharded in out["per_process"][0].items():
         whole = out["unsharded"].get(method, {})
         slowest = max(p[method]["steady_s"] for p in out["per_process"])
@@ -218,7 +225,8 @@ def summary(out: dict) -> str:
         refresh = (f"{max(p[method]['refresh_s'] for p in out['per_process']):.2f} / {whole.get('refresh_s', 0):.2f} s"
                    if sharded["refresh_s"] is not None else "–")
         state = sum(p[method]["state_bytes"] for p in out["per_process"]) / world
-        lines.append(f"| {method} | {slowest * 1e3:.0f} ms | {whole.get('steady_s', float('nan')) * 1e3:.0f} ms | "
+        comm = max(sum(p[method]["steady_comm_s"].values()) for p in out["per_process"])
+        lines.append(f"| {method} | {slowest * 1e3:.0f} ms | {comm * 1e3:.0f} ms | {whole.get('steady_s', float('nan')) * 1e3:.0f} ms | "
                      f"{slowest / whole.get('steady_s', float('nan')):.2f} | {refresh} | {steady_mib:.2f} MiB | "
                      f"{refresh_mib:.1f} MiB | {state / 2**20:.0f} / {whole.get('state_bytes', 0) / 2**20:.0f} MiB |")
     pred = out["predicted_elements"]
@@ -238,6 +246,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--bucket-cap-mb", type=float, default=None, help="the engine's bucket_cap_mb (default: its own)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]

@@ -15,7 +15,10 @@ Prints and writes JSON (``$OUT/gpu_check.json`` when ``$OUT`` is set, else
 4. **end to end**: LLaMA-350M (paper Table 5), rank 256, α = 0.25, bf16 autocast, sequence 256,
    random tokens (no data travels): tokens/s of the steady steps, amortised over T = 200 with a timed
    refresh step, and ``torch.cuda.max_memory_allocated``, for AdamW, GaLore and Fira — the analogue
-   of the paper's Table r8.
+   of the paper's Table r8;
+5. **FSDP2 on one GPU** (``bench/fsdp.py --processes 1``): the optimizer step of AdamW, Fira, GaLore
+   and APOLLO at LLaMA-130M shapes on FSDP2-sharded weights (a mesh of one GPU: the DTensor path's
+   cost, no traffic) beside the same step on plain weights.
 
 Targets (issue): Fira's amortised step ≤ 2× AdamW (foreach) at LLaMA-130M shapes; the 84-matrix
 refresh ≤ 0.3 s; Fira's end-to-end throughput ≥ 97% of AdamW's at LLaMA-350M; ops ≤ 3× AdamW's.
@@ -323,13 +326,28 @@ def end_to_end(device, quick: bool, steps: int, batch: int) -> dict:
                            dtype="bf16 autocast" if device.type == "cuda" else "fp32"), "methods": rows}
 
 
+def fsdp_one_device(device, quick: bool, out_dir: Path) -> dict:
+    """bench/fsdp.py in one process on ``device`` (its own process: it starts a process group)."""
+    import subprocess
+    target = out_dir / f"fsdp_{device.type}{'_quick' if quick else ''}.json"
+    sizes = ["--layers", "1", "--rank", "32", "--gap", "4", "--steps", "2"] if quick else ["--gap", "6", "--steps", "4"]
+    cmd = [sys.executable, str(Path(__file__).parent / "fsdp.py"), "--device", device.type, "--processes", "1",
+           "--out", str(target), *sizes]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    print(proc.stdout[-3000:], flush=True)
+    return json.loads(target.read_text())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--quick", action="store_true", help="toy sizes (a CPU dry run of every section)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16, help="end-to-end micro-batch (sequences of 256 tokens)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("ops", "step", "refresh", "memory", "e2e"))
+    parser.add_argument("--skip", nargs="*", default=[], choices=("ops", "step", "refresh", "memory", "e2e", "fsdp"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device (use --device cpu --quick for a dry run)")
@@ -349,7 +367,8 @@ def main(argv=None) -> int:
                                   for name, shape in shapes.items()}),
                 ("refresh", lambda: refresh_times(device, shapes["llama_130m"], 2 if args.quick else 5)),
                 ("memory", lambda: transient_memory(device, args.quick)),
-                ("e2e", lambda: end_to_end(device, args.quick, 3 if args.quick else 10, 2 if args.quick else args.batch))]
+                ("e2e", lambda: end_to_end(device, args.quick, 3 if args.quick else 10, 2 if args.quick else args.batch)),
+                ("fsdp", lambda: fsdp_one_device(device, args.quick, out_dir))]
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else tm.RESULTS_DIR
     if args.quick and not os.environ.get("OUT"):
         out_dir = Path("/tmp")  # a dry run is not a result

@@ -244,7 +244,8 @@ class SubspaceAdamW(Optimizer):
         foreach: ``torch._foreach_*`` kernels for the plain groups and the parameter writes
             (default: on).
         bucket_cap_mb: the most stacked gradient a bucket holds, in MiB (0: one matrix per bucket);
-            default: 256 on a GPU, 0 on the CPU (see ``DEFAULT_BUCKET_CAP_MB``).
+            default: 256 on a GPU and for FSDP2 shards, 0 for whole matrices on the CPU (see
+            ``DEFAULT_BUCKET_CAP_MB``).
         compile: run the steady bucket step through ``torch.compile`` (see ``bucket_step``).
     """
 
@@ -599,7 +600,8 @@ class SubspaceAdamW(Optimizer):
         buckets = []
         for (device, *_), members in by_key.items():
             cap = group["bucket_cap_mb"]
-            cap = (0.0 if device.type == "cpu" else DEFAULT_BUCKET_CAP_MB) if cap is None else cap
+            if cap is None:  # FSDP2 shards stack on the CPU too: there a bucket's collectives cost latency
+                cap = 0.0 if device.type == "cpu" and members[0].shard is None else DEFAULT_BUCKET_CAP_MB
             cap *= MIB
             size = members[0].grad.numel() * members[0].grad.element_size()
             per_bucket = max(1, int(cap // size)) if size else len(members)

@@ -51,6 +51,7 @@ themselves ``shard_aware`` (a rule written for whole matrices would see partial 
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -118,17 +119,21 @@ def row_shard(param: torch.Tensor, name: str) -> RowShard | None:
 
 
 class CommLog:
-    """Counts the elements this rank's collectives moved, per kind (``bench/fsdp.py``, tests)."""
+    """Counts the elements this rank's collectives moved, per kind, and the seconds spent in them
+    (host time: waiting for the other ranks included; on a GPU, the launch only) — ``bench/fsdp.py``,
+    tests."""
 
     active: "CommLog | None" = None
 
     def __init__(self):
         self.elements: dict[str, int] = {}
         self.calls: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
 
-    def add(self, kind: str, elements: int) -> None:
+    def add(self, kind: str, elements: int, seconds: float = 0.0) -> None:
         self.elements[kind] = self.elements.get(kind, 0) + int(elements)
         self.calls[kind] = self.calls.get(kind, 0) + 1
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
 
     @contextmanager
     def recording(self):
@@ -139,15 +144,21 @@ class CommLog:
             CommLog.active = previous
 
 
-def _log(kind: str, elements: int) -> None:
-    if CommLog.active is not None:
-        CommLog.active.add(kind, elements)
+@contextmanager
+def _logged(kind: str, elements: int):
+    """Count a collective in the active :class:`CommLog` (if any)."""
+    if CommLog.active is None:
+        yield
+        return
+    start = time.perf_counter()
+    yield
+    CommLog.active.add(kind, elements, time.perf_counter() - start)
 
 
 def all_reduce_(tensor: torch.Tensor, group, op=None) -> torch.Tensor:
     """Sum (or ``op``) ``tensor`` over the group, in place."""
-    _log("all_reduce", tensor.numel())
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    with _logged("all_reduce", tensor.numel()):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
     return tensor
 
 
@@ -187,8 +198,8 @@ class BucketShard:
             padded = torch.nn.functional.pad(partial, (0, chunk * world - partial.shape[-1]))
         pieces = padded.unflatten(-1, (world, chunk)).movedim(-2, 0).contiguous()  # w×B×a×c
         out = torch.empty(pieces.shape[1:], dtype=partial.dtype, device=partial.device)
-        _log("reduce_scatter", pieces.numel())
-        _REDUCE_SCATTER(out, pieces.flatten(0, 1), group=self.group)
+        with _logged("reduce_scatter", pieces.numel()):
+            _REDUCE_SCATTER(out, pieces.flatten(0, 1), group=self.group)
         return out[..., :self.local_columns]
 
     def all_gather_columns(self, part: torch.Tensor) -> torch.Tensor:
@@ -197,8 +208,8 @@ class BucketShard:
         if part.shape[-1] != chunk:
             part = torch.nn.functional.pad(part, (0, chunk - part.shape[-1]))
         out = torch.empty((world, *part.shape), dtype=part.dtype, device=part.device)
-        _log("all_gather", out.numel())
-        _ALL_GATHER(out.flatten(0, 1), part.contiguous(), group=self.group)
+        with _logged("all_gather", out.numel()):
+            _ALL_GATHER(out.flatten(0, 1), part.contiguous(), group=self.group)
         return out.movedim(0, -2).flatten(-2)[..., :self.columns]
 
     def gather_terms(self, term: torch.Tensor | None, coef: torch.Tensor | None, column_coef: bool):
@@ -232,8 +243,8 @@ def gather_rows(stack: torch.Tensor, shard: RowShard, owner: int) -> torch.Tenso
         padded = torch.nn.functional.pad(stack, (0, 0, 0, chunk - stack.shape[-2]))
     padded = padded.contiguous()
     pieces = [torch.empty_like(padded) for _ in range(shard.world)] if shard.rank == owner else None
-    _log("gather", padded.numel())
-    dist.gather(padded, pieces, dst=dist.get_global_rank(shard.group, owner), group=shard.group)
+    with _logged("gather", padded.numel()):
+        dist.gather(padded, pieces, dst=dist.get_global_rank(shard.group, owner), group=shard.group)
     if pieces is None:
         return None
     rows = [chunk_span(m, shard.world, k)[1] for k in range(shard.world)]
@@ -242,8 +253,8 @@ def gather_rows(stack: torch.Tensor, shard: RowShard, owner: int) -> torch.Tenso
 
 def broadcast(tensor: torch.Tensor, shard: RowShard, owner: int) -> torch.Tensor:
     """``tensor`` of ``owner`` on every rank (in place; the others pass a buffer of its shape)."""
-    _log("broadcast", tensor.numel())
-    dist.broadcast(tensor, src=dist.get_global_rank(shard.group, owner), group=shard.group)
+    with _logged("broadcast", tensor.numel()):
+        dist.broadcast(tensor, src=dist.get_global_rank(shard.group, owner), group=shard.group)
     return tensor
 
 

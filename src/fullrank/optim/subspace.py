@@ -135,42 +135,51 @@ def _resolve(group: dict, installs, read) -> list:
 
 
 def _sharded_projections(group: dict, pairs, shape, side: str, warm: bool) -> list:
-    """The refresh of FSDP2 row-sharded matrices (``sharding.py``): each due matrix is gathered whole to
-    one owner rank (round-robin), which runs the unsharded refresh on it and broadcasts the new P or Q
-    (and the rank). Returns (item, state, whole left, whole right, None) on every rank."""
+    """The refresh of FSDP2 row-sharded matrices (``sharding.py``): the due matrices are dealt
+    round-robin to owner ranks and each is gathered whole to its owner; the owners run the unsharded
+    refresh on their matrices at the same time (the SVD work is split w ways), then each broadcasts
+    its new P or Q (and the ranks). An owner holds its share of the due gradients whole meanwhile.
+    Returns (item, state, whole left, whole right, None) on every rank."""
     shard = pairs[0][0].shard
     sharding.BucketShard(shard, side)  # refuses what cannot be sharded, before any collective
     grads = _stack([item.grad for item, _ in pairs])
     m, n = shape
-    out: list = [None] * len(pairs)
-    for owner, positions in enumerate(sharding.deal(len(pairs), shard.world)):
-        if not positions:
-            continue
+    dealt = [(owner, positions) for owner, positions in enumerate(sharding.deal(len(pairs), shard.world)) if positions]
+    whole = old = None
+    for owner, positions in dealt:  # 1. the gradients (a warm left refresh: and the previous P) to their owners
+        gathered = sharding.gather_rows(grads[positions], shard, owner)
+        if warm and side == "left":
+            previous = sharding.gather_rows(_stack([pairs[p][1][S.PROJ_LEFT] for p in positions]), shard, owner)
+            old = previous if owner == shard.rank else old
+        whole = gathered if owner == shard.rank else whole
+    high = _current_rank(pairs[0][1], side) if warm else rank_bounds(group, shape)[1]
+    buffers = {}
+    for owner, positions in dealt:  # 2. each owner refreshes its own matrices, while the others do theirs
         mine = [pairs[p] for p in positions]
-        whole = sharding.gather_rows(grads[positions], shard, owner)
-        warm_states = [s for _, s in mine]
-        if warm and side == "left":  # the owner needs the whole previous P
-            old = sharding.gather_rows(_stack([s[S.PROJ_LEFT] for _, s in mine]), shard, owner)
-            warm_states = None if old is None else [{S.PROJ_LEFT: old[b]} for b in range(len(mine))]
-        high = _current_rank(mine[0][1], side) if warm else rank_bounds(group, shape)[1]
         ranks = torch.full((len(mine),), high, dtype=torch.int64, device=grads.device)
         stacked = torch.zeros((len(mine), *((m, high) if side == "left" else (high, n))), dtype=grads.dtype,
                               device=grads.device)
-        if whole is not None:
+        buffers[owner] = ranks, stacked
+        if owner == shard.rank:
+            warm_states = ([{S.PROJ_LEFT: old[b]} for b in range(len(mine))] if warm and side == "left"
+                           else [s for _, s in mine])
             pending: list = []
             found = _resolve(group, _factors(group, mine, whole, shape, side, warm, warm_states, pending),
                              _read_ranks(pending))
             for b, (_, _, left, right, _) in enumerate(found):
                 projection = left if side == "left" else right
                 ranks[b] = projection.shape[-1] if side == "left" else projection.shape[0]
-                stacked[b, ..., :projection.shape[0], :projection.shape[1]] = projection
+                stacked[b, :projection.shape[0], :projection.shape[1]] = projection
+    out: list = [None] * len(pairs)
+    for owner, positions in dealt:  # 3. every owner's bases (and ranks) to every rank
+        ranks, stacked = buffers[owner]
+        out_ranks = [high] * len(positions)
         if is_adaptive(group) and not warm:
-            sharding.broadcast(ranks, shard, owner)
+            out_ranks = sharding.broadcast(ranks, shard, owner).tolist()
         sharding.broadcast(stacked, shard, owner)
-        for b, (position, rank) in enumerate(zip(positions, ranks.tolist() if is_adaptive(group) else [high] * len(mine))):
+        for b, (position, rank) in enumerate(zip(positions, out_ranks)):
             item, state = pairs[position]
-            projection = stacked[b, :, :rank] if side == "left" else stacked[b, :rank, :]
-            projection = projection.contiguous()
+            projection = (stacked[b, :, :rank] if side == "left" else stacked[b, :rank, :]).contiguous()
             out[position] = (item, state, projection if side == "left" else None,
                              projection if side == "right" else None, None)
     return out
