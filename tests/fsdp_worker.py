@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fullrank.optim import make_optimizer, param_groups
-from fullrank.optim.sharded_state import distributed_state_dict, load_distributed_state_dict
-from fullrank.optim.sharding import CommLog, chunk_span
+from fullrank.optim.sharding import CommLog
 
 VOCAB, HIDDEN, INTERMEDIATE, RANK, GAP = 61, 36, 51, 8, 3
 STEPS = 7
+RESUMED = ("fira", "adarankgrad", "apollo", "adamw", "flora")  # saved and resumed through fullrank.train.fsdp
 # (case, preset, options): every method the issue names, plus the code paths that differ (per-matrix φ,
 # stacked buckets, the warm refresh, moment re-projection with a fixed rank).
 CASES = [
@@ -36,6 +34,10 @@ CASES = [
     ("fira_stacked", "fira", {"bucket_cap_mb": 64}),
     ("fira_warm", "fira", {"svd": "warm"}),
     ("galore_reproject", "galore", {"on_switch": "reproject", "bucket_cap_mb": 64}),
+    # the other presets
+    *[(name, name, {}) for name in ("fira_no_scaling", "fira_no_limiter", "fira_grad_clipping", "fira_gradient_shrink",
+                                    "fira_tensor_scaling", "fira_only_scaling", "fira_adaptive", "apollo_mini", "flora",
+                                    "sgd")],
 ]
 
 
@@ -199,21 +201,22 @@ def communication() -> dict:
             "predicted_steady": predicted_steady, "predicted_refresh": predicted_refresh}
 
 
-def save_and_resume(out: Path) -> dict:
-    """k steps, a DCP checkpoint, then the next steps from a fresh model loaded from it."""
+def save_and_resume(out: Path, method: str = "fira") -> dict:
+    """k steps, a checkpoint (``fullrank.train.fsdp.save``: DCP), then the next steps from a fresh
+    model loaded from it (``fsdp.load``)."""
+    from fullrank.train import fsdp
+
     data = batches(8, seed=2)
     model = shard(tiny_llama(0))
-    opt = optimizer(model, "fira", {})
+    opt = optimizer(model, method, {})
     for x in data[:4]:
         train_step(model, opt, local_batch(x))
-    checkpoint = out / "ckpt"
-    dcp.save({"model": model.state_dict(), **distributed_state_dict(opt, model)}, checkpoint_id=str(checkpoint))
+    checkpoint = out / f"ckpt_{method}"
+    fsdp.save(checkpoint, model, opt, {"step": 4}, dist.get_rank() == 0)
     continued = [train_step(model, opt, local_batch(x)) for x in data[4:]]
     fresh = shard(tiny_llama(5))  # other weights: everything must come from the checkpoint
-    opt2 = optimizer(fresh, "fira", {})
-    model_state = fresh.state_dict()
-    dcp.load({"model": model_state}, checkpoint_id=str(checkpoint))
-    load_distributed_state_dict(opt2, fresh, checkpoint)
+    opt2 = optimizer(fresh, method, {})
+    fsdp.load(checkpoint, fresh, opt2)
     resumed = [train_step(fresh, opt2, local_batch(x)) for x in data[4:]]
     global_losses = []
     for value in continued:  # the loss of the whole batch: the mean over the ranks' halves
@@ -224,14 +227,17 @@ def save_and_resume(out: Path) -> dict:
 
 
 def reshard(out: Path) -> dict:
-    """The 2-rank checkpoint resumed on this world size (1)."""
+    """The 2-rank checkpoints resumed on this world size (1)."""
+    from fullrank.train import fsdp
+
     data = batches(8, seed=2)
-    model = shard(tiny_llama(5))
-    opt = optimizer(model, "fira", {})
-    model_state = model.state_dict()
-    dcp.load({"model": model_state}, checkpoint_id=str(out / "ckpt"))
-    load_distributed_state_dict(opt, model, out / "ckpt")
-    return {"resumed": [train_step(model, opt, local_batch(x)) for x in data[4:]]}
+    result = {}
+    for method in RESUMED:
+        model = shard(tiny_llama(5))
+        opt = optimizer(model, method, {})
+        fsdp.load(out / f"ckpt_{method}", model, opt)
+        result[method] = [train_step(model, opt, local_batch(x)) for x in data[4:]]
+    return result
 
 
 def main(rank: int, world: int, init_file: str, out_dir: str, phase: str) -> None:
@@ -245,7 +251,8 @@ def main(rank: int, world: int, init_file: str, out_dir: str, phase: str) -> Non
                       "float64": {name: compare(name, {}, split=True, dtype=torch.float64)
                                   for name in ("fira", "galore", "adarankgrad")},
                       "nonfinite": nonfinite(), "errors": errors(),
-                      "communication": communication(), "resume": save_and_resume(out)}
+                      "communication": communication(),
+                      "resume": {method: save_and_resume(out, method) for method in RESUMED}}
         else:
             result = reshard(out)
         result["world"] = world
@@ -270,5 +277,3 @@ if __name__ == "__main__":  # by hand: python tests/fsdp_worker.py OUT_DIR
         mp.spawn(main, args=(world, str(init), str(target), phase), nprocs=world)
     print(json.dumps(json.loads((target / "sharded.json").read_text())[0], indent=1)[:4000])
     print((target / "reshard.json").read_text()[:1000])
-    os.environ.setdefault("unused", "")
-    _ = chunk_span

@@ -90,14 +90,16 @@ def test_communication_matches_the_documented_volume(runs):
     assert comm["steady"]["all_reduce"] < 64
 
 
-def test_resume_from_dcp_is_exact(runs):
+@pytest.mark.parametrize("method", fsdp_worker.RESUMED)
+def test_resume_from_dcp_is_exact(runs, method):
     for rank in runs[0]:
-        assert rank["resume"]["resumed"] == rank["resume"]["continued"]
+        assert rank["resume"][method]["resumed"] == rank["resume"][method]["continued"]
 
 
-def test_resume_on_another_world_size(runs):
+@pytest.mark.parametrize("method", fsdp_worker.RESUMED)
+def test_resume_on_another_world_size(runs, method):
     """The 2-rank checkpoint on 1 rank: the whole-batch losses of the 2-rank continuation."""
-    two, one = runs[0][0]["resume"]["global_continued"], runs[1]["resumed"]
+    two, one = runs[0][0]["resume"][method]["global_continued"], runs[1][method]
     assert one == pytest.approx(two, rel=1e-5)
 
 

@@ -17,6 +17,10 @@ Only the seed of each projection is stored. A matrix is compressed when its grou
 authors' implementation; κ is the group's ``kappa``, else its ``update_proj_gap``, else 1000.
 Projections are drawn on the CPU from ``torch.Generator().manual_seed(seed)``; the k-th parameter
 starts at seed ``seed + k`` (k from 1) and each resampling moves to ``next_seed(seed)``.
+
+On FSDP2-sharded parameters (DTensors) the state and the projections are DTensors too (row factors
+and row-side moments sharded like the weight, the rest replicated) and DTensor's operators do the
+reductions across processes: the same updates as unsharded, without Flora-specific collectives.
 """
 from __future__ import annotations
 
@@ -52,6 +56,26 @@ def compress(projection: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
 def decompress(projection: torch.Tensor, compressed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     m, n = shape
     return projection.T @ compressed if m < n else compressed @ projection.T
+
+
+def _device(tensor: torch.Tensor) -> torch.device:
+    from .sharding import local
+    return local(tensor).device
+
+
+def _like(param: torch.Tensor, tensor: torch.Tensor, shard_dim: int | None) -> torch.Tensor:
+    """``tensor`` (whole, the same on every process) laid out for ``param``: for an FSDP2 DTensor a
+    DTensor sharded along ``shard_dim`` like the parameter's rows (None: replicated), so that Flora's
+    arithmetic runs on DTensors and their reductions span the processes; else ``tensor`` itself."""
+    from .sharding import DTensor, Replicate, Shard, chunk_span, is_distributed_tensor
+    if not is_distributed_tensor(param):
+        return tensor
+    mesh = param.device_mesh
+    if shard_dim is None:  # every process drew the same numbers: no communication
+        return DTensor.from_local(tensor, mesh, [Replicate()], run_check=False)
+    start, size = chunk_span(tensor.shape[shard_dim], mesh.size(), mesh.get_local_rank())
+    return DTensor.from_local(tensor.narrow(shard_dim, start, size).contiguous(), mesh, [Shard(shard_dim)],
+                              run_check=False, shape=tensor.shape, stride=tensor.stride())
 
 
 def _rms(tensor: torch.Tensor) -> torch.Tensor:
@@ -140,15 +164,16 @@ class Flora(Optimizer):
         if "step" not in state:
             state["step"] = 0
             if factored:
-                state["exp_avg_sq_row"] = torch.zeros(shape[0], dtype=grad.dtype, device=grad.device)
-                state["exp_avg_sq_col"] = torch.zeros(shape[1], dtype=grad.dtype, device=grad.device)
+                state["exp_avg_sq_row"] = _like(p, torch.zeros(shape[0], dtype=grad.dtype, device=_device(grad)), 0)
+                state["exp_avg_sq_col"] = _like(p, torch.zeros(shape[1], dtype=grad.dtype, device=_device(grad)), None)
             else:
                 state["exp_avg_sq"] = torch.zeros_like(grad)
             if beta1 > 0:
                 if compressed:
                     rank = group["rank"]
                     low = (rank, shape[1]) if shape[0] < shape[1] else (shape[0], rank)
-                    state["exp_avg"] = torch.zeros(low, dtype=grad.dtype, device=grad.device)
+                    moment = torch.zeros(low, dtype=grad.dtype, device=_device(grad))
+                    state["exp_avg"] = _like(p, moment, None if shape[0] < shape[1] else 0)
                 else:
                     state["exp_avg"] = torch.zeros_like(grad)
         state["step"] += 1
@@ -171,12 +196,12 @@ class Flora(Optimizer):
             m = state["exp_avg"]
             if compressed:
                 rank, seed = group["rank"], state["seed"]
-                projection = random_projection(seed, shape, rank, grad.device, grad.dtype)
+                projection = _like(p, random_projection(seed, shape, rank, _device(grad), grad.dtype), None)
                 normalised = update
                 update = (1.0 - beta1) * normalised + beta1 * decompress(projection, m, shape)
                 if t % self._kappa(group) == 0:  # resample; transfer the momentum (Algorithm 2)
                     seed = state["seed"] = next_seed(seed)
-                    new_projection = random_projection(seed, shape, rank, grad.device, grad.dtype)
+                    new_projection = _like(p, random_projection(seed, shape, rank, _device(grad), grad.dtype), None)
                     m.copy_(compress(new_projection, decompress(projection, m, shape)))
                     projection = new_projection
                 m.mul_(beta1).add_(compress(projection, normalised), alpha=1.0 - beta1)

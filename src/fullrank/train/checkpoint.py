@@ -55,9 +55,19 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
     tmp = path.with_suffix(".pt.tmp")
     torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
     os.replace(tmp, path)
-    for _, old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+    prune_checkpoints(run_dir, keep)
     return path
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (files, or folders written with ``--fsdp``)."""
+    import shutil
+
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, *, lazy: bool = False) -> dict:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .errors import ConfigError
 
-META = "meta.pt"
+from .checkpoint import META
 
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -68,7 +68,7 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     return {"model": model_state, "optim": optim_state}
 
 
-def save(folder: Path, model, optimizer, meta: dict | None, main: bool, keep: int) -> Path:
+def save(folder: Path, model, optimizer, meta: dict | None, main: bool) -> Path:
     """Write the checkpoint folder (collective: every process calls it; ``meta`` from the main one)."""
     import torch.distributed.checkpoint as dcp
 
@@ -84,8 +84,6 @@ def save(folder: Path, model, optimizer, meta: dict | None, main: bool, keep: in
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-        for old in sorted(p for p in folder.parent.iterdir() if p.is_dir() and (p / META).is_file())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return folder
 
@@ -104,10 +102,29 @@ def load(folder: Path, model, optimizer) -> None:
         return
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    _materialize_state(optimizer)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _materialize_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fresh torch-style optimizer its whole state (one step at lr 0 on zero gradients), so that
+    the template DCP loads into has every key. (torch's own helper does this only for an empty state;
+    Flora keeps its projection seeds in the state from the start.)"""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if all(any(isinstance(v, torch.Tensor) for v in optimizer.state.get(p, {}).values()) for p in params):
+        return
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
 
 
 def full_model_state(model: torch.nn.Module) -> dict:

@@ -23,6 +23,7 @@ from .checkpoint import (
     FORMAT_VERSION,
     checkpoint_dir,
     latest_checkpoint,
+    prune_checkpoints,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -77,8 +78,10 @@ def save(run: Run, step: int, data_state: dict, rng: dict | None = None) -> None
         from . import fsdp
         meta = {"step": step, "tokens": run.tokens, "train_time": run.train_time, "config": C.to_dict(run.cfg),
                 "scheduler": run.scheduler.state_dict(), "data": data_state, "rng": rngs, "format_version": FORMAT_VERSION}
-        fsdp.save(checkpoint_dir(run.run_dir) / f"step_{step:07d}", run.model, run.optimizer, meta, run.env.main,
-                  run.cfg.keep_checkpoints)
+        fsdp.save(checkpoint_dir(run.run_dir) / f"step_{step:07d}", run.model, run.optimizer, meta, run.env.main)
+        if run.env.main:
+            prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
+        all_gather_objects(None, run.env)
         return
     if run.env.main:
         payload = {
