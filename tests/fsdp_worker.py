@@ -118,6 +118,32 @@ def compare(method: str, options: dict, split: bool = False, dtype: torch.dtype 
             "loss_rank_mean": sum(losses) / len(losses)}
 
 
+def mixed_precision() -> dict:
+    """``fullrank.train.fsdp.shard_model`` with the bf16 policy (what a GPU run gets) beside fp32
+    unsharded Fira on the same batches: the dtypes of weights, gradients and state, and how far
+    the losses and weights drift."""
+    from fullrank.train.fsdp import shard_model
+
+    reference, model = tiny_llama(0), shard_model(tiny_llama(0), torch.device("cpu"), bf16=True)
+    opt_ref, opt = optimizer(reference, "fira", {}), optimizer(model, "fira", {})
+    loss_rel, dtypes = 0.0, set()
+    model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda module, inputs, output: dtypes.add(("compute", str(module.weight.dtype))))
+    for x in batches(STEPS):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        dtypes |= {("grad", str(p.grad.dtype)) for p in model.parameters()}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        expected = train_step(reference, opt_ref, x)
+        loss_rel = max(loss_rel, abs(float(loss) - expected) / expected)
+    dtypes |= {("weight", str(p.dtype)) for p in model.parameters()}
+    dtypes |= {("state", str(v.dtype)) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)}
+    weight_rel = max(float((p.full_tensor() - q).norm() / q.norm())
+                     for p, q in zip(model.parameters(), reference.parameters()))
+    return {"loss_rel": loss_rel, "weight_rel": weight_rel, "dtypes": sorted(dtypes)}
+
+
 def nonfinite() -> dict:
     """A NaN in rank 1's part of one gradient: every rank skips (or raises) the same step."""
     out = {}
@@ -250,7 +276,7 @@ def main(rank: int, world: int, init_file: str, out_dir: str, phase: str) -> Non
                       "split": {name: compare(name, {}, split=True) for name in ("adamw", "fira", "galore")},
                       "float64": {name: compare(name, {}, split=True, dtype=torch.float64)
                                   for name in ("fira", "galore", "adarankgrad")},
-                      "nonfinite": nonfinite(), "errors": errors(),
+                      "nonfinite": nonfinite(), "errors": errors(), "mixed_precision": mixed_precision(),
                       "communication": communication(),
                       "resume": {method: save_and_resume(out, method) for method in RESUMED}}
         else:

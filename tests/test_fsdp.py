@@ -130,3 +130,16 @@ def test_chunk_span_is_torch_chunk():
             assert [s for s in spans if s[1]] == expected
             assert sum(s[1] for s in spans) == size
             assert all(s[1] <= math.ceil(size / world) for s in spans)
+
+
+def test_bf16_policy_keeps_fp32_master_weights_and_state(runs):
+    """The mixed-precision policy of a GPU run (``fsdp.shard_model(bf16=True)``), on the CPU: the
+    layers compute with bf16 weights while the sharded weights, the reduced gradients and every
+    optimizer state stay fp32, and the losses follow the fp32 run within bf16's precision."""
+    result = runs[0][0]["mixed_precision"]
+    kinds = dict(result["dtypes"])
+    assert ["compute", "torch.bfloat16"] in result["dtypes"], result
+    assert {kind: d for kind, d in kinds.items() if kind != "compute"} == {
+        "grad": "torch.float32", "weight": "torch.float32", "state": "torch.float32"}, result
+    assert len(result["dtypes"]) == 4, result  # one dtype per kind
+    assert result["loss_rel"] < 1e-2, result

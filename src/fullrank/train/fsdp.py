@@ -31,14 +31,16 @@ from .errors import ConfigError
 from .checkpoint import META
 
 
-def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``fully_shard`` each decoder layer, then the root (in place); bf16 compute on a GPU."""
+def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool | None = None) -> torch.nn.Module:
+    """``fully_shard`` each decoder layer, then the root (in place). ``bf16`` (default: on a GPU):
+    compute in bf16 from the fp32 sharded weights, reduce gradients in fp32."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:
         raise ConfigError(f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch {torch.__version__}") from None
 
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
               else MixedPrecisionPolicy())
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
