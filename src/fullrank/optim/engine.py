@@ -30,6 +30,11 @@ exact / randomized / warm-started SVD, random, adaptive rank, staggering, moment
 ``state.py`` (state keys and their checks), ``options.py`` (validation). The engine has no branch
 per rule or limiter.
 
+**FSDP2.** Parameters sharded by ``fully_shard`` (DTensors, ``Shard(0)``) are stepped on this
+process's rows with the projection of the whole matrix: ``sharding.py`` owns the collectives (a
+right projection is local, a left one reduce-scatters R by columns, norms are all-reduced, a refresh
+is computed whole by one owner per matrix) and ``sharded_state.py`` the DCP checkpoint layout.
+
 The step is atomic with respect to non-finite gradients: every gradient's norm is taken first
 (one ``_foreach_norm`` per device) and read in the step's one host synchronisation, together with
 the convergence flags of ``refresh.py``; a step where adaptive ranks are recomputed reads them in

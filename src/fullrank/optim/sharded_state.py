@@ -42,7 +42,8 @@ def _placement(key: str, group: dict, param: torch.Tensor, ndim: int):
     return (sharding.Shard(1),) if side == "left" else (sharding.Shard(0),)
 
 
-def _global_shape(local: torch.Tensor, placements, shard: sharding.RowShard, param: torch.Tensor) -> torch.Size:
+def _global_shape(local: torch.Tensor, placements, param: torch.Tensor) -> torch.Size:
+    """The whole shape of a state tensor of which this process holds ``local``."""
     if placements == (sharding.Replicate(),):
         return local.shape
     shape = list(local.shape)
@@ -69,10 +70,9 @@ def distributed_state_dict(optimizer: torch.optim.Optimizer, model: torch.nn.Mod
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and shard is not None:
                     placements = _placement(key, group, param, value.dim())
-                    value = sharding.DTensor.from_local(
-                        value, shard.mesh, placements, run_check=False,
-                        shape=_global_shape(value, placements, shard, param),
-                        stride=_contiguous_strides(_global_shape(value, placements, shard, param)))
+                    shape = _global_shape(value, placements, param)
+                    value = sharding.DTensor.from_local(value, shard.mesh, placements, run_check=False, shape=shape,
+                                                        stride=_contiguous_strides(shape))
                 out[f"{prefix}{STATE_SEP}state{STATE_SEP}{names[id(param)]}{STATE_SEP}{key}"] = value
     out[f"{prefix}{STATE_SEP}param_groups"] = json.dumps(groups)  # one leaf (DCP would flatten a list)
     out[f"{prefix}{STATE_SEP}skipped_steps"] = getattr(optimizer, "skipped_steps", 0)

@@ -14,6 +14,9 @@
 * **What the moments do** (``switch.py``): keep, re-project or reset (``on_switch``), and the
   limiter's norm is optionally forgotten (``reset_limiter_on_switch``).
 
+* **Sharded** (FSDP2, ``sharding.py``): each due row-sharded matrix is gathered whole to one owner
+  process, which runs the same refresh on it; every process keeps its rows of the new P.
+
 It also gives the bucket step its stacked projections (``stacked_projection``), regenerating
 APOLLO's seed-only Gaussian P in place.
 """
