@@ -265,14 +265,5 @@ def local_rows(full: torch.Tensor, shard: RowShard) -> torch.Tensor:
     return full[shard.row_offset:shard.row_offset + shard.rows].clone()
 
 
-def replicated_all_equal(value: torch.Tensor, group) -> bool:
-    """Whether a replicated tensor is equal on every rank (checks, tests)."""
-    ref = value.detach().clone()
-    dist.broadcast(ref, src=dist.get_global_rank(group, 0), group=group)
-    same = torch.tensor([float(torch.equal(ref, value))])
-    dist.all_reduce(same, op=dist.ReduceOp.MIN, group=group)
-    return bool(same.item())
-
-
 __all__ = ["RowShard", "BucketShard", "CommLog", "row_shard", "local", "is_distributed_tensor", "chunk_span",
            "Replicate", "Shard"]
