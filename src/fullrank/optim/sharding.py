@@ -63,7 +63,7 @@ import torch.distributed as dist
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - torch without DTensor
-    DTensor = None
+    DTensor = Replicate = Shard = None
 
 
 # torch ≥ 2.13 names them *_single (the *_tensor names warn)
