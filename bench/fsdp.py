@@ -19,6 +19,7 @@ Writes ``bench/results/fsdp[_<device>].json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -109,7 +110,7 @@ def measure(method: str, named, args, device) -> dict:
     first = time.perf_counter() - t
     times, steady_log = [], CommLog()
     for k in range(args.steps):
-        with steady_log.recording() if k == 0 else _null():
+        with steady_log.recording() if k == 0 else contextlib.nullcontext():
             sync(device)
             t = time.perf_counter()
             opt.step()
@@ -132,21 +133,13 @@ def measure(method: str, named, args, device) -> dict:
             "state_bytes": optimizer_state_bytes(opt)}
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def predicted(named, rank: int, world: int) -> dict:
-    """The table of sharding.py for these shapes: elements per process per steady step and per refresh."""
+def predicted(shapes, rank: int, world: int) -> dict:
+    """The table of sharding.py for these (name, shape, projected) weights: elements per process per
+    steady step and per refresh."""
     steady = refresh = 0
-    for _, p, is_proj in named:
+    for _, (m, n), is_proj in ((name, shape, p) for name, shape, p in shapes if len(shape) == 2):
         if not is_proj:
             continue
-        m, n = p.shape
         chunk = math.ceil(n / world)
         if m < n:  # left projection: reduce-scatter r·n (+ n column norms), all-gather (r+1)·n
             steady += (rank + 1) * chunk * world * 2
@@ -178,14 +171,14 @@ def worker(args) -> None:
     gathered = [None] * world
     dist.all_gather_object(gathered, results["sharded"])
     if me == 0:
-        report(args, device, total_params, gathered, results["unsharded"], named_shapes=build_shapes(args))
+        report(args, device, total_params, gathered, results["unsharded"])
     dist.barrier()  # (a process leaving while another still talks to it aborts in gloo)
 
 
-def report(args, device, total_params, gathered, unsharded, named_shapes) -> None:
+def report(args, device, total_params, gathered, unsharded) -> None:
     world = len(gathered)
     elem = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
-    pred = predicted(named_shapes, args.rank, world)
+    pred = predicted(tm.llama_weight_shapes(args.layers), args.rank, world)
     out = {"command": "python bench/fsdp.py " + " ".join(sys.argv[1:]), "bucket_cap_mb": args.bucket_cap_mb,
            "machine": tm.machine_info(device), "git": tm.git_info(), "world": world, "rank": args.rank, "gap": args.gap,
            "layers": args.layers, "dtype": args.dtype, "threads_per_process": args.threads,
@@ -198,15 +191,6 @@ def report(args, device, total_params, gathered, unsharded, named_shapes) -> Non
     target.write_text(json.dumps(out, indent=1))
     print(summary(out))
     print(f"wrote {target}")
-
-
-def build_shapes(args):
-    return [(name, _Shape(shape), p) for name, shape, p in tm.llama_weight_shapes(args.layers)]
-
-
-class _Shape:
-    def __init__(self, shape):
-        self.shape = shape
 
 
 def summary(out: dict) -> str:

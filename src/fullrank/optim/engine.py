@@ -524,12 +524,15 @@ class SubspaceAdamW(Optimizer):
         for k, (pid, _) in enumerate(pairs):
             if pid in shards:
                 by_group.setdefault(id(shards[pid].group), []).append(k)
-        for positions in by_group.values():
+        for positions in by_group.values():  # (a few ops per mesh, none per matrix)
             group = shards[pairs[positions[0]][0]].group
-            sq = torch.stack([norms[k].to(torch.float64) for k in positions]).square_()
-            sharding.all_reduce_(sq, group)
-            for k, value in zip(positions, sq.sqrt_().unbind(0)):
-                norms[k] = value.to(norms[k].dtype)
+            dtypes = {norms[k].dtype for k in positions}
+            sq = torch.stack([norms[k] for k in positions]).to(torch.float64).square_()
+            whole = sharding.all_reduce_(sq, group).sqrt_()
+            if len(dtypes) == 1:
+                whole = whole.to(dtypes.pop())
+            for k, value in zip(positions, whole.unbind(0)):
+                norms[k] = value if value.dtype == norms[k].dtype else value.to(norms[k].dtype)
         return norms
 
     @staticmethod

@@ -72,19 +72,11 @@ def distributed_state_dict(optimizer: torch.optim.Optimizer, model: torch.nn.Mod
                     placements = _placement(key, group, param, value.dim())
                     shape = _global_shape(value, placements, param)
                     value = sharding.DTensor.from_local(value, shard.mesh, placements, run_check=False, shape=shape,
-                                                        stride=_contiguous_strides(shape))
+                                                        stride=torch.empty(shape, device="meta").stride())
                 out[f"{prefix}{STATE_SEP}state{STATE_SEP}{names[id(param)]}{STATE_SEP}{key}"] = value
     out[f"{prefix}{STATE_SEP}param_groups"] = json.dumps(groups)  # one leaf (DCP would flatten a list)
     out[f"{prefix}{STATE_SEP}skipped_steps"] = getattr(optimizer, "skipped_steps", 0)
     return out
-
-
-def _contiguous_strides(shape) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(tuple(shape)):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 def load_distributed_state_dict(optimizer: torch.optim.Optimizer, model: torch.nn.Module, checkpoint_dir,
@@ -123,7 +115,7 @@ def load_distributed_state_dict(optimizer: torch.optim.Optimizer, model: torch.n
             local_shape[dim] = sharding.chunk_span(meta.size[dim], shard.world, shard.rank)[1]
         local = torch.empty(local_shape, dtype=dtype, device=_device(param))
         template[key] = sharding.DTensor.from_local(local, shard.mesh, placements, run_check=False, shape=meta.size,
-                                                    stride=_contiguous_strides(meta.size))
+                                                    stride=torch.empty(meta.size, device="meta").stride())
     dcp.load(template, checkpoint_id=str(checkpoint_dir))
     saved_groups = template[f"{prefix}{STATE_SEP}param_groups"]
     saved_groups = None if saved_groups is None else json.loads(saved_groups)

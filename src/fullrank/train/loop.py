@@ -74,21 +74,16 @@ def save(run: Run, step: int, data_state: dict, rng: dict | None = None) -> None
     """Checkpoint after ``step`` optimizer steps (written by the main process); ``rng``: the RNG
     state to store (default: the current one)."""
     rngs = all_gather_objects(rng if rng is not None else rng_state(run.env.device), run.env)
-    if run.cfg.fsdp:  # every process writes its shards (fsdp.py)
+    meta = {"step": step, "tokens": run.tokens, "train_time": run.train_time, "config": C.to_dict(run.cfg),
+            "scheduler": run.scheduler.state_dict(), "data": data_state, "rng": rngs}
+    if run.cfg.fsdp:  # every process writes its shards (fsdp.py); meta.pt holds the rest
         from . import fsdp
-        meta = {"step": step, "tokens": run.tokens, "train_time": run.train_time, "config": C.to_dict(run.cfg),
-                "scheduler": run.scheduler.state_dict(), "data": data_state, "rng": rngs, "format_version": FORMAT_VERSION}
-        fsdp.save(checkpoint_dir(run.run_dir) / f"step_{step:07d}", run.model, run.optimizer, meta, run.env.main)
+        fsdp.save(checkpoint_dir(run.run_dir) / f"step_{step:07d}", run.model, run.optimizer,
+                  {**meta, "format_version": FORMAT_VERSION}, run.env.main)
         if run.env.main:
             prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
-        all_gather_objects(None, run.env)
-        return
-    if run.env.main:
-        payload = {
-            "step": step, "tokens": run.tokens, "train_time": run.train_time, "config": C.to_dict(run.cfg),
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "data": data_state, "rng": rngs,
-        }
+    elif run.env.main:
+        payload = {**meta, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()}
         save_checkpoint(run.run_dir, step, payload, run.cfg.keep_checkpoints)
     all_gather_objects(None, run.env)
 
