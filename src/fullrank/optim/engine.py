@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim import Optimizer
 
-from . import inner_adam, sharding, subspace
+from . import host, inner_adam, sharding, subspace
 from . import state as S
 from .limiter import Limiter, get_limiter
 from .options import validate_common, validate_projected
@@ -496,7 +496,8 @@ class SubspaceAdamW(Optimizer):
                 else:
                     thresholds = thresholds[0]
                 values.append(torch.stack([e for _, e, _ in owners]).lt(thresholds))
-            read = torch.cat(values).tolist()
+            flags = torch.cat(values)
+            read = host.read(flags, [True] * (device in grads) + [False] * (flags.numel() - (device in grads)))
             if device in grads:
                 finite = finite and read.pop(0)
             flagged.update(pid for (pid, _, _), hit in zip(owners, read) if hit)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from . import sharding
+from . import host, sharding
 from .engine import NonFiniteGradientError, SubspaceAdamW
 from .options import check_range
 
@@ -83,7 +83,8 @@ class LayerwiseOptimizer(Optimizer):
         pending, self._pending = self._pending, []
         converged = self._converged_flags()
         flags = [finite for _, finite, _ in pending] + [flag for _, flag in converged]
-        read = torch.stack([f.reshape(()).to(flags[0].device) for f in flags]).tolist() if flags else []
+        read = (host.read(torch.stack([f.reshape(()).to(flags[0].device) for f in flags]),
+                          [True] * len(pending) + [False] * len(converged)) if flags else [])
         finite, hits = read[:len(pending)], read[len(pending):]
         self._flagged = {id(p) for (p, _), hit in zip(converged, hits) if hit}
         bad = [(param, before) for (param, _, before), ok in zip(pending, finite) if not ok]

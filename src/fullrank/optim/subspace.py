@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from . import random_proj, sharding
+from . import host, random_proj, sharding
 from . import state as S
 from .projector import low_rank_shape, projection_side, truncated_projection
 from .random_proj import gaussian_projection, orthonormal_random_projection
@@ -114,7 +114,7 @@ def _factors(group: dict, pairs, grads: torch.Tensor, shape, side: str, warm: bo
     Vh = Vh if side != "left" else None
     if is_adaptive(group):
         total = torch.linalg.vector_norm(grads, dim=(-2, -1), dtype=singular.dtype).square()
-        pending.append(energy_rank(singular, total, group["rank_energy"], low, high))
+        pending.append((energy_rank(singular, total, group["rank_energy"], low, high), high))
         rank_of = ("pending", len(pending) - 1)
     else:
         rank_of = high
@@ -192,18 +192,20 @@ def _current_rank(state: dict, side: str) -> int:
     return (state[S.PROJ_LEFT].shape[1] if side == "left" else state[S.PROJ_RIGHT].shape[0])
 
 
-def _read_ranks(pending: list[torch.Tensor]) -> list[list[int]]:
-    """All adaptive ranks of the step, read in one transfer per device."""
+def _read_ranks(pending: list[tuple[torch.Tensor, int]]) -> list[list[int]]:
+    """All adaptive ranks of the step, read in one transfer per device; ``pending`` holds (ranks on
+    the device, their max_rank: what a fake tensor reads as, ``host.py``)."""
     if not pending:
         return []
     by_device: dict[torch.device, list[int]] = {}
-    for k, ranks in enumerate(pending):
+    for k, (ranks, _) in enumerate(pending):
         by_device.setdefault(ranks.device, []).append(k)
     read: list[list[int] | None] = [None] * len(pending)
     for device, indices in by_device.items():
-        values = torch.cat([pending[k] for k in indices]).tolist()
+        ranks = torch.cat([pending[k][0] for k in indices])
+        values = host.read(ranks, [high for k in indices for high in [pending[k][1]] * pending[k][0].numel()])
         for k in indices:
-            n = pending[k].numel()
+            n = pending[k][0].numel()
             read[k], values = values[:n], values[n:]
     return read
 
