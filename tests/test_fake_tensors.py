@@ -7,11 +7,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 import fullrank
 
-PROJECTED = [m for m in fullrank.optimizer_methods() if m not in ("adamw", "flora", "sgd")]
+PROJECTED = [m for m in fullrank.optimizer_methods() if m not in ("adamw", "adamw8bit", "flora", "sgd")]
 
 
-def _model():
-    return nn.Sequential(nn.Linear(24, 40, bias=False), nn.Tanh(), nn.Linear(40, 24, bias=False), nn.Linear(24, 3))
+def _model(dtype=torch.float32):
+    return nn.Sequential(nn.Linear(24, 40, bias=False, dtype=dtype), nn.Tanh(),
+                         nn.Linear(40, 24, bias=False, dtype=dtype), nn.Linear(24, 3, dtype=dtype))
 
 
 def _groups(model):
@@ -55,3 +56,20 @@ def test_layerwise_steps_under_fake_tensors(method):
         _train(model, opt)
     assert opt.optimizer.skipped_steps == 0
     assert set(fullrank.SubspaceAdamW.current_ranks(opt.optimizer).values()) == {4}
+
+
+@pytest.mark.parametrize("method", ["fira", "adamw8bit", "apollo_mini"])
+def test_8bit_states_and_stochastic_rounding_step_under_fake_tensors(method):
+    """The memory tracer's 7B recipes: bf16 weights, 8-bit moments, stochastic rounding, layer-wise."""
+    with FakeTensorMode():
+        model = nn.Sequential(nn.Linear(256, 192, bias=False, dtype=torch.bfloat16), nn.Tanh(),
+                              nn.Linear(192, 256, bias=False, dtype=torch.bfloat16), nn.Linear(256, 40, dtype=torch.bfloat16))
+        groups = [{"params": [model[0].weight, model[2].weight], "rank": 4, "update_proj_gap": 1},
+                  {"params": list(model[3].parameters())}]
+        opt = fullrank.layerwise(model, lambda g: fullrank.make_optimizer(method, g, lr=1e-3, states="8bit",
+                                                                          stochastic_rounding=True), groups)
+        for _ in range(2):
+            model(torch.randn(5, 256, dtype=torch.bfloat16)).float().square().mean().backward()
+            opt.step()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert opt.state[model[3].weight]["exp_avg"].dtype == torch.uint8

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim import Optimizer
 
-from . import host, inner_adam, sharding, subspace
+from . import host, inner_adam, moments, sharding, subspace, weights
 from . import state as S
 from .limiter import Limiter, get_limiter
 from .options import validate_common, validate_projected
@@ -193,6 +193,17 @@ def _check_dense(grad: torch.Tensor, name: str) -> None:
         raise ValueError(f"parameter {name!r} has a sparse gradient; SubspaceAdamW needs dense gradients")
 
 
+def _refuse_on_shards(group: dict, items: list[Item]) -> None:
+    """8-bit moments and stochastic rounding are refused on FSDP2 shards (with the option named)."""
+    if any(item.shard is not None for item in items):
+        if group["states"] != "32bit":
+            raise ValueError(f"states={group['states']!r} is not supported on FSDP2-sharded parameters "
+                             f"({items[0].name!r}); use states='32bit' with --fsdp")
+        if group["stochastic_rounding"]:
+            raise ValueError(f"stochastic_rounding=True is not supported on FSDP2-sharded parameters "
+                             f"({items[0].name!r}); FSDP2's MixedPrecisionPolicy keeps fp32 weights")
+
+
 def write_update_(param: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor | None, term: torch.Tensor | None,
                   a: float, left, right, step_size: float, decay: float) -> None:
     """W ← W·decay − η·(a·back(term) + coef∘G) for one matrix, in two passes over W: one ``addmm_``
@@ -246,6 +257,10 @@ class SubspaceAdamW(Optimizer):
         seed: seeds the randomized SVD and the random projector (per parameter and step).
         nonfinite: ``raise`` (default) or ``skip`` the whole step when a gradient is NaN/inf;
             skipped steps are counted in ``skipped_steps``.
+        states: ``32bit`` (moments at the parameter's dtype) or ``8bit`` (blockwise-quantized
+            moments, bitsandbytes' layout), for projected and plain groups alike (``moments.py``).
+        stochastic_rounding: write bf16 weights by unbiased stochastic rounding of W − η·update
+            computed in fp32 (pure-bf16 training without a master copy, ``weights.py``).
         foreach: ``torch._foreach_*`` kernels for the plain groups and the parameter writes
             (default: on).
         bucket_cap_mb: the most stacked gradient a bucket holds, in MiB (0: one matrix per bucket);
@@ -289,6 +304,8 @@ class SubspaceAdamW(Optimizer):
         adam_convention: str = "torch",
         seed: int = 0,
         nonfinite: str = "raise",
+        states: str = "32bit",
+        stochastic_rounding: bool = False,
         foreach: bool | None = None,
         bucket_cap_mb: float | None = None,
         compile: bool = False,
@@ -304,7 +321,8 @@ class SubspaceAdamW(Optimizer):
             rank_energy=rank_energy, min_rank=min_rank, max_rank=max_rank,
             refresh_threshold=refresh_threshold, refresh_beta=refresh_beta,
             scaling_granularity=scaling_granularity, scaling_multiplier=scaling_multiplier,
-            adam_convention=adam_convention, seed=seed, nonfinite=nonfinite, foreach=foreach,
+            adam_convention=adam_convention, seed=seed, nonfinite=nonfinite, states=states,
+            stochastic_rounding=stochastic_rounding, foreach=foreach,
             bucket_cap_mb=bucket_cap_mb, compile=compile,
         )
         self.skipped_steps = 0
@@ -359,20 +377,26 @@ class SubspaceAdamW(Optimizer):
         for group in state_dict["param_groups"]:  # options added since the state was saved
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        storage = [group["states"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        if len(storage) == len(self.param_groups):  # the moments' storage is this optimizer's, not the checkpoint's
+            for group, states in zip(self.param_groups, storage):
+                group["states"] = states
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, param in zip(saved_ids, params):
-            for key in S.OWN_DTYPE_KEYS:
-                value = saved_state.get(saved_id, {}).get(key)
-                if value is not None:  # keep its dtype: Optimizer.load_state_dict casts to the param's
+            for key, value in saved_state.get(saved_id, {}).items():
+                if S.keeps_own_dtype(key, value):  # keep its dtype: Optimizer.load_state_dict casts to the param's
                     self.state[param][key] = value.to(device=param.device)
         offset = 0
         for group in self.param_groups:
             self._validate_group(group, offset)
-            if is_projected(group):
-                for param, name in zip(group["params"], parameter_names(group, offset)):
-                    if self.state.get(param):
-                        S.validate_projected_state(self.state[param], param, name, group, self._row_shard(param, name))
+            store = moments.get_store(group["states"])
+            for param, name in zip(group["params"], parameter_names(group, offset)):
+                if not self.state.get(param):
+                    continue
+                store.adopt(self.state[param], param)
+                if is_projected(group):
+                    S.validate_projected_state(self.state[param], param, name, group, self._row_shard(param, name))
             offset += len(group["params"])
         self.skipped_steps = skipped
         self._plans.clear()
@@ -550,12 +574,24 @@ class SubspaceAdamW(Optimizer):
 
     def _plain_step(self, group: dict, items: list[Item], keep: torch.Tensor | None = None) -> None:
         """torch.optim.AdamW's update, foreach over each device and dtype (``keep``: see
-        :meth:`step_parameter`)."""
+        :meth:`step_parameter`); 8-bit moments and stochastically rounded weights chunk by chunk."""
+        _refuse_on_shards(group, items)
+        store = moments.get_store(group["states"])
         for item in items:
             state = self.state[item.param]
             if not state:
                 S.init_plain(state, item.weight)
+                store.zeros(state, item.weight.shape, item.weight)
             state[S.STEP] += 1
+        chunked = [item for item in items if isinstance(store, moments.Blockwise8bit)
+                   and self.state[item.param][S.EXP_AVG].dtype == torch.uint8
+                   or weights.uses_stochastic_rounding(group, item.weight)]
+        for item in chunked:
+            self._plain_step_chunked(group, item, store, keep)
+        if chunked:
+            items = [item for item in items if all(item is not c for c in chunked)]
+            if not items:
+                return
         if keep is not None:
             (item,) = items
             state = self.state[item.param]
@@ -577,11 +613,55 @@ class SubspaceAdamW(Optimizer):
                 convention=group["adam_convention"],
             )
 
+    @staticmethod
+    def _adam_options(group: dict) -> dict:
+        beta1, beta2 = group["betas"]
+        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    convention=group["adam_convention"])
+
+    def _plain_step_chunked(self, group: dict, item: Item, store: moments.MomentStore,
+                            keep: torch.Tensor | None) -> None:
+        """AdamW on one plain parameter, in chunks of whole 8-bit blocks: dequantize a chunk's moments,
+        step it in fp32 (the weight too, when it is stochastically rounded), store it back. The fp32
+        working set is one chunk, whatever the parameter's size (an embedding of LLaMA-7B: 131M values)."""
+        state = self.state[item.param]
+        quantized = state[S.EXP_AVG].dtype == torch.uint8
+        rounding = weights.uses_stochastic_rounding(group, item.weight)
+        generator = (weights.rounding_generator(group, item.ordinal, state[S.STEP], item.weight.device)
+                     if rounding else None)
+        work = item.weight if item.weight.is_contiguous() else item.weight.contiguous()
+        flat_weight, flat_grad = work.view(-1), item.grad.reshape(-1)
+        numel = flat_weight.numel()
+        spans = store.chunks(state) if quantized else [slice(k, min(k + moments.CHUNK_ELEMENTS, numel))
+                                                       for k in range(0, numel, moments.CHUNK_ELEMENTS)]
+        options = self._adam_options(group)
+        for span in spans:
+            if quantized:
+                exp_avg, exp_avg_sq = store.load_span(state, span)
+            else:
+                exp_avg, exp_avg_sq = state[S.EXP_AVG].view(-1)[span], state[S.EXP_AVG_SQ].view(-1)[span]
+            weight = flat_weight[span].float() if rounding else flat_weight[span]
+            grad = flat_grad[span].to(exp_avg.dtype)
+            if keep is None:
+                inner_adam.adamw_([weight], [grad], [exp_avg], [exp_avg_sq], [state[S.STEP]], foreach=False, **options)
+            else:
+                inner_adam.masked_adamw_(weight, grad, exp_avg, exp_avg_sq, state[S.STEP], keep,
+                                         betas=(options["beta1"], options["beta2"]), lr=options["lr"],
+                                         eps=options["eps"], weight_decay=options["weight_decay"],
+                                         convention=options["convention"])
+            if quantized:
+                store.save_span(state, span, exp_avg, exp_avg_sq, keep)
+            if rounding:
+                weights.stochastic_round_(flat_weight[span], weight, generator)
+        if work is not item.weight:
+            item.weight.copy_(work)
+
     # ------------------------------------------------------------------ projected step
     def _projected_step(self, group: dict, items: list[Item], flagged: set[int],
                         grad_norms: dict[int, torch.Tensor], keep: torch.Tensor | None = None) -> set[int]:
         """Refresh what is due, then step every bucket; returns the ids of the refreshed parameters."""
         plan = self._plan(group)
+        _refuse_on_shards(group, items)
         if not plan.rule.shard_aware and any(item.shard is not None for item in items):
             raise ValueError(f"residual={group['residual']!r} is not shard_aware: it cannot step FSDP2-sharded "
                              "parameters (see residual.py: take norms through the Bucket and set shard_aware)")
@@ -602,7 +682,7 @@ class SubspaceAdamW(Optimizer):
         ``bucket_cap_mb`` of gradient (at least one matrix each)."""
         by_key: dict[tuple, list[Item]] = {}
         for item in items:
-            low_shape = tuple(self.state[item.param][S.EXP_AVG].shape)
+            low_shape = tuple(moments.low_shape(self.state[item.param]))
             key = (item.weight.device, item.weight.dtype, item.full_shape, low_shape,
                    None if item.shard is None else id(item.shard.group))
             by_key.setdefault(key, []).append(item)
@@ -641,21 +721,26 @@ class SubspaceAdamW(Optimizer):
                          else shard.matrix_norms(low).view(-1))
             captured.append((members, low_norms))
         beta1, beta2 = group["betas"]
-        exp_avgs, exp_avg_sqs = [s[S.EXP_AVG] for s in states], [s[S.EXP_AVG_SQ] for s in states]
-        inner_adam.update_moments_(exp_avgs, exp_avg_sqs, list(low.unbind(0)), beta1=beta1, beta2=beta2,
-                                   foreach=True, keep=keep)
+        store = moments.get_store(group["states"])
+        exp_avgs, exp_avg_sqs = store.load(states)
+        inner_adam.update_moments_(exp_avgs, exp_avg_sqs, [r.to(m.dtype) for r, m in zip(low.unbind(0), exp_avgs)],
+                                   beta1=beta1, beta2=beta2, foreach=True, keep=keep)
         adam_steps = [s[S.ADAM_STEP] for s in states]
         convention = group["adam_convention"]
         directions = inner_adam.directions(exp_avgs, exp_avg_sqs, adam_steps, beta1=beta1, beta2=beta2,
                                            eps=group["eps"], foreach=True, convention=convention)
+        store.save(states, exp_avgs, exp_avg_sqs, keep)
         psi = directions[0].unsqueeze(0) if single else torch.stack(directions)
+        if psi.dtype != low.dtype:
+            psi = psi.to(low.dtype)
         previous = torch.stack([s[S.RESIDUAL_NORM] for s in states]) if plan.rule.has_residual else None
         lr = group["lr"]
         decay = 1.0 - lr * group["weight_decay"]
         # transformers' order W ← (W − η·c·u)·decay, written as W·decay − η·c·decay·u
         late_decay = decay if convention == "transformers" else 1.0
         step_sizes = [lr * c * late_decay for c in inner_adam.step_factors(adam_steps, beta1, beta2, convention)]
-        if single and keep is None:  # one matrix: its update goes straight into the weight
+        rounding = weights.uses_stochastic_rounding(group, params[0])
+        if single and keep is None and not rounding:  # one matrix: its update goes straight into the weight
             contribution, coef, kept, factors = residual_coefficients(
                 plan.rule, plan.limiter, plan.options, side, grads, low, psi, norms, previous, shard)
             self._keep_norms(states, kept, previous, keep, contribution.residual_sq, factors)
@@ -676,15 +761,20 @@ class SubspaceAdamW(Optimizer):
         if isinstance(step_size, torch.Tensor):
             update.mul_(step_size)
             step_size = 1.0
+        if rounding:  # the writes go to fp32 copies, then back to bf16 by stochastic rounding
+            targets, params = params, weights.fp32_copies(params)
         if keep is not None:
             update.mul_(keep)
             if decay != 1.0:
                 params[0].mul_(torch.where(keep, decay, 1.0))
             params[0].add_(update[0], alpha=-step_size)
-            return
-        if decay != 1.0:
-            torch._foreach_mul_(params, decay)
-        torch._foreach_add_(params, list(update.unbind(0)), alpha=-step_size)
+        else:
+            if decay != 1.0:
+                torch._foreach_mul_(params, decay)
+            torch._foreach_add_(params, list(update.unbind(0)), alpha=-step_size)
+        if rounding:
+            weights.write_back_(targets, params, [weights.rounding_generator(group, i.ordinal, s[S.STEP], i.weight.device)
+                                                  for i, s in zip(members, states)])
 
     def _keep_norms(self, states, kept, previous, keep, residual_sq, factors) -> None:
         """Store the limiter's kept norms (unchanged where ``keep`` is false) and the step's statistics."""

@@ -7,6 +7,7 @@ import numbers
 
 from .inner_adam import ADAM_CONVENTIONS
 from .limiter import LIMITER_REGISTRY
+from .moments import STORE_REGISTRY, require_bitsandbytes
 from .projector import PROJ_TYPES
 from .random_proj import stores_seed_only
 from .rank import is_adaptive, max_rank_of
@@ -62,6 +63,10 @@ def validate_common(group: dict) -> None:
         check_range("bucket_cap_mb", group["bucket_cap_mb"], 0.0, math.inf)
     check_choice("nonfinite", group["nonfinite"])
     check_choice("adam_convention", group["adam_convention"])
+    check_choice("states", group["states"])
+    require_bitsandbytes(group["states"])
+    if not isinstance(group["stochastic_rounding"], bool):
+        raise ValueError(f"stochastic_rounding must be True or False, got {group['stochastic_rounding']!r}")
 
 
 def _choices(name: str) -> tuple:
@@ -69,6 +74,8 @@ def _choices(name: str) -> tuple:
         return tuple(RULE_REGISTRY)
     if name == "limiter":
         return tuple(LIMITER_REGISTRY)
+    if name == "states":
+        return tuple(STORE_REGISTRY)
     return _CHOICES[name]
 
 

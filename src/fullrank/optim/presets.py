@@ -200,16 +200,43 @@ def _adamw(param_groups, lr, betas, eps, weight_decay, **options) -> torch.optim
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)
 
 
+def _adamw8bit(param_groups, lr, betas, eps, weight_decay, **options) -> SubspaceAdamW:
+    """AdamW with blockwise 8-bit moments on every parameter of the groups (projection options
+    dropped): the engine's plain groups with ``states="8bit"``, bitsandbytes' ``AdamW8bit`` update
+    (same quantizer, block size and maps), which also steps layer-wise and under FakeTensorMode."""
+    if isinstance(param_groups, (list, tuple)) and param_groups and isinstance(param_groups[0], dict):
+        param_groups = [{k: v for k, v in g.items() if k in _ADAMW_KEYS} for g in param_groups]
+    return SubspaceAdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, states="8bit",
+                         **options)
+
+
+# Presets that are not SubspaceAdamW keep their own state and take no ``states`` option.
+_OWN_STATE_METHODS = ("flora", "sgd")
+
+
 def optimizer_methods() -> tuple[str, ...]:
     """Names accepted by :func:`make_optimizer`."""
-    return ("adamw", *PRESETS)
+    return ("adamw", "adamw8bit", *PRESETS)
 
 
 def make_optimizer(method: str, param_groups, *, lr: float = PAPER_LR, weight_decay: float = 0.0,
                    betas=(0.9, 0.999), eps: float = 1e-8, **options) -> torch.optim.Optimizer:
-    """Build the optimizer named ``method`` (``"adamw"`` or a preset) over ``param_groups``."""
+    """Build the optimizer named ``method`` (``"adamw"``, ``"adamw8bit"`` or a preset) over
+    ``param_groups``. ``states="8bit"`` gives every SubspaceAdamW preset blockwise 8-bit moments;
+    with ``"adamw"`` it is ``"adamw8bit"``."""
+    states = options.pop("states", None)
+    if method == "adamw" and states == "8bit":
+        method = "adamw8bit"
+    native = "8bit" if method == "adamw8bit" else "32bit"
+    if method in ("adamw", "adamw8bit", *_OWN_STATE_METHODS) and states not in (None, native):
+        allowed = "'8bit'" if method == "adamw8bit" else "'32bit' (and '8bit' for adamw)"
+        raise ValueError(f"states={states!r} is not available for method {method!r}: it allows states={allowed}")
     if method == "adamw":
         return _adamw(param_groups, lr, betas, eps, weight_decay, **options)
+    if method == "adamw8bit":
+        return _adamw8bit(param_groups, lr, betas, eps, weight_decay, **options)
     if method not in PRESETS:
         raise ValueError(f"method must be one of {optimizer_methods()}, got {method!r}")
+    if method not in _OWN_STATE_METHODS and states is not None:
+        options["states"] = states
     return PRESETS[method](param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)

@@ -12,8 +12,9 @@ singular values of the sketch Qᵀ·G, which never exceed G's own (Qᵀ·G is a 
 rank read from the sketch is never smaller than the exact one and equals it once the sketch has
 found the top subspace (spectral gap, power iterations).
 
-A matrix's rank is not stored as a number: it is the low dimension of its moments, so the state
-holds nothing the shapes do not already say, and reading it never touches the device.
+A matrix's rank is not stored as a number: it is the low dimension of its moments' shape, which
+the moment store keeps whatever the moments' precision (``moments.low_shape``), so the state holds
+nothing the shapes do not already say, and reading it never touches the device.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import statistics
 
 import torch
 
-from .state import EXP_AVG
+from .moments import low_shape
 
 
 def energy_rank(
@@ -46,10 +47,8 @@ def low_rank_dim(side: str) -> int:
 
 def current_rank(state: dict, side: str) -> int | None:
     """The rank a matrix's state is allocated at, or None before its first step."""
-    exp_avg = state.get(EXP_AVG)
-    if exp_avg is None:
-        return None
-    return int(exp_avg.shape[low_rank_dim(side)])
+    shape = low_shape(state)
+    return None if shape is None else int(shape[low_rank_dim(side)])
 
 
 def summarize(ranks: dict[str, int]) -> dict:

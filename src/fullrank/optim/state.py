@@ -15,7 +15,7 @@ Projected matrix (m×n at rank r, side from ``proj_type``)::
     captured_energy  0-d, ≥ fp32   moving average of ‖R‖²/‖G‖² (convergence trigger, ``refresh.py``)
     last_refresh     int     step of the last refresh (convergence trigger)
 
-Plain parameter: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` (param's shape and dtype).
+Plain parameter: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` (param's shape and dtype; 8-bit as above).
 
 Memory per projected matrix: 2·r·max(m, n) + r·min(m, n) elements for ``std`` (moments on the
 larger side, P on the smaller), two scalars, and no more.
@@ -26,12 +26,19 @@ import torch
 
 STEP, ADAM_STEP = "step", "adam_step"
 EXP_AVG, EXP_AVG_SQ = "exp_avg", "exp_avg_sq"
+EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX = "exp_avg_absmax", "exp_avg_sq_absmax"  # 8-bit moments (``moments.py``)
 PROJ_LEFT, PROJ_RIGHT, PROJ_SEED = "proj_left", "proj_right", "proj_seed"
 RESIDUAL_NORM = "residual_norm"
 CAPTURED_ENERGY, LAST_REFRESH = "captured_energy", "last_refresh"
 
-# State scalars whose dtype is their own (≥ fp32), not the parameter's: load_state_dict keeps it.
-OWN_DTYPE_KEYS = (RESIDUAL_NORM, CAPTURED_ENERGY)
+# State tensors whose dtype is their own, not the parameter's: load_state_dict keeps it (the scalars
+# are ≥ fp32; 8-bit moments are uint8 with fp32 block maxima).
+OWN_DTYPE_KEYS = (RESIDUAL_NORM, CAPTURED_ENERGY, EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX)
+
+
+def keeps_own_dtype(key: str, value) -> bool:
+    """Whether a saved state value keeps its dtype on load (see ``OWN_DTYPE_KEYS``; uint8 moments)."""
+    return key in OWN_DTYPE_KEYS or (isinstance(value, torch.Tensor) and value.dtype == torch.uint8)
 
 
 def init_plain(state: dict, param: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from . import host, random_proj, sharding
+from . import host, moments, random_proj, sharding
 from . import state as S
 from .projector import low_rank_shape, projection_side, truncated_projection
 from .random_proj import gaussian_projection, orthonormal_random_projection
@@ -82,7 +82,7 @@ def refresh_(optimizer, group: dict, items, flagged: set[int]) -> set[int]:
     for item, state in due:
         warm = group["svd"] == "warm" and S.EXP_AVG in state
         key = (item.grad.device, item.grad.dtype, item.full_shape, warm,
-               tuple(state.get(S.EXP_AVG, ()).shape) if warm else None, None if item.shard is None else id(item.shard.group))
+               tuple(moments.low_shape(state)) if warm else None, None if item.shard is None else id(item.shard.group))
         by_shape.setdefault(key, []).append((item, state))
     installs, pending_ranks, resolved = [], [], []
     for (_, _, shape, warm, _, _), pairs in by_shape.items():
@@ -247,10 +247,11 @@ def _install(group: dict, state: dict, item, left, right, seed) -> None:
                     rotations = (sharding.all_reduce_(left.T @ old, shard.group), None)
         else:
             low_shape = torch.Size((shard.rows, low_shape[1]))
+    store = moments.get_store(group["states"])
     if S.EXP_AVG not in state:
-        S.new_moments(state, low_shape, item.grad)
+        store.zeros(state, low_shape, item.grad)
     else:
-        switch_moments_(state, group["on_switch"], left, right, low_shape, rotations)
+        switch_moments_(state, group["on_switch"], left, right, low_shape, rotations, store, item.grad)
         if group["reset_limiter_on_switch"]:
             state[S.RESIDUAL_NORM] = torch.zeros_like(state[S.RESIDUAL_NORM])
     for key, value in ((S.PROJ_LEFT, left), (S.PROJ_RIGHT, right), (S.PROJ_SEED, seed)):

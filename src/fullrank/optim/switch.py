@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 
 from . import state as S
+from .moments import MomentStore
+from .moments import low_shape as low_shape_of
 
 ON_SWITCH = ("keep", "reproject", "reset")
 
@@ -62,18 +64,25 @@ def switch_moments_(
     new_right: torch.Tensor | None,
     low_shape: torch.Size,
     rotations: tuple | None = None,
+    store: MomentStore | None = None,
+    like: torch.Tensor | None = None,
 ) -> None:
     """Carry ``state``'s moments from its current projection to (new_left, new_right); ``rotations``:
-    (Q_left, Q_right) when the caller computed them (a sharded P: the sum over the ranks' rows)."""
+    (Q_left, Q_right) when the caller computed them (a sharded P: the sum over the ranks' rows);
+    ``store``: where the moments live (``moments.py``, default full precision); ``like``: a tensor of
+    the parameter's dtype and device (new moments), default the moments'."""
     if policy not in ON_SWITCH:
         raise ValueError(f"on_switch must be one of {ON_SWITCH}, got {policy!r}")
-    exp_avg, exp_avg_sq = state[S.EXP_AVG], state[S.EXP_AVG_SQ]
+    store = store or MomentStore()
     if policy == "reproject":
+        (exp_avg,), (exp_avg_sq,) = store.load([state])
         q_left, q_right = rotations or _rotations(state.get(S.PROJ_LEFT), state.get(S.PROJ_RIGHT), new_left, new_right)
-        state[S.EXP_AVG] = _apply(exp_avg, q_left, q_right)
+        if exp_avg.dtype != (q_left if q_left is not None else q_right).dtype:
+            q_left, q_right = (None if q is None else q.to(exp_avg.dtype) for q in (q_left, q_right))
         sq = lambda q: None if q is None else q.square()  # noqa: E731
-        state[S.EXP_AVG_SQ] = _apply(exp_avg_sq, sq(q_left), sq(q_right)).clamp_min_(0.0)
+        store.replace(state, _apply(exp_avg, q_left, q_right),
+                      _apply(exp_avg_sq, sq(q_left), sq(q_right)).clamp_min_(0.0))
         return
-    if policy == "reset" or exp_avg.shape != low_shape:
-        S.new_moments(state, low_shape, exp_avg)
+    if policy == "reset" or low_shape_of(state) != low_shape:
+        store.zeros(state, low_shape, state[S.EXP_AVG] if like is None else like)
         state[S.ADAM_STEP] = 0
