@@ -145,14 +145,16 @@ def profile_breakdown(opt, device, steps: int = 2) -> dict:
 @torch.no_grad()
 def matmul_floor(named, args, device, reps: int) -> dict:
     """The two projection matmuls per projected matrix alone (R = PᵀG or G·Qᵀ, and W ← W + back(R))."""
-    from fullrank.optim.projector import add_projected_back_, compute_projection, project, projection_side
+    from fullrank.optim.projector import add_projected_back_, project, projection_side, truncated_projection
+    from fullrank.optim.svd import randomized_svd
 
     work = []
     for _, p, pr in named:
         if not pr:
             continue
         side = projection_side("std", tuple(p.shape))
-        left, right, _ = compute_projection(p.grad, args.rank, side, "randomized")
+        U, _, Vh = randomized_svd(p.grad, args.rank)
+        left, right = truncated_projection(U, Vh, args.rank, side, p.grad.dtype)
         work.append((p, left, right))
     flops = sum(4 * args.rank * p.numel() for p, _, _ in work)
 

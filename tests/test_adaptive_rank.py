@@ -8,7 +8,7 @@ from torch import nn
 import fullrank
 from fullrank.memory import optimizer_state_bytes
 from fullrank.optim.rank import energy_rank
-from fullrank.optim.svd import top_singular_vectors
+from fullrank.optim.svd import exact_svd, randomized_svd
 
 SPECTRUM = [8.0, 4.0, 2.0, 1.0, 0.5, 0.25]
 
@@ -42,7 +42,7 @@ def cumulative_fractions(singular_values):
 @pytest.mark.parametrize("shape", [(30, 20), (20, 30)])
 def test_energy_rank_is_the_smallest_rank_keeping_eta(shape):
     G = spectrum_matrix(*shape, SPECTRUM)
-    _, S, _ = top_singular_vectors(G, min(shape), "exact")
+    _, S, _ = exact_svd(G, min(shape))
     total = G.square().sum()
     fractions = cumulative_fractions(SPECTRUM)
     for r, fraction in enumerate(fractions[:-1], start=1):
@@ -64,12 +64,12 @@ def test_energy_rank_meets_eta_with_equality():
 
 def test_energy_rank_bounds_and_full_energy():
     G = spectrum_matrix(30, 20, SPECTRUM)
-    _, S, _ = top_singular_vectors(G, 20, "exact")
+    _, S, _ = exact_svd(G, 20)
     total = G.square().sum()
     assert int(energy_rank(S, total, 0.01, 3, 10)) == 3  # min_rank
     assert int(energy_rank(S, total, 0.999, 1, 2)) == 2  # max_rank
     full = torch.randn(12, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    _, S_full, _ = top_singular_vectors(full, 9, "exact")
+    _, S_full, _ = exact_svd(full, 9)
     assert int(energy_rank(S_full, full.square().sum(), 1.0, 1, 9)) == 9  # η = 1 keeps everything
     # a sketch holding less than η of the energy gives max_rank
     assert int(energy_rank(S_full[:3], full.square().sum(), 0.99, 1, 3)) == 3
@@ -81,9 +81,9 @@ def test_randomized_finder_agrees_with_exact_svd_on_known_spectra(shape):
     G = spectrum_matrix(*shape, spectrum)
     total = G.square().sum()
     k = 10
-    U_e, S_e, Vh_e = top_singular_vectors(G, k, "exact")
-    U_r, S_r, Vh_r = top_singular_vectors(G, k, "randomized", oversample=8, power_iters=2,
-                                          generator=torch.Generator().manual_seed(3))
+    U_e, S_e, Vh_e = exact_svd(G, k)
+    U_r, S_r, Vh_r = randomized_svd(G, k, oversample=8, power_iters=2,
+                                    generator=torch.Generator().manual_seed(3))
     for eta in (0.5, 0.85, 0.96, 0.99, 0.998):
         want = expected_rank(spectrum, eta, high=k)
         r_exact = int(energy_rank(S_e, total, eta, 1, k))

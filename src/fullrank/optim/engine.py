@@ -51,12 +51,13 @@ from torch.optim import Optimizer
 from . import host, inner_adam, moments, sharding, subspace, weights
 from . import state as S
 from .limiter import Limiter, get_limiter
-from .options import validate_common, validate_projected
+from .options import engine_options, validate_common, validate_projected
 from .projector import add_back_, add_projected_back_, project, project_back, projection_side
 from .random_proj import stores_seed_only
 from .rank import current_rank, summarize
 from .refresh import record_energy_, stacked_energy, uses_trigger
 from .residual import Bucket, Contribution, Rule, get_rule, norm_dtype
+from .transforms import TRANSFORM_REGISTRY, Transform
 
 MIB = 2**20
 # bucket_cap_mb=None: one matrix per bucket on the CPU (launches are cheap there and memory traffic is
@@ -82,10 +83,9 @@ def parameter_names(group: dict, offset: int = 0) -> list[str]:
     return [f"param {offset + k}" for k in range(len(group["params"]))]
 
 
-# Options the rule and limiter read: fixed in the plan, so a compiled bucket step treats them as constants.
-_RULE_OPTIONS = ("scale", "residual_convention", "scaling_granularity", "scaling_multiplier", "gamma",
-                 "clip_threshold", "limiter_alpha")
-_PLAN_KEYS = ("residual", "limiter", "refresh_threshold", "projector", "compile", *_RULE_OPTIONS)
+# The group options a plan is built from; with the options its rule and limiter declare (and α), which
+# it fixes, so that a compiled bucket step treats them as constants.
+_PLAN_KEYS = ("residual", "limiter", "refresh_threshold", "projector", "pre_projection", "compile")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ class GroupPlan:
     limiter: Limiter
     trigger: bool  # convergence-triggered refresh (τ > 0)
     seed_only: bool  # APOLLO: P regenerated from a stored seed
-    options: dict  # the rule's and limiter's options (_RULE_OPTIONS)
+    transform: Transform  # the pre-projection transform
+    options: dict  # α and the options the rule and the limiter declare
     compiled: dict  # (side, compile) → residual_update, compiled on first use when asked
 
     def residual_update(self, side: str, compile: bool):
@@ -193,9 +194,19 @@ def _check_dense(grad: torch.Tensor, name: str) -> None:
         raise ValueError(f"parameter {name!r} has a sparse gradient; SubspaceAdamW needs dense gradients")
 
 
+def learning_rate(group: dict) -> float:
+    """The group's η as a float (a 0-d tensor ``lr``, as torch optimizers accept, is read here)."""
+    lr = group["lr"]
+    return float(lr) if isinstance(lr, torch.Tensor) else lr
+
+
 def _refuse_on_shards(group: dict, items: list[Item]) -> None:
-    """8-bit moments and stochastic rounding are refused on FSDP2 shards (with the option named)."""
+    """8-bit moments, stochastic rounding and pre-projection transforms are refused on FSDP2 shards
+    (with the option named)."""
     if any(item.shard is not None for item in items):
+        if is_projected(group) and group["pre_projection"] != "none":
+            raise ValueError(f"pre_projection={group['pre_projection']!r} is not supported on FSDP2-sharded "
+                             f"parameters ({items[0].name!r}); train without --fsdp")
         if group["states"] != "32bit":
             raise ValueError(f"states={group['states']!r} is not supported on FSDP2-sharded parameters "
                              f"({items[0].name!r}); use states='32bit' with --fsdp")
@@ -224,107 +235,44 @@ class SubspaceAdamW(Optimizer):
     Args:
         params: parameters or param groups; groups holding ``rank`` are projected.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decay decoupled, scaled by lr).
-        update_proj_gap: T, steps between projection refreshes (refreshed at step 0, T, 2T, …).
-        scale: α, GaLore's scale on P·ψ(R).
-        proj_type: ``std`` | ``reverse_std`` | ``left`` | ``right`` | ``full`` (GaLore's meaning).
-        residual: an update rule of ``residual.py``: ``discard`` | ``add`` | ``scale_matrix`` |
-            ``scale_column`` | ``only_scaling`` (or one registered with ``register_rule``).
-        limiter: ``none`` | ``norm_growth`` | ``clip`` | ``gradient_shrink`` | ``tensor_scaling``
-            (``limiter.py``, or one registered with ``register_limiter``).
-        gamma: γ ≥ 1 of the norm-growth limiter (eq. 12).
-        clip_threshold: τ > 0 of the ``clip`` limiter.
-        limiter_alpha: a in (0, 1] of ``gradient_shrink`` and ``tensor_scaling``.
-        residual_convention: ``exact`` (G − P·R) or ``official`` (G − α·P·R, the fira package's).
-        svd: ``exact`` (fp32 ``torch.linalg.svd``), ``randomized`` (Halko et al.) or ``warm``
-            (subspace iteration from the previous P, ``warm_iters`` rounds; exact at the first refresh).
-        oversample, power_iters: randomized SVD's sketch oversampling and power iterations.
-        warm_iters: rounds of subspace iteration of ``svd="warm"``.
-        refresh_stagger: spread the group's refreshes evenly over the T steps instead of refreshing
-            every matrix at the same step.
-        on_switch: ``keep`` | ``reproject`` | ``reset``: Adam's moments when P changes.
-        reset_limiter_on_switch: forget the limiter's previous norm when P changes.
-        projector: ``svd`` or ``random`` (APOLLO's seeded Gaussian sketch for ``only_scaling``,
-            GoLore's orthonormal basis otherwise). See ``random_proj.py``.
-        rank_energy: η in (0, 1]: AdaRankGrad's adaptive rank (``rank.py``); None: the fixed ``rank``.
-        min_rank, max_rank: bounds of the adaptive rank (``max_rank`` defaults to ``rank``).
-        refresh_threshold: τ in [0, 1): also refresh once the captured energy's moving average falls
-            below τ (``refresh.py``); 0: off.
-        refresh_beta: β in [0, 1) of that moving average.
-        scaling_granularity: ``column`` (eq. 11) or ``tensor`` (eq. 10) factor of ``only_scaling``.
-        scaling_multiplier: multiplies the limited ``only_scaling`` update (APOLLO's √scale).
-        adam_convention: ``torch`` (torch.optim.AdamW's) or ``transformers`` (the official packages'),
-            see ``inner_adam.py``.
-        seed: seeds the randomized SVD and the random projector (per parameter and step).
-        nonfinite: ``raise`` (default) or ``skip`` the whole step when a gradient is NaN/inf;
-            skipped steps are counted in ``skipped_steps``.
-        states: ``32bit`` (moments at the parameter's dtype) or ``8bit`` (blockwise-quantized
-            moments, bitsandbytes' layout), for projected and plain groups alike (``moments.py``).
-        stochastic_rounding: write bf16 weights by unbiased stochastic rounding of W − η·update
-            computed in fp32 (pure-bf16 training without a master copy, ``weights.py``).
-        foreach: ``torch._foreach_*`` kernels for the plain groups and the parameter writes
-            (default: on).
-        bucket_cap_mb: the most stacked gradient a bucket holds, in MiB (0: one matrix per bucket);
-            default: 256 on a GPU and for FSDP2 shards, 0 for whole matrices on the CPU (see
-            ``DEFAULT_BUCKET_CAP_MB``).
-        compile: run the steady bucket step through ``torch.compile`` (see ``bucket_step``).
+        **options: any option of :meth:`option_table` — the engine's own and those every unit
+            declares (``components.py``). The main ones:
+
+            * ``update_proj_gap`` T, ``scale`` α, ``proj_type`` (GaLore's meaning);
+            * ``residual``: the update rule (``residual.py``: ``discard``, ``add``, ``scale_matrix``
+              (eq. 10), ``scale_column`` (eq. 11), ``only_scaling``, or a registered one) and its
+              options (``residual_convention``, ``scaling_granularity``, …);
+            * ``limiter`` (``limiter.py``: ``norm_growth`` with ``gamma`` γ (eq. 12), ``clip``, …);
+            * ``svd`` (``exact``, ``randomized``, ``warm``) and ``projector`` (``svd``, ``random``);
+              adaptive rank ``rank_energy``/``min_rank``/``max_rank`` (``rank.py``), convergence
+              trigger ``refresh_threshold`` (``refresh.py``), ``on_switch`` (``switch.py``);
+            * ``pre_projection`` (``transforms.py``: ``none``, ``error_feedback``);
+            * ``states`` (``32bit``, ``8bit``: ``moments.py``) and ``stochastic_rounding``
+              (``weights.py``);
+            * ``adam_convention`` (``inner_adam.py``), ``seed``, ``nonfinite`` (``raise`` or ``skip``
+              the step on a NaN/inf gradient, counted in ``skipped_steps``), ``foreach`` (the plain
+              groups' ``torch._foreach_*`` kernels), ``bucket_cap_mb``, ``compile``.
+
+    ``maximize=True`` is accepted as ``torch.optim.AdamW`` accepts it (the step ascends).
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        *,
-        update_proj_gap: int = 200,
-        scale: float = 1.0,
-        proj_type: str = "std",
-        residual: str = "scale_column",
-        limiter: str = "norm_growth",
-        gamma: float = 1.01,
-        clip_threshold: float = 1.0,
-        limiter_alpha: float = 0.5,
-        residual_convention: str = "exact",
-        svd: str = "exact",
-        oversample: int = 8,
-        power_iters: int = 2,
-        warm_iters: int = 1,
-        refresh_stagger: bool = False,
-        on_switch: str = "keep",
-        reset_limiter_on_switch: bool = False,
-        projector: str = "svd",
-        rank_energy: float | None = None,
-        min_rank: int = 1,
-        max_rank: int | None = None,
-        refresh_threshold: float = 0.0,
-        refresh_beta: float = 0.9,
-        scaling_granularity: str = "column",
-        scaling_multiplier: float = 1.0,
-        adam_convention: str = "torch",
-        seed: int = 0,
-        nonfinite: str = "raise",
-        states: str = "32bit",
-        stochastic_rounding: bool = False,
-        foreach: bool | None = None,
-        bucket_cap_mb: float | None = None,
-        compile: bool = False,
-    ):
-        defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-            residual=residual, limiter=limiter, gamma=gamma, clip_threshold=clip_threshold,
-            limiter_alpha=limiter_alpha, residual_convention=residual_convention, svd=svd,
-            oversample=oversample, power_iters=power_iters, warm_iters=warm_iters,
-            refresh_stagger=refresh_stagger, on_switch=on_switch,
-            reset_limiter_on_switch=reset_limiter_on_switch, projector=projector,
-            rank_energy=rank_energy, min_rank=min_rank, max_rank=max_rank,
-            refresh_threshold=refresh_threshold, refresh_beta=refresh_beta,
-            scaling_granularity=scaling_granularity, scaling_multiplier=scaling_multiplier,
-            adam_convention=adam_convention, seed=seed, nonfinite=nonfinite, states=states,
-            stochastic_rounding=stochastic_rounding, foreach=foreach,
-            bucket_cap_mb=bucket_cap_mb, compile=compile,
-        )
+    @staticmethod
+    def option_table() -> dict[str, tuple]:
+        """{option: (default, meaning)} of every option a group takes, units' declarations included."""
+        return {name: (option.default, option.doc) for name, option in sorted(engine_options().items())}
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, **options):
+        declared = engine_options()
+        unknown = sorted(set(options) - set(declared) - {"maximize"})
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown option(s) {', '.join(map(repr, unknown))}; the options "
+                            f"are: {', '.join(sorted(declared))}")
+        maximize = options.pop("maximize", False)
+        if not isinstance(maximize, bool):
+            raise ValueError(f"maximize must be True or False, got {maximize!r}")
+        defaults = {name: option.default for name, option in declared.items()}
+        defaults.update(options, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
         self.skipped_steps = 0
         self.record_residual_stats = False
         self._residual_stats: dict | None = None
@@ -352,13 +300,14 @@ class SubspaceAdamW(Optimizer):
 
     def _plan(self, group: dict) -> GroupPlan:
         """The group's frozen plan, rebuilt (and re-validated) only when one of its options changed."""
-        signature = tuple(group[k] for k in _PLAN_KEYS)
+        rule, limiter = get_rule(group["residual"]), get_limiter(group["limiter"])
+        options = {"scale": group["scale"], **{k: group[k] for k in (*rule.options, *limiter.options)}}
+        signature = (*(group[k] for k in _PLAN_KEYS), tuple(options.items()))
         cached = self._plans.get(id(group))
         if cached is not None and cached[0] == signature:
             return cached[1]
-        plan = GroupPlan(rule=get_rule(group["residual"]), limiter=get_limiter(group["limiter"]),
-                         trigger=uses_trigger(group), seed_only=stores_seed_only(group),
-                         options={k: group[k] for k in _RULE_OPTIONS}, compiled={})
+        plan = GroupPlan(rule=rule, limiter=limiter, trigger=uses_trigger(group), seed_only=stores_seed_only(group),
+                         transform=TRANSFORM_REGISTRY.get(group["pre_projection"]), options=options, compiled={})
         self._plans[id(group)] = (signature, plan)
         return plan
 
@@ -468,11 +417,11 @@ class SubspaceAdamW(Optimizer):
                 if param.grad is not None:
                     _check_dense(param.grad, name)
                     shard = self._row_shard(param, name)
+                    grad = param.grad.neg() if group["maximize"] else param.grad  # (torch's convention)
                     if shard is None:
-                        items.append(Item(offset + k, k, param, param.grad, name))
+                        items.append(Item(offset + k, k, param, grad, name))
                     else:
-                        items.append(Item(offset + k, k, param, sharding.local(param.grad), name,
-                                          sharding.local(param), shard))
+                        items.append(Item(offset + k, k, param, sharding.local(grad), name, sharding.local(param), shard))
             offset += len(group["params"])
             work.append((group, items))
         return work
@@ -580,7 +529,7 @@ class SubspaceAdamW(Optimizer):
         for item in items:
             state = self.state[item.param]
             if not state:
-                S.init_plain(state, item.weight)
+                state[S.STEP] = 0
                 store.zeros(state, item.weight.shape, item.weight)
             state[S.STEP] += 1
         chunked = [item for item in items if isinstance(store, moments.Blockwise8bit)
@@ -596,7 +545,7 @@ class SubspaceAdamW(Optimizer):
             (item,) = items
             state = self.state[item.param]
             inner_adam.masked_adamw_(item.weight, item.grad, state[S.EXP_AVG], state[S.EXP_AVG_SQ], state[S.STEP],
-                                     keep, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                                     keep, lr=learning_rate(group), betas=group["betas"], eps=group["eps"],
                                      weight_decay=group["weight_decay"], convention=group["adam_convention"])
             return
         buckets: dict[tuple, list[Item]] = {}
@@ -608,7 +557,7 @@ class SubspaceAdamW(Optimizer):
             states = [self.state[i.param] for i in members]
             inner_adam.adamw_(
                 [i.weight for i in members], [i.grad for i in members], [s[S.EXP_AVG] for s in states],
-                [s[S.EXP_AVG_SQ] for s in states], [s[S.STEP] for s in states], lr=group["lr"], beta1=beta1,
+                [s[S.EXP_AVG_SQ] for s in states], [s[S.STEP] for s in states], lr=learning_rate(group), beta1=beta1,
                 beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], foreach=foreach,
                 convention=group["adam_convention"],
             )
@@ -616,7 +565,7 @@ class SubspaceAdamW(Optimizer):
     @staticmethod
     def _adam_options(group: dict) -> dict:
         beta1, beta2 = group["betas"]
-        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+        return dict(lr=learning_rate(group), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                     convention=group["adam_convention"])
 
     def _plain_step_chunked(self, group: dict, item: Item, store: moments.MomentStore,
@@ -712,10 +661,15 @@ class SubspaceAdamW(Optimizer):
         side = projection_side(group["proj_type"], members[0].full_shape)
         shard = None if members[0].shard is None else sharding.BucketShard(members[0].shard, side)
         left, right = subspace.stacked_projection(self, group, plan, members, states, side)
+        norms = [grad_norms.get(id(i.param)) for i in members]  # the non-finite check's ‖G‖ (rules reuse them)
+        if plan.transform.active:  # G̃ from G before the projection (transforms.py); the rules see G̃
+            grads = plan.transform.before(grads, states, group)
+            norms = [None] * len(members)
         low = project(grads, left, right)
         if shard is not None and shard.columns_sharded:  # Σ_k P_kᵀ·G_k, this rank's columns
             low = shard.reduce_scatter_columns(low)
-        norms = [grad_norms.get(id(i.param)) for i in members]  # the non-finite check's ‖G‖ (rules reuse them)
+        if plan.transform.active:
+            plan.transform.after(grads, low, left, right, states, group)
         if captured is not None:
             low_norms = (torch.linalg.vector_norm(low, dim=(-2, -1), dtype=norm_dtype(low.dtype)) if shard is None
                          else shard.matrix_norms(low).view(-1))
@@ -734,7 +688,7 @@ class SubspaceAdamW(Optimizer):
         if psi.dtype != low.dtype:
             psi = psi.to(low.dtype)
         previous = torch.stack([s[S.RESIDUAL_NORM] for s in states]) if plan.rule.has_residual else None
-        lr = group["lr"]
+        lr = learning_rate(group)
         decay = 1.0 - lr * group["weight_decay"]
         # transformers' order W ← (W − η·c·u)·decay, written as W·decay − η·c·decay·u
         late_decay = decay if convention == "transformers" else 1.0
@@ -747,7 +701,7 @@ class SubspaceAdamW(Optimizer):
             term, a = low_rank_term(contribution, coef, low, psi)
             if shard is not None:
                 term, coef = shard.gather_terms(term, coef, plan.rule.uses_columns(plan.options))
-            write_update_(params[0], members[0].grad, None if coef is None else coef[0],
+            write_update_(params[0], grads[0], None if coef is None else coef[0],
                           None if term is None else term[0], a, left, right, step_sizes[0], decay)
             return
         if shard is not None:  # collectives run eagerly
@@ -801,7 +755,8 @@ class SubspaceAdamW(Optimizer):
                              "in backward hooks and does not support FSDP2; use the ordinary step")
         norm = torch.linalg.vector_norm(param.grad, dtype=norm_dtype(param.grad.dtype))
         finite = torch.isfinite(norm)
-        grad = torch.where(finite, param.grad, torch.zeros((), dtype=param.grad.dtype, device=param.grad.device))
+        grad = torch.where(finite, param.grad.neg() if group["maximize"] else param.grad,
+                           torch.zeros((), dtype=param.grad.dtype, device=param.grad.device))
         item = Item(ordinal, index, param, grad, name)
         if not is_projected(group):
             self._plain_step(group, [item], keep=finite)

@@ -13,20 +13,25 @@ and the norms it kept from the previous step to the factors c that S is multipli
 * ``tensor_scaling``   the rebuttal's tensor-wise scaling (Table r10): S_t ← a·S_t, a constant
                        (a = ``limiter_alpha``).
 
-A limiter is a small object with ``factors(norms, previous, options) -> (c or None, kept or None)``
-over 1-D tensors on the device (``torch.where``, never a host synchronisation). ``kept`` is what the
-engine stores as each matrix's ``residual_norm`` for the next step (None: the limiter keeps nothing).
-To add one: write its class (in its own file if you like), then ``register_limiter("name", Limiter())``.
+A limiter is a small unit (``components.py``: ``name``, declared ``options``) with
+``factors(norms, previous, options) -> (c or None, kept or None)`` over 1-D tensors on the device
+(``torch.where``, never a host synchronisation). ``kept`` is what the engine stores as each matrix's
+``residual_norm`` for the next step (None: the limiter keeps nothing). To add one: write its class
+(in its own file if you like), then ``register_limiter("name", MyLimiter())``.
 """
 from __future__ import annotations
 
 import torch
 
-from .state import RESIDUAL_NORM
+from .components import Component, Option, Registry, number
+
+LIMITER_ALPHA = Option(0.5, number(0.0, 1.0, low_open=True), "a of gradient_shrink and tensor_scaling (Table r10)")
 
 
-class Limiter:
+class Limiter(Component):
     """Base class: ``c = 1``, nothing kept."""
+
+    name = "none"
 
     def factors(self, norms: torch.Tensor, previous: torch.Tensor, options: dict):
         return None, None
@@ -34,6 +39,9 @@ class Limiter:
 
 class NormGrowth(Limiter):
     """Eq. 12: the ratio ‖S_t‖/‖S_{t−1}‖ is capped at γ."""
+
+    name = "norm_growth"
+    options = {"gamma": Option(1.01, number(1.0), "γ ≥ 1 of the norm-growth limiter (eq. 12)")}
 
     def factors(self, norms, previous, options):
         # γ‖S_{t−1}‖/‖S_t‖ < 1 exactly when the norm grew by more than γ (and ‖S_t‖ = 0 gives inf → 1)
@@ -45,12 +53,18 @@ class NormGrowth(Limiter):
 class Clip(Limiter):
     """S ← S·min(1, τ/‖S‖)."""
 
+    name = "clip"
+    options = {"clip_threshold": Option(1.0, number(0.0, low_open=True), "τ > 0 of absolute norm clipping")}
+
     def factors(self, norms, previous, options):
         return (options["clip_threshold"] / norms).clamp_(max=1.0), None
 
 
 class GradientShrink(Limiter):
     """‖S_t‖ ← a·‖S_t‖ + (1 − a)·‖S_{t−1}‖ (rebuttal Table r10)."""
+
+    name = "gradient_shrink"
+    options = {"limiter_alpha": LIMITER_ALPHA}
 
     def factors(self, norms, previous, options):
         a = options["limiter_alpha"]
@@ -62,40 +76,27 @@ class GradientShrink(Limiter):
 class TensorScaling(Limiter):
     """S_t ← a·S_t (rebuttal Table r10)."""
 
+    name = "tensor_scaling"
+    options = {"limiter_alpha": LIMITER_ALPHA}
+
     def factors(self, norms, previous, options):
         return torch.full_like(norms, options["limiter_alpha"]), None
 
 
-LIMITER_REGISTRY: dict[str, Limiter] = {
-    "none": Limiter(),
-    "norm_growth": NormGrowth(),
-    "clip": Clip(),
-    "gradient_shrink": GradientShrink(),
-    "tensor_scaling": TensorScaling(),
-}
-LIMITERS = tuple(LIMITER_REGISTRY)  # the built-in names (validation reads the registry itself)
+LIMITER_REGISTRY = Registry("limiter", "limiter", Limiter)
 
 
 def register_limiter(name: str, limiter: Limiter) -> None:
-    """Make ``limiter`` available as ``limiter=name`` in every group."""
+    """Make ``limiter`` available as ``limiter=name`` in every group (``name`` becomes its name)."""
     if not isinstance(limiter, Limiter):
         raise TypeError(f"limiter {name!r} must be a fullrank.optim.limiter.Limiter, got {type(limiter).__name__}")
-    LIMITER_REGISTRY[name] = limiter
+    limiter.name = name
+    LIMITER_REGISTRY.register(limiter)
+
+
+for _limiter in (Limiter(), NormGrowth(), Clip(), GradientShrink(), TensorScaling()):
+    LIMITER_REGISTRY.register(_limiter)
 
 
 def get_limiter(name: str) -> Limiter:
-    if name not in LIMITER_REGISTRY:
-        raise ValueError(f"limiter must be one of {tuple(LIMITER_REGISTRY)}, got {name!r}")
-    return LIMITER_REGISTRY[name]
-
-
-def limit_factor(
-    kind: str, norm: torch.Tensor, state: dict, *, gamma: float, clip_threshold: float, limiter_alpha: float = 0.5
-) -> torch.Tensor | None:
-    """One matrix's factor c for ‖S‖ = ``norm`` (None means 1); updates ``state[RESIDUAL_NORM]``."""
-    group = dict(gamma=gamma, clip_threshold=clip_threshold, limiter_alpha=limiter_alpha)
-    previous = state.get(RESIDUAL_NORM, torch.zeros_like(norm)).reshape(1)
-    factor, kept = get_limiter(kind).factors(norm.reshape(1), previous, group)
-    if kept is not None:
-        state[RESIDUAL_NORM] = kept.reshape(())
-    return None if factor is None else factor.reshape(())
+    return LIMITER_REGISTRY.get(name)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import state as S
+from .components import Component, Registry
 
 BLOCK = 256  # bitsandbytes' block size of its blockwise 8-bit optimizers
 MIN_8BIT_ELEMENTS = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep full-precision moments
@@ -37,7 +38,7 @@ def low_shape(state: dict) -> torch.Size | None:
     return None if moment is None else moment.shape
 
 
-class MomentStore:
+class MomentStore(Component):
     """``32bit``: the moments at the parameter's precision, updated in place."""
 
     name = "32bit"
@@ -61,7 +62,7 @@ class MomentStore:
     def adopt(self, state: dict, param: torch.Tensor) -> None:
         """Bring loaded moments saved by another store to this one (a resume that changes ``states``)."""
         if S.EXP_AVG in state and state[S.EXP_AVG].dtype == torch.uint8:
-            exp_avgs, exp_avg_sqs = STORE_REGISTRY["8bit"].load([state])
+            exp_avgs, exp_avg_sqs = STORE_REGISTRY.get("8bit").load([state])
             for key in ABSMAX_KEYS.values():
                 del state[key]
             dtype = param.dtype if param.is_floating_point() else torch.float32
@@ -178,14 +179,12 @@ class Blockwise8bit(MomentStore):
         self._quantize(state, S.EXP_AVG_SQ, False, exp_avg_sq, keep, span)
 
 
-STORE_REGISTRY: dict[str, MomentStore] = {}
+STORE_REGISTRY = Registry("moment store", "states", MomentStore)
 
 
 def register_store(store: MomentStore) -> None:
     """Make ``store`` available as ``states=store.name``."""
-    if not isinstance(store, MomentStore) or not store.name:
-        raise TypeError("a moment store must be a fullrank.optim.moments.MomentStore with a non-empty name")
-    STORE_REGISTRY[store.name] = store
+    STORE_REGISTRY.register(store)
 
 
 for _store in (MomentStore(), Blockwise8bit()):
@@ -193,9 +192,7 @@ for _store in (MomentStore(), Blockwise8bit()):
 
 
 def get_store(name: str) -> MomentStore:
-    if name not in STORE_REGISTRY:
-        raise ValueError(f"states must be one of {tuple(STORE_REGISTRY)}, got {name!r}")
-    return STORE_REGISTRY[name]
+    return STORE_REGISTRY.get(name)
 
 
 def require_bitsandbytes(name: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from .svd import top_singular_vectors
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
@@ -48,28 +47,6 @@ def column_dim(side: str) -> int:
     if side == "right":
         return 1
     raise ValueError("column-wise scaling needs a one-sided projection (proj_type other than 'full')")
-
-
-def compute_projection(
-    grad: torch.Tensor,
-    rank: int,
-    side: str,
-    backend: str = "exact",
-    *,
-    oversample: int = 8,
-    power_iters: int = 2,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Top-``rank`` singular subspace of ``grad``: ``(proj_left, proj_right, singular_values)``.
-
-    The matrices are returned in the gradient's dtype (as GaLore does), each in a storage of its
-    own; the side not used is None.
-    """
-    U, S, Vh = top_singular_vectors(
-        grad, rank, backend, oversample=oversample, power_iters=power_iters, generator=generator
-    )
-    left, right = truncated_projection(U, Vh, rank, side, grad.dtype)
-    return left, right, S
 
 
 def truncated_projection(

@@ -31,9 +31,14 @@ Adding a rule:
 
 1. write a class with ``name`` and ``contribution(bucket, options) -> Contribution`` (``bucket`` holds
    the stacked ``grads``, ``low`` = R, ``psi`` = ψ(R), ``grad_sq`` = ‖G‖² per matrix and ``side``);
-   set ``column_level`` if φ is per column (it then needs a one-sided projection); take every norm
-   through the bucket's ``matrix_norms``, ``column_norms``, ``grad_column_sq`` and ``column_total`` and
-   set ``shard_aware = True``, and the rule also runs on FSDP2-sharded weights (``sharding.py``);
+   declare its hyperparameters in ``options`` and its per-matrix state in ``state``
+   (``components.py``: the engine adds the options to its defaults and validates them, and the
+   bucket reads and writes the state, ``Bucket.state``/``Bucket.set_state``); set ``column_level`` if φ
+   is per column (it then needs a one-sided projection); take every norm through the bucket's
+   ``matrix_norms``, ``column_norms``, ``grad_column_sq`` and ``column_total`` and set
+   ``shard_aware = True``, and the rule also runs on FSDP2-sharded weights (``sharding.py``). A rule
+   whose residual is not φ∘(G − κ·P·R) (e.g. FRUGAL's sign) returns it whole in
+   ``Contribution.explicit``, built from ``Bucket.residual(κ)``;
 2. ``register_rule(MyRule())`` — in its own file, imported before the optimizer is built.
 """
 from __future__ import annotations
@@ -42,10 +47,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .projector import column_dim, project, project_back
+from .components import Component, Option, Registry, choice, number
+from .projector import column_dim
 
 SCALING_GRANULARITIES = ("column", "tensor")
 RESIDUAL_CONVENTIONS = ("exact", "official")
+
+RESIDUAL_CONVENTION = Option("exact", choice(*RESIDUAL_CONVENTIONS),
+                             "exact: S = G − P·R; official: G − α·P·R (the fira package's)")
 
 # Added to ‖R‖ in φ's denominator, as the official Fira code does, so that a zero column of R
 # (a column of G orthogonal to the subspace) gives a large but finite factor.
@@ -152,8 +161,10 @@ class Contribution:
     weight: float = 1.0  # w on the limited residual
 
 
-class Rule:
-    """Base class of update rules."""
+class Rule(Component):
+    """Base class of update rules. ``options`` and ``state`` as every unit declares them
+    (``components.py``); a rule reads its options, the group's ``scale`` α among them, from the
+    ``options`` dict it is given, and its per-matrix state through the bucket."""
 
     name = ""
     column_level = False  # φ per column of G (needs a one-sided projection)
@@ -162,6 +173,11 @@ class Rule:
 
     def uses_columns(self, options: dict) -> bool:
         return self.column_level
+
+    def validate(self, group: dict) -> None:
+        if self.uses_columns(group) and group["proj_type"] == "full":
+            raise ValueError(f"residual={self.name!r} scales columns and needs a one-sided projection; proj_type must "
+                             "be one of ('std', 'reverse_std', 'left', 'right'), got 'full'")
 
     def contribution(self, bucket: Bucket, options: dict) -> Contribution:
         raise NotImplementedError
@@ -192,6 +208,7 @@ class Discard(Rule):
 class Add(Rule):
     name = "add"
     shard_aware = True
+    options = {"residual_convention": RESIDUAL_CONVENTION}
 
     def contribution(self, bucket, options):
         kappa = _kappa(options)
@@ -203,6 +220,7 @@ class Add(Rule):
 class ScaleMatrix(Rule):
     name = "scale_matrix"
     shard_aware = True
+    options = {"residual_convention": RESIDUAL_CONVENTION}
 
     def contribution(self, bucket, options):
         kappa = _kappa(options)
@@ -215,6 +233,7 @@ class ScaleColumn(Rule):
     name = "scale_column"
     column_level = True
     shard_aware = True
+    options = {"residual_convention": RESIDUAL_CONVENTION}
 
     def contribution(self, bucket, options):
         kappa = _kappa(options)
@@ -227,6 +246,11 @@ class ScaleColumn(Rule):
 class OnlyScaling(Rule):
     name = "only_scaling"
     shard_aware = True
+    options = {
+        "scaling_granularity": Option("column", choice(*SCALING_GRANULARITIES),
+                                      "column: φ per column (eq. 11, APOLLO's channel); tensor: one φ (eq. 10)"),
+        "scaling_multiplier": Option(1.0, number(0.0, low_open=True), "multiplies the limited update (APOLLO's √scale)"),
+    }
 
     def uses_columns(self, options):
         return options["scaling_granularity"] == "column"
@@ -241,34 +265,17 @@ class OnlyScaling(Rule):
         return Contribution(0.0, phi, 0.0, residual_sq, weight=options["scaling_multiplier"])
 
 
-RULE_REGISTRY: dict[str, Rule] = {}
+RULE_REGISTRY = Registry("rule", "residual", Rule)
 
 
 def register_rule(rule: Rule) -> None:
     """Make ``rule`` available as ``residual=rule.name`` in every group."""
-    if not isinstance(rule, Rule) or not rule.name:
-        raise TypeError("a rule must be a fullrank.optim.residual.Rule instance with a non-empty name")
-    RULE_REGISTRY[rule.name] = rule
+    RULE_REGISTRY.register(rule)
 
 
 for _rule in (Discard(), Add(), ScaleMatrix(), ScaleColumn(), OnlyScaling()):
     register_rule(_rule)
-RESIDUAL_RULES = tuple(RULE_REGISTRY)  # the built-in names (validation reads the registry itself)
 
 
 def get_rule(name: str) -> Rule:
-    if name not in RULE_REGISTRY:
-        raise ValueError(f"residual must be one of {tuple(RULE_REGISTRY)}, got {name!r}")
-    return RULE_REGISTRY[name]
-
-
-def uses_columns(rule: str, granularity: str = "column") -> bool:
-    """Whether φ is taken per column (and so needs a one-sided projection)."""
-    return get_rule(rule).uses_columns({"scaling_granularity": granularity})
-
-
-def explicit_residual(
-    grad: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, kappa: float = 1.0
-) -> torch.Tensor:
-    """G − κ·P·R materialised (for analysis and tests; the engine's step never builds it)."""
-    return grad - kappa * project_back(project(grad, left, right), left, right)
+    return RULE_REGISTRY.get(name)

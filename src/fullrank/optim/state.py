@@ -41,12 +41,6 @@ def keeps_own_dtype(key: str, value) -> bool:
     return key in OWN_DTYPE_KEYS or (isinstance(value, torch.Tensor) and value.dtype == torch.uint8)
 
 
-def init_plain(state: dict, param: torch.Tensor) -> None:
-    state[STEP] = 0
-    state[EXP_AVG] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    state[EXP_AVG_SQ] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
 def init_projected(state: dict, param: torch.Tensor, norm_dtype: torch.dtype) -> None:
     """Counters and the limiter's norm; moments and P are written at the first refresh."""
     state[STEP] = 0

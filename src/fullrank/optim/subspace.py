@@ -29,10 +29,11 @@ import torch
 from . import host, moments, random_proj, sharding
 from . import state as S
 from .projector import low_rank_shape, projection_side, truncated_projection
-from .random_proj import gaussian_projection, orthonormal_random_projection
+from .random_proj import gaussian_projection
 from .rank import energy_rank, is_adaptive, rank_bounds
 from .refresh import refresh_due, stagger_offset, uses_trigger
-from .svd import draw_sketch, exact_svd, randomized_svd, warm_subspace
+from .projectors import PROJECTOR_REGISTRY
+from .svd import SVD_REGISTRY
 from .switch import switch_moments_
 
 
@@ -47,25 +48,21 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _svd_factors(group: dict, members, states, grads: torch.Tensor, rank: int):
-    """(U, S, Vh) of a stack of gradients at ``rank`` by the group's backend."""
-    if group["svd"] == "randomized":
-        shape = tuple(grads.shape[-2:])
-        sketch = _stack([draw_sketch(shape, rank, group["oversample"], grads.dtype,
-                                     _generator(group, item, state, grads.device), grads.device)
-                         for item, state in zip(members, states)])
-        return randomized_svd(grads, rank, oversample=group["oversample"], power_iters=group["power_iters"],
-                              sketch=sketch)
-    return exact_svd(grads, rank)
+    """(U, S, Vh) of a stack of gradients at ``rank`` by the group's backend (``svd.SVD_REGISTRY``)."""
+    backend = SVD_REGISTRY.get(group["svd"])
+    generators = ([_generator(group, item, state, grads.device) for item, state in zip(members, states)]
+                  if backend.uses_generators else None)
+    return backend.factors(grads, rank, group, generators)
 
 
 def _warm(group: dict, states, grads: torch.Tensor, side: str):
-    """New (left, right) stacks by subspace iteration from the stored bases."""
+    """New (left, right) stacks by the backend's refinement of the stored bases."""
+    backend = SVD_REGISTRY.get(group["svd"])
     left = right = None
-    iters = group["warm_iters"]
     if side in ("left", "both"):
-        left = warm_subspace(grads, _stack([s[S.PROJ_LEFT] for s in states]), "left", iters)
+        left = backend.refine(grads, _stack([s[S.PROJ_LEFT] for s in states]), "left", group)
     if side in ("right", "both"):
-        right = warm_subspace(grads, _stack([s[S.PROJ_RIGHT] for s in states]), "right", iters)
+        right = backend.refine(grads, _stack([s[S.PROJ_RIGHT] for s in states]), "right", group)
     return left, right
 
 
@@ -80,15 +77,16 @@ def refresh_(optimizer, group: dict, items, flagged: set[int]) -> set[int]:
         return set()
     by_shape: dict[tuple, list] = {}
     for item, state in due:
-        warm = group["svd"] == "warm" and S.EXP_AVG in state
+        warm = SVD_REGISTRY.get(group["svd"]).warm_start and S.EXP_AVG in state
         key = (item.grad.device, item.grad.dtype, item.full_shape, warm,
                tuple(moments.low_shape(state)) if warm else None, None if item.shard is None else id(item.shard.group))
         by_shape.setdefault(key, []).append((item, state))
     installs, pending_ranks, resolved = [], [], []
     for (_, _, shape, warm, _, _), pairs in by_shape.items():
         side = projection_side(group["proj_type"], shape)
-        if group["projector"] == "random":
-            resolved.extend(_random_projections(group, pairs, shape, side))
+        projector = PROJECTOR_REGISTRY.get(group["projector"])
+        if not projector.fitted:
+            resolved.extend(projector.draw(group, pairs, shape, side))
         elif pairs[0][0].shard is not None:
             resolved.extend(_sharded_projections(group, pairs, shape, side, warm))
         else:
@@ -208,20 +206,6 @@ def _read_ranks(pending: list[tuple[torch.Tensor, int]]) -> list[list[int]]:
             n = pending[k][0].numel()
             read[k], values = values[:n], values[n:]
     return read
-
-
-def _random_projections(group: dict, pairs, shape, side) -> list:
-    """APOLLO's seeds (seed-only groups) or GoLore's stored orthonormal bases, one per matrix, drawn
-    from the seed alone (the same on every rank of a sharded matrix)."""
-    out = []
-    for item, state in pairs:
-        seed = random_proj.projection_seed(group["seed"], item.ordinal, state[S.STEP])
-        if random_proj.stores_seed_only(group):
-            out.append((item, state, None, None, seed))
-        else:
-            left, right = orthonormal_random_projection(shape, side, group["rank"], seed, item.grad.device, item.grad.dtype)
-            out.append((item, state, left, right, None))
-    return out
 
 
 def _install(group: dict, state: dict, item, left, right, seed) -> None:

@@ -5,7 +5,8 @@ randomized range finder with oversampling and power iterations of Halko, Martins
 (2011, Algorithms 4.4 and 5.1): it costs a few matmuls with an (r + p)-column sketch instead of a
 full decomposition, and is what AdaRankGrad uses.
 
-``warm_subspace`` is the refresh from the previous basis: one or two rounds of subspace (power)
+The backends are units of ``SVD_REGISTRY`` (``svd=``), each declaring its options. ``warm_subspace``
+is the refresh from the previous basis: one or two rounds of subspace (power)
 iteration Y = G·(Gᵀ·P), QR (LDAdam, GaLore 2 and AdaRankGrad's online updates go this way). It
 costs two matmuls with an r-column basis and one QR, no decomposition of G.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-SVD_BACKENDS = ("exact", "randomized", "warm")
+from .components import Component, Option, Registry, integer
 
 
 def _working_precision(matrix: torch.Tensor) -> torch.Tensor:
@@ -98,21 +99,61 @@ def warm_subspace(matrix: torch.Tensor, basis: torch.Tensor, side: str, iters: i
     return Y.mT if side == "right" else Y
 
 
-def top_singular_vectors(
-    matrix: torch.Tensor,
-    rank: int,
-    backend: str,
-    *,
-    oversample: int = 8,
-    power_iters: int = 2,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dispatch to the named backend (``"exact"`` or ``"randomized"``; ``"warm"`` has no previous
-    basis here and takes the exact SVD, as at a matrix's first refresh)."""
-    if backend in ("exact", "warm"):
-        return exact_svd(matrix, rank)
-    if backend == "randomized":
-        return randomized_svd(
-            matrix, rank, oversample=oversample, power_iters=power_iters, generator=generator
-        )
-    raise ValueError(f"svd must be one of {SVD_BACKENDS}, got {backend!r}")
+class SVDBackend(Component):
+    """How a refresh finds P: ``factors(grads, rank, group, generators)`` → (U, S, Vh) of a stack of
+    gradients. ``warm_start``: it refines the previous basis instead (``refine``), when there is one."""
+
+    warm_start = False
+    uses_generators = False  # factors() draws from one seeded generator per matrix
+
+    def factors(self, grads: torch.Tensor, rank: int, group: dict, generators=None):
+        raise NotImplementedError
+
+
+class ExactSVD(SVDBackend):
+    """GaLore's: ``torch.linalg.svd`` in at least fp32."""
+
+    name = "exact"
+
+    def factors(self, grads, rank, group, generators=None):
+        return exact_svd(grads, rank)
+
+
+class RandomizedSVD(SVDBackend):
+    """Halko et al.'s range finder (AdaRankGrad's), each matrix sketched from its own generator."""
+
+    name = "randomized"
+    uses_generators = True
+    options = {
+        "oversample": Option(8, integer(0), "the randomized SVD's sketch oversampling p"),
+        "power_iters": Option(2, integer(0), "the randomized SVD's power iterations q"),
+    }
+
+    def factors(self, grads, rank, group, generators=None):
+        shape = tuple(grads.shape[-2:])
+        sketches = [draw_sketch(shape, rank, group["oversample"], grads.dtype, generator, grads.device)
+                    for generator in generators]
+        sketch = sketches[0].unsqueeze(0) if len(sketches) == 1 else torch.stack(sketches)
+        return randomized_svd(grads, rank, oversample=group["oversample"], power_iters=group["power_iters"],
+                              sketch=sketch)
+
+
+class WarmSubspace(ExactSVD):
+    """Subspace iteration from the previous basis (``warm_subspace``); exact at a first refresh."""
+
+    name = "warm"
+    warm_start = True
+    options = {"warm_iters": Option(1, integer(1), "rounds of subspace iteration of svd='warm'")}
+
+    def refine(self, grads: torch.Tensor, previous: torch.Tensor, side: str, group: dict) -> torch.Tensor:
+        return warm_subspace(grads, previous, side, group["warm_iters"])
+
+    def validate(self, group):
+        if group.get("rank_energy") is not None:
+            raise ValueError("svd='warm' refines the previous basis at its rank and reads no spectrum; rank_energy "
+                             "(adaptive rank) needs svd in ('exact', 'randomized')")
+
+
+SVD_REGISTRY = Registry("SVD backend", "svd", SVDBackend)
+for _backend in (ExactSVD(), RandomizedSVD(), WarmSubspace()):
+    SVD_REGISTRY.register(_backend)

@@ -280,7 +280,12 @@ def method_options(method: str) -> dict[str, Any]:
             if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in OWN_FLAG_OPTIONS or p.name in ("self", "params"):
                 continue
             found.setdefault(p.name, None if p.default is p.empty else p.default)
-        if cls is fullrank.SubspaceAdamW or cls is torch.optim.AdamW:
+        if cls is fullrank.SubspaceAdamW:  # the engine's options are declared, not in its signature
+            for name, (default, _) in fullrank.SubspaceAdamW.option_table().items():
+                if name not in OWN_FLAG_OPTIONS:
+                    found.setdefault(name, default)
+            break
+        if cls is torch.optim.AdamW:
             break
     try:  # the values the method really uses (a preset overrides some of the engine's defaults)
         probe = torch.nn.Parameter(torch.zeros(2, 2))
