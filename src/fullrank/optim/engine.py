@@ -51,7 +51,7 @@ from torch.optim import Optimizer
 from . import host, inner_adam, moments, sharding, subspace, weights
 from . import state as S
 from .limiter import Limiter, get_limiter
-from .options import engine_options, validate_common, validate_projected
+from .options import engine_options, unit_state_keys, validate_common, validate_projected
 from .projector import add_back_, add_projected_back_, project, project_back, projection_side
 from .random_proj import stores_seed_only
 from .rank import current_rank, summarize
@@ -111,10 +111,12 @@ class GroupPlan:
 
 def residual_coefficients(rule: Rule, limiter: Limiter, options: dict, side: str, grads: torch.Tensor,
                           low: torch.Tensor, psi: torch.Tensor, grad_norms: list, previous: torch.Tensor | None,
-                          shard: sharding.BucketShard | None = None):
-    """The rule's contribution (φ, ‖S‖) and the limiter's factors c (eq. 8–12): returns
-    (contribution, coef = c·w·φ in the gradients' dtype or None, kept norms or None, factors or None)."""
-    contribution = rule.contribution(Bucket(grads, low, psi, side, grad_norms, shard), options)
+                          shard: sharding.BucketShard | None = None, left=None, right=None,
+                          unit_state: dict | None = None):
+    """The rule's contribution (φ, ‖S‖, its state) and the limiter's factors c (eq. 8–12): returns
+    (contribution, coef = c·w·φ in the gradients' dtype or None, kept norms or None, factors or None).
+    ``unit_state``: the rule's declared state, stacked over the bucket."""
+    contribution = rule.contribution(Bucket(grads, low, psi, side, grad_norms, shard, left, right, unit_state), options)
     factors = kept = None
     if contribution.phi is None:
         return contribution, None, None, None
@@ -146,26 +148,33 @@ def low_rank_term(contribution: Contribution, coef: torch.Tensor | None, low: to
 def residual_update(rule: Rule, limiter: Limiter, options: dict, side: str, grads: torch.Tensor,
                     low: torch.Tensor, psi: torch.Tensor, grad_norms: list, previous: torch.Tensor | None,
                     left: torch.Tensor | None, right: torch.Tensor | None,
-                    shard: sharding.BucketShard | None = None):
+                    unit_state: dict | None = None, shard: sharding.BucketShard | None = None):
     """The steady step of a stacked bucket after Adam: :func:`residual_coefficients`, then the update
     P·(a·ψ − κ·coef∘R) + coef∘G of every matrix assembled in the gradient stack (eq. 7–12).
 
-    Returns (update, kept norms or None, factors or None, ‖S‖² before the limiter or None). A pure
+    Returns (update, kept norms or None, factors or None, ‖S‖² before the limiter or None, the rule's
+    new state or None). A pure
     function of tensors, with the units and options bound by :meth:`GroupPlan.residual_update`:
     ``torch.compile(fullgraph=True)`` compiles it without graph breaks (``compile=True``). ``grads``,
     ``psi`` and ``low`` are overwritten. ``shard``: the bucket's collectives on FSDP2 shards (eager only).
     """
     contribution, coef, kept, factors = residual_coefficients(rule, limiter, options, side, grads, low, psi,
-                                                              grad_norms, previous, shard)
+                                                              grad_norms, previous, shard, left, right, unit_state)
     term, a = low_rank_term(contribution, coef, low, psi)
     if shard is not None:
         term, coef = shard.gather_terms(term, coef, rule.uses_columns(options))
     if coef is None:
-        return project_back(term.mul_(a), left, right), None, None, None
-    update = grads.mul_(coef)
+        return project_back(term.mul_(a), left, right), None, None, None, contribution.state
+    update = residual_base(contribution, grads).mul_(coef)
     if term is not None:
         add_back_(update, term, left, right, alpha=a)
-    return update, kept, factors, contribution.residual_sq
+    return update, kept, factors, contribution.residual_sq, contribution.state
+
+
+def residual_base(contribution: Contribution, grads: torch.Tensor) -> torch.Tensor:
+    """What coef multiplies: G (the residual is φ∘(G − κ·P·R), its P·R part folded into the subspace
+    term), or the rule's explicit residual (``Contribution.explicit``, e.g. FRUGAL's sign)."""
+    return grads if contribution.explicit is None else contribution.explicit
 
 
 @dataclass
@@ -334,7 +343,7 @@ class SubspaceAdamW(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, param in zip(saved_ids, params):
             for key, value in saved_state.get(saved_id, {}).items():
-                if S.keeps_own_dtype(key, value):  # keep its dtype: Optimizer.load_state_dict casts to the param's
+                if S.keeps_own_dtype(key, value) or key in unit_state_keys():  # Optimizer.load_state_dict casts to the param's
                     self.state[param][key] = value.to(device=param.device)
         offset = 0
         for group in self.param_groups:
@@ -694,23 +703,28 @@ class SubspaceAdamW(Optimizer):
         late_decay = decay if convention == "transformers" else 1.0
         step_sizes = [lr * c * late_decay for c in inner_adam.step_factors(adam_steps, beta1, beta2, convention)]
         rounding = weights.uses_stochastic_rounding(group, params[0])
+        unit_state = self._unit_state(plan.rule, members, states)
         if single and keep is None and not rounding:  # one matrix: its update goes straight into the weight
             contribution, coef, kept, factors = residual_coefficients(
-                plan.rule, plan.limiter, plan.options, side, grads, low, psi, norms, previous, shard)
+                plan.rule, plan.limiter, plan.options, side, grads, low, psi, norms, previous, shard, left, right,
+                unit_state)
             self._keep_norms(states, kept, previous, keep, contribution.residual_sq, factors)
+            self._keep_unit_state(states, contribution.state, keep)
             term, a = low_rank_term(contribution, coef, low, psi)
             if shard is not None:
                 term, coef = shard.gather_terms(term, coef, plan.rule.uses_columns(plan.options))
-            write_update_(params[0], grads[0], None if coef is None else coef[0],
+            write_update_(params[0], residual_base(contribution, grads)[0], None if coef is None else coef[0],
                           None if term is None else term[0], a, left, right, step_sizes[0], decay)
             return
         if shard is not None:  # collectives run eagerly
-            update, kept, factors, residual_sq = residual_update(plan.rule, plan.limiter, plan.options, side, grads,
-                                                                 low, psi, norms, previous, left, right, shard)
+            update, kept, factors, residual_sq, new_state = residual_update(
+                plan.rule, plan.limiter, plan.options, side, grads, low, psi, norms, previous, left, right, unit_state,
+                shard)
         else:
-            update, kept, factors, residual_sq = plan.residual_update(side, group["compile"] and keep is None)(
-                grads, low, psi, norms, previous, left, right)  # (one matrix here: layer-wise's own copy)
+            update, kept, factors, residual_sq, new_state = plan.residual_update(
+                side, group["compile"] and keep is None)(grads, low, psi, norms, previous, left, right, unit_state)
         self._keep_norms(states, kept, previous, keep, residual_sq, factors)
+        self._keep_unit_state(states, new_state, keep)
         step_size = inner_adam.per_matrix(step_sizes, update)
         if isinstance(step_size, torch.Tensor):
             update.mul_(step_size)
@@ -729,6 +743,26 @@ class SubspaceAdamW(Optimizer):
         if rounding:
             weights.write_back_(targets, params, [weights.rounding_generator(group, i.ordinal, s[S.STEP], i.weight.device)
                                                   for i, s in zip(members, states)])
+
+    @staticmethod
+    def _unit_state(rule: Rule, members: list[Item], states: list[dict]) -> dict[str, torch.Tensor]:
+        """The rule's declared state (``Rule.state``), created for new matrices, stacked over the bucket."""
+        stacked = {}
+        for key, make in rule.state.items():
+            for item, state in zip(members, states):
+                if key not in state:
+                    state[key] = make(item.weight)
+            stacked[key] = torch.stack([s[key] for s in states])
+        return stacked
+
+    @staticmethod
+    def _keep_unit_state(states: list[dict], new_state: dict | None, keep: torch.Tensor | None) -> None:
+        """Write the rule's new state back (unchanged where ``keep`` is false)."""
+        for key, value in (new_state or {}).items():
+            old = [s[key] for s in states]
+            if keep is not None:
+                value = torch.where(keep, value, torch.stack(old))
+            torch._foreach_copy_(old, list(value.unbind(0)))
 
     def _keep_norms(self, states, kept, previous, keep, residual_sq, factors) -> None:
         """Store the limiter's kept norms (unchanged where ``keep`` is false) and the step's statistics."""

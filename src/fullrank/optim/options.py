@@ -18,7 +18,7 @@ from .residual import RULE_REGISTRY
 from .svd import SVD_REGISTRY
 from .transforms import TRANSFORM_REGISTRY
 
-__all__ = ["check_range", "engine_options", "validate_common", "validate_projected", "unit_options"]
+__all__ = ["check_range", "engine_options", "validate_common", "validate_projected", "unit_options", "unit_state_keys"]
 
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -80,6 +80,11 @@ PROJECTED = {
 def unit_options() -> dict[str, Option]:
     """The options every registered unit declares (they change when a unit is registered)."""
     return merge_options(rank_policy.OPTIONS, refresh.OPTIONS, switch.OPTIONS, *(r.options() for r in REGISTRIES))
+
+
+def unit_state_keys() -> set[str]:
+    """The state keys the registered units declare (their tensors keep their own dtype on load)."""
+    return {key for registry in REGISTRIES for unit in registry.units() for key in unit.state}
 
 
 def engine_options() -> dict[str, Option]:

@@ -110,11 +110,27 @@ class Bucket:
     """
 
     def __init__(self, grads: torch.Tensor, low: torch.Tensor, psi: torch.Tensor, side: str,
-                 grad_norms: list | None = None, shard=None):
+                 grad_norms: list | None = None, shard=None, left: torch.Tensor | None = None,
+                 right: torch.Tensor | None = None, unit_state: dict | None = None):
         self.grads, self.low, self.psi, self.side = grads, low, psi, side
         self.grad_norms = grad_norms
         self.shard = shard
+        self.left, self.right = left, right
+        self.unit_state = unit_state or {}
         self._grad_sq = None
+
+    def state(self, key: str) -> torch.Tensor:
+        """The rule's declared state ``key`` (``Rule.state``), stacked over the bucket (B×…)."""
+        return self.unit_state[key]
+
+    def residual(self, kappa: float = 1.0) -> torch.Tensor:
+        """G − κ·P·R materialised (B×m×n, a new tensor), for a rule whose residual is not φ∘(G − κ·P·R)."""
+        back = self.low
+        if self.left is not None:
+            back = self.left @ back
+        if self.right is not None:
+            back = back @ self.right
+        return self.grads - kappa * back
 
     @property
     def grad_sq(self) -> torch.Tensor:
@@ -159,6 +175,8 @@ class Contribution:
     kappa: float = 0.0  # the residual is φ∘(G − κ·P·R)
     residual_sq: torch.Tensor | None = None  # ‖φ∘(G − κ·P·R)‖² per matrix, shape (B,)
     weight: float = 1.0  # w on the limited residual
+    explicit: torch.Tensor | None = None  # the residual term itself (B×m×n), which φ (often 1) then scales, κ = 0
+    state: dict | None = None  # the rule's new state (key → stacked tensor), written back by the engine
 
 
 class Rule(Component):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .components import Component, Option, Registry, choice
+from .components import Component, Option, Registry, choice, like_param_state
 from .projector import project_back
 
 ERROR = "error"  # state key of error feedback's buffer E
@@ -50,6 +50,7 @@ class ErrorFeedback(Transform):
 
     name = "error_feedback"
     active = True
+    state = {ERROR: like_param_state}  # (made in ``before`` at ``error_dtype``; declared: it keeps its dtype on load)
     options = {"error_dtype": Option("param", choice(*ERROR_DTYPES),
                                      "error feedback's buffer: at the parameter's dtype, or bfloat16")}
 
