@@ -530,11 +530,11 @@ def study_plot(rows: list[dict], name: str, out: Path) -> Path | None:
     left.set_xlabel("step")
     left.set_ylabel("validation perplexity")
     left.legend(fontsize=6)
-    right.barh([r["label"] for r in done], [r["ppl_mean"] for r in done], xerr=[r["ppl_spread"] for r in done],
+    right.barh([r["id"] for r in done], [r["ppl_mean"] for r in done], xerr=[r["ppl_spread"] for r in done],
                capsize=3)
     right.invert_yaxis()
-    right.tick_params(axis="y", labelsize=6)
-    right.set_xlabel("final validation perplexity (mean ± half-range over seeds)")
+    right.tick_params(axis="y", labelsize=7)
+    right.set_xlabel("final val ppl (mean ± half-range over seeds)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{name}: LLaMA-60M quality study" if "quick" not in name else f"{name}: CPU dry run")
@@ -584,14 +584,14 @@ def load_study_results(paths: list[Path]) -> dict:
 
 def study(args, parser) -> int:
     """Train the selected rows of the gpu60m profile for one seed; reuse every cached run."""
-    import torch
-
-    name = "gpu60m-quick" if args.quick else "gpu60m"
-    profile = dict(QUICK_PROFILE) if args.quick else gpu60m_profile()
     try:
         selected = parse_rows(args.rows)
     except ValueError as err:
         parser.error(str(err))
+    import torch
+
+    name = "gpu60m-quick" if args.quick else "gpu60m"
+    profile = dict(QUICK_PROFILE) if args.quick else gpu60m_profile()
     device = "cpu" if args.quick else args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -698,7 +698,7 @@ def study(args, parser) -> int:
     results["calls"].append(call)
     results.update(name=name, machine=machine(), rows=study_rows_table(results, list(STUDY_ROW_IDS)))
     print("\n" + study_markdown(study_rows_table(results, selected)))
-    picture = study_plot([r for r in results["rows"] if r["id"] in selected], name, plot_path)
+    picture = study_plot(results["rows"], name, plot_path)
     results["plot"] = str(picture) if picture else None
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
