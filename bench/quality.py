@@ -341,18 +341,18 @@ def recheck(jobs: dict, run_root: Path, name: str, args, recorded: dict) -> int:
 # LLaMA-60M on one lent GPU, one seed per call: every row is (id for --rows, label, run options).
 # Rows whose method or option this build lacks are reported "not available in this build" and run
 # once the library has them.
-STUDY_ROWS = (
+STUDY_ROWS = (  # in the order they train: a call cut short by its budget leaves the last ones for the next
+    ("fira", "Fira (defaults: exact residual, torch Adam, eps 1e-8)", dict(method="fira")),
+    ("galore", "GaLore", dict(method="galore")),
     ("adamw_lr1e-3", "AdamW lr=1e-3", dict(method="adamw", lr=1e-3)),
     ("adamw_lr3e-3", "AdamW lr=3e-3", dict(method="adamw", lr=3e-3)),
-    ("galore", "GaLore", dict(method="galore")),
-    ("apollo", "APOLLO", dict(method="apollo")),
-    ("apollo_mini", "APOLLO-Mini", dict(method="apollo_mini")),
-    ("fira", "Fira (defaults: exact residual, torch Adam, eps 1e-8)", dict(method="fira")),
     ("fira_official_residual", "Fira, residual_convention=official",
      dict(method="fira", optim_args={"residual_convention": "official"})),
     ("fira_transformers_adam", "Fira, adam_convention=transformers",
      dict(method="fira", optim_args={"adam_convention": "transformers"})),
     ("fira_eps1e-6", "Fira, eps=1e-6", dict(method="fira", eps=1e-6)),
+    ("apollo", "APOLLO", dict(method="apollo")),
+    ("apollo_mini", "APOLLO-Mini", dict(method="apollo_mini")),
     ("scale", "SCALE (lr: the library's default for the method)", dict(method="scale", lr=None)),
     ("fira_8bit", "Fira, 8-bit optimizer states", dict(method="fira", optim_args={"states": "8bit"})),
 )
@@ -639,6 +639,14 @@ def study(args, parser) -> int:
                 budget_s=budget_s if math.isfinite(budget_s) else None, estimated_s=estimate, rows=selected,
                 cached=[p["id"] for p in plan if p["status"] == "cached"],
                 unavailable=[p["id"] for p in plan if p["reason"]], trained=[], deferred=[], failed={})
+    results["calls"].append(call)
+    results.update(name=name, machine=machine())
+
+    def write_results() -> None:  # after every run, so a call cut short keeps what it trained
+        results["rows"] = study_rows_table(results, list(STUDY_ROW_IDS))
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
     env_extra = {}
     if device == "cuda":  # let the tokenizer use this run's share of the host's cores
         env_extra = dict(TOKENIZERS_PARALLELISM="true", RAYON_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
@@ -683,6 +691,7 @@ def study(args, parser) -> int:
                 results["runs"][p["key"]] = run_record(p["id"], p["label"], p["options"], summary, run_root / p["key"])
                 strip_run_dir(run_root / p["key"])
                 call["trained"].append(p["id"])
+                write_results()
                 print(f"  {p['id']} seed {p['seed']}: ppl {summary['final_val_ppl']:.2f}, {summary['tokens_per_s']:,.0f} "
                       f"tokens/s, {wall:.0f} s ({time.time() - started:.0f} s into the call; measured/estimated "
                       f"time so far {slowdown:.2f}×)", flush=True)
@@ -695,13 +704,10 @@ def study(args, parser) -> int:
         print(f"measured: {trained_tokens / 1e6:.1f}M tokens in {call['wall_s']:.0f} s = "
               f"{call['measured']['tokens_per_s']:,.0f} tokens/s over the call "
               f"({call['measured']['mfu_vs_790_tflops']:.1%} of 790 TFLOP/s, startups included)")
-    results["calls"].append(call)
-    results.update(name=name, machine=machine(), rows=study_rows_table(results, list(STUDY_ROW_IDS)))
     print("\n" + study_markdown(study_rows_table(results, selected)))
-    picture = study_plot(results["rows"], name, plot_path)
+    picture = study_plot(study_rows_table(results, list(STUDY_ROW_IDS)), name, plot_path)
     results["plot"] = str(picture) if picture else None
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_results()
     print(f"\nresults: {results_path}" + (f"; plot: {picture}" if picture else "") +
           f"; {len(call['trained'])} trained, {len(call['cached'])} cached, {len(call['deferred'])} deferred, "
           f"{len(call['failed'])} failed, {len(call['unavailable'])} not available in this build", flush=True)

@@ -68,7 +68,7 @@ def test_rows_name_the_issue_conventions_and_bad_rows_are_refused():
     assert q.unavailable_reason(dict(method="fira", optim_args={"residual_convention": "official"})) is None
     assert "not in this build" in q.unavailable_reason(dict(method="no_such_method"))
     assert "no_such_option" in q.unavailable_reason(dict(method="fira", optim_args={"no_such_option": 1}))
-    with pytest.raises(ValueError, match="allowed: adamw_lr1e-3, .*fira_8bit"):
+    with pytest.raises(ValueError, match="allowed: fira, galore, adamw_lr1e-3, .*fira_8bit"):
         q.parse_rows("fira,firaa")
 
 
@@ -109,7 +109,7 @@ def test_quick_dry_run_trains_caches_and_defers(tmp_path):
 def test_bad_rows_and_flags_give_clear_errors(tmp_path):
     bad = quality("--quick", "--rows", "fira,galor", "--out", str(tmp_path))
     assert bad.returncode == 2
-    assert "--rows: unknown row 'galor'; allowed: adamw_lr1e-3, adamw_lr3e-3, galore" in bad.stderr
+    assert "--rows: unknown row 'galor'; allowed: fira, galore, adamw_lr1e-3, adamw_lr3e-3" in bad.stderr
     seeds = quality("--profile", "gpu60m", "--seeds", "2")
     assert seeds.returncode == 2 and "--seeds does not apply to --profile gpu60m" in seeds.stderr
     rows_elsewhere = quality("--profile", "cpu", "--rows", "fira")
