@@ -14,6 +14,13 @@ ablations), ``rank_sweep`` (Figure 6: Fira vs GaLore at ranks 4, 16, d/4, d/2, A
 and Fira, with their ranks over steps). Runs shared between tables are
 trained once (keyed by their full configuration). Run directories go to ``runs/bench/`` (ignored
 by git); the results to ``bench/results/quality_<profile>.json`` and plots to ``docs/img/``.
+
+Profile ``gpu60m`` (issue 19) is a study of its own: LLaMA-60M at Table 2's settings, one ``--seed`` per
+call on one lent GPU, its rows (``STUDY_ROWS``, selectable with ``--rows``) sized to one call of at most
+8 minutes; rows this build lacks are reported, not run. ``--quick`` is its CPU dry run:
+
+    python bench/quality.py --profile gpu60m --seed 0                      # on the GPU (bench/gpu_session.sh)
+    python bench/quality.py --quick --rows fira,adamw_lr1e-3 --threads 1   # seconds, on the CPU
 """
 from __future__ import annotations
 
@@ -522,6 +529,9 @@ def study_plot(rows: list[dict], name: str, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     done = [r for r in rows if "ppl_mean" in r]
+    if not done:
+        print("plot skipped: no row has a result yet")
+        return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw=dict(width_ratios=(3, 2)))
     for r in done:
         left.plot([p[0] for p in r["curve"]], [math.exp(p[1]) for p in r["curve"]], marker=".",
@@ -636,6 +646,7 @@ def study(args, parser) -> int:
 
     todo = [p for p in plan if p["status"] == "to train"] if not args.collect_only else []
     call = dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), seed=args.seed, device=device, jobs=jobs,
+                collect_only=args.collect_only,
                 budget_s=budget_s if math.isfinite(budget_s) else None, estimated_s=estimate, rows=selected,
                 cached=[p["id"] for p in plan if p["status"] == "cached"],
                 unavailable=[p["id"] for p in plan if p["reason"]], trained=[], deferred=[], failed={})
@@ -717,8 +728,8 @@ def study(args, parser) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", help=f"one of {', '.join(TABLES)} or 'all' (default; not with --profile gpu60m)")
-    parser.add_argument("--profile", default="cpu", choices=(*PROFILES, "gpu60m"),
-                        help="gpu60m: the LLaMA-60M study of one seed per call (see --rows, --seed, --quick)")
+    parser.add_argument("--profile", choices=(*PROFILES, "gpu60m"), help="default cpu; "
+                             "gpu60m: the LLaMA-60M study of one seed per call (see --rows, --seed, --quick)")
     parser.add_argument("--seeds", type=int, help="seeds per row (0, 1, …; default 2; gpu60m takes --seed)")
     parser.add_argument("--seed", type=int, help="gpu60m: the one seed this call trains (default 0)")
     parser.add_argument("--rows", help=f"gpu60m: comma-separated rows (default all): {', '.join(STUDY_ROW_IDS)}")
@@ -748,7 +759,12 @@ def main(argv=None) -> int:
         parser.error(f"the corpus is missing: {SHARED}/enwiki-2015-train.jsonl.gz (set FULLRANK_DATA)")
     study_only = dict(seed=args.seed, rows=args.rows, quick=args.quick or None, out=args.out, budget_s=args.budget_s)
     if args.quick:
+        if args.profile not in (None, "gpu60m"):
+            parser.error(f"--quick is the dry run of --profile gpu60m, not of --profile {args.profile}")
+        if args.device not in ("auto", "cpu"):
+            parser.error(f"--quick runs on the CPU; --device must be auto or cpu, got {args.device!r}")
         args.profile = "gpu60m"
+    args.profile = args.profile or "cpu"
     if args.profile == "gpu60m":
         for flag, value in (("--table", args.table), ("--seeds", args.seeds), ("--max-steps", args.max_steps),
                             ("--recheck", args.recheck or None)):

@@ -114,3 +114,14 @@ def test_bad_rows_and_flags_give_clear_errors(tmp_path):
     assert seeds.returncode == 2 and "--seeds does not apply to --profile gpu60m" in seeds.stderr
     rows_elsewhere = quality("--profile", "cpu", "--rows", "fira")
     assert rows_elsewhere.returncode == 2 and "--rows applies to --profile gpu60m only" in rows_elsewhere.stderr
+
+
+@needs_data
+def test_a_run_past_the_deadline_is_stopped_and_reported(tmp_path, monkeypatch):
+    q = load_quality()
+    monkeypatch.setattr(q, "DEADLINE_GRACE_S", -29.0)  # budget 30 s: the run is started, then killed after 1 s
+    monkeypatch.delenv("OUT", raising=False)
+    code = q.main(["--quick", "--rows", "galore", "--budget-s", "30", "--threads", "1", "--out", str(tmp_path)])
+    assert code == 1
+    call = json.loads((tmp_path / "quality_gpu60m-quick.json").read_text())["calls"][-1]
+    assert "stopped at the call's deadline" in call["failed"]["galore"] and call["trained"] == []
