@@ -360,7 +360,7 @@ STUDY_ROWS = (  # in the order they train: a call cut short by its budget leaves
     ("fira_eps1e-6", "Fira, eps=1e-6", dict(method="fira", eps=1e-6)),
     ("apollo", "APOLLO", dict(method="apollo")),
     ("apollo_mini", "APOLLO-Mini", dict(method="apollo_mini")),
-    ("scale", "SCALE (lr: the library's default for the method)", dict(method="scale", lr=None)),
+    ("scale", "SCALE (lr: fullrank pretrain's default)", dict(method="scale", lr=None)),
     ("fira_8bit", "Fira, 8-bit optimizer states", dict(method="fira", optim_args={"states": "8bit"})),
 )
 STUDY_ROW_IDS = tuple(row_id for row_id, _, _ in STUDY_ROWS)
@@ -708,7 +708,7 @@ def study(args, parser) -> int:
                       f"time so far {slowdown:.2f}×)", flush=True)
     call["wall_s"] = time.time() - started
     trained_tokens = sum(results["runs"][p["key"]]["tokens"] for p in plan if p["id"] in call["trained"])
-    if trained_tokens and call["wall_s"] > 0:
+    if trained_tokens and call["wall_s"] > 0 and device == "cuda":
         flops = flops_per_token(profile["model"], profile["seq_len"])
         call["measured"] = dict(tokens=trained_tokens, tokens_per_s=trained_tokens / call["wall_s"],
                                 mfu_vs_790_tflops=trained_tokens * flops["train"] / call["wall_s"] / H200_BF16_FLOPS)
