@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # _timing, also when this file is imported rather than run
 SHARED = Path(os.environ.get("FULLRANK_DATA", ROOT.parent / "shared" / "data"))
 
 PROFILES = {

@@ -5,9 +5,6 @@ import importlib.util
 import inspect
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,11 +26,25 @@ def load_quality():
     return module
 
 
-def quality(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), FULLRANK_DATA=str(SHARED_DATA), OMP_NUM_THREADS="1")
-    env.pop("OUT", None)
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=300)
+@pytest.fixture
+def quality(monkeypatch, capsys):
+    """``bench/quality.py ARGS`` in this process (its runs are subprocesses of this checkout's ``src``):
+    returns (exit status, stdout, stderr)."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("OUT", raising=False)
+    module = load_quality()
+
+    def run(*args: str) -> tuple[int, str, str]:
+        try:
+            code = module.main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    run.module = module
+    return run
 
 
 def test_gpu60m_plan_fits_one_call_and_one_pass_over_the_corpus():
@@ -73,11 +84,11 @@ def test_rows_name_the_issue_conventions_and_bad_rows_are_refused():
 
 
 @needs_data
-def test_quick_dry_run_trains_caches_and_defers(tmp_path):
+def test_quick_dry_run_trains_caches_and_defers(tmp_path, quality):
     rows = "adamw_lr1e-3,fira,fira_8bit"
-    first = quality("--quick", "--rows", rows, "--threads", "1", "--out", str(tmp_path))
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert "plan (gpu60m-quick)" in first.stdout and "est. GPU s (H200)" in first.stdout
+    code, out, err = quality("--quick", "--rows", rows, "--threads", "1", "--out", str(tmp_path))
+    assert code == 0, err[-2000:]
+    assert "plan (gpu60m-quick)" in out and "est. GPU s (H200)" in out
     results_path = tmp_path / "quality_gpu60m-quick.json"
     results = json.loads(results_path.read_text())
     assert (tmp_path / "quality_gpu60m-quick.png").stat().st_size > 0
@@ -87,41 +98,38 @@ def test_quick_dry_run_trains_caches_and_defers(tmp_path):
     assert all(math.isfinite(r["final_val_ppl"]) and r["final_val_ppl"] > 1 and r["seed"] == 0 for r in trained.values())
     if not states_in_build:
         assert "states" in results["unavailable"]["fira_8bit"]
-        assert "fira_8bit: not available in this build" in first.stdout
+        assert "fira_8bit: not available in this build" in out
         status = {r["id"]: r.get("status", "") for r in results["rows"]}
         assert status["fira_8bit"].startswith("not available in this build")
     summaries = {key: (tmp_path / "runs" / key / "summary.json").stat().st_mtime_ns for key in results["runs"]}
 
-    again = quality("--quick", "--rows", rows, "--threads", "1", "--out", str(tmp_path))
-    assert again.returncode == 0, again.stderr[-2000:]
+    code, out, err = quality("--quick", "--rows", rows, "--threads", "1", "--out", str(tmp_path))
+    assert code == 0, err[-2000:]
     call = json.loads(results_path.read_text())["calls"][-1]
     assert call["trained"] == [] and set(call["cached"]) == set(trained)
     assert {key: (tmp_path / "runs" / key / "summary.json").stat().st_mtime_ns for key in summaries} == summaries
 
     # a budget too small for one more run: the next seed's row waits for the next call, nothing is lost
-    deferred = quality("--quick", "--rows", "fira", "--seed", "1", "--budget-s", "1", "--out", str(tmp_path))
-    assert deferred.returncode == 0, deferred.stderr[-2000:]
+    code, out, err = quality("--quick", "--rows", "fira", "--seed", "1", "--budget-s", "1", "--out", str(tmp_path))
+    assert code == 0, err[-2000:]
     results = json.loads(results_path.read_text())
     assert results["calls"][-1]["deferred"] == ["fira"] and len(results["runs"]) == len(trained)
 
 
 @needs_data
-def test_bad_rows_and_flags_give_clear_errors(tmp_path):
-    bad = quality("--quick", "--rows", "fira,galor", "--out", str(tmp_path))
-    assert bad.returncode == 2
-    assert "--rows: unknown row 'galor'; allowed: fira, galore, adamw_lr1e-3, adamw_lr3e-3" in bad.stderr
-    seeds = quality("--profile", "gpu60m", "--seeds", "2")
-    assert seeds.returncode == 2 and "--seeds does not apply to --profile gpu60m" in seeds.stderr
-    rows_elsewhere = quality("--profile", "cpu", "--rows", "fira")
-    assert rows_elsewhere.returncode == 2 and "--rows applies to --profile gpu60m only" in rows_elsewhere.stderr
+def test_bad_rows_and_flags_give_clear_errors(tmp_path, quality):
+    code, _, err = quality("--quick", "--rows", "fira,galor", "--out", str(tmp_path))
+    assert code == 2 and "--rows: unknown row 'galor'; allowed: fira, galore, adamw_lr1e-3, adamw_lr3e-3" in err
+    code, _, err = quality("--profile", "gpu60m", "--seeds", "2")
+    assert code == 2 and "--seeds does not apply to --profile gpu60m" in err
+    code, _, err = quality("--profile", "cpu", "--rows", "fira")
+    assert code == 2 and "--rows applies to --profile gpu60m only" in err
 
 
 @needs_data
-def test_a_run_past_the_deadline_is_stopped_and_reported(tmp_path, monkeypatch):
-    q = load_quality()
-    monkeypatch.setattr(q, "DEADLINE_GRACE_S", -29.0)  # budget 30 s: the run is started, then killed after 1 s
-    monkeypatch.delenv("OUT", raising=False)
-    code = q.main(["--quick", "--rows", "galore", "--budget-s", "30", "--threads", "1", "--out", str(tmp_path)])
-    assert code == 1
+def test_a_run_past_the_deadline_is_stopped_and_reported(tmp_path, quality, monkeypatch):
+    monkeypatch.setattr(quality.module, "DEADLINE_GRACE_S", -29.0)  # budget 30 s: started, then killed after 1 s
+    code, _, err = quality("--quick", "--rows", "galore", "--budget-s", "30", "--threads", "1", "--out", str(tmp_path))
+    assert code == 1, err[-2000:]
     call = json.loads((tmp_path / "quality_gpu60m-quick.json").read_text())["calls"][-1]
     assert "stopped at the call's deadline" in call["failed"]["galore"] and call["trained"] == []
