@@ -135,7 +135,8 @@ def train(options: dict, out_dir: Path, device: str, threads: int, collect_only:
     if collect_only:
         raise RuntimeError(f"run {out_dir.name} has no summary (--collect-only)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    env.update(env_extra or {})
     log = out_dir.parent / f"{out_dir.name}.log"
     with open(log, "w") as handle:
         try:
@@ -490,12 +491,15 @@ def strip_run_dir(run_dir: Path) -> None:
 
 
 def study_rows_table(results: dict, selected: list[str]) -> list[dict]:
-    """One entry per selected row: every seed cached for it, mean ± half-range, or why it has none."""
+    """One entry per selected row: every seed cached for it, mean ± half-range, or why it has none.
+    Only runs of the current configuration count (a recorded run of other steps or options does not)."""
     rows = []
-    for row_id, label, _ in STUDY_ROWS:
+    for row_id, label, row in STUDY_ROWS:
         if row_id not in selected:
             continue
-        runs = sorted((r for r in results["runs"].values() if r["row"] == row_id), key=lambda r: r["seed"])
+        runs = sorted((r for key, r in results["runs"].items()
+                       if r["row"] == row_id and key == run_key(run_options(results["profile"], row, r["seed"]))),
+                      key=lambda r: r["seed"])
         entry = dict(id=row_id, label=label, seeds=[r["seed"] for r in runs], ppl=[r["final_val_ppl"] for r in runs])
         if row_id in results["unavailable"]:
             entry["status"] = "not available in this build: " + results["unavailable"][row_id]
@@ -659,9 +663,10 @@ def study(args, parser) -> int:
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
 
-    env_extra = {}
-    if device == "cuda":  # let the tokenizer use this run's share of the host's cores
-        env_extra = dict(TOKENIZERS_PARALLELISM="true", RAYON_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
+    # on a GPU host the tokenizer may use this run's share of the cores; on the CPU they train
+    tokenizer_threads = max(1, (os.cpu_count() or 1) // jobs) if device == "cuda" else 1
+    env_extra = dict(TOKENIZERS_PARALLELISM="true" if tokenizer_threads > 1 else "false",
+                     RAYON_NUM_THREADS=str(tokenizer_threads))
     started = time.time()
     launched: list[dict] = []  # rows started in this call, in order
     slowdown = 1.0  # measured / estimated wall time of the finished runs (1 until one finishes)
@@ -699,7 +704,8 @@ def study(args, parser) -> int:
                     continue
                 wall = time.time() - start
                 # its estimate: its GPU seconds times the most runs it shared the GPU with, plus startup
-                slowdown = max(slowdown, wall / (p["estimate_s"] * sharing + STARTUP_S)) if device == "cuda" else slowdown
+                slowdown = max(slowdown, wall / (p["estimate_s"] * sharing + STARTUP_S))
+                call["measured_over_estimated"] = slowdown
                 results["runs"][p["key"]] = run_record(p["id"], p["label"], p["options"], summary, run_root / p["key"])
                 strip_run_dir(run_root / p["key"])
                 call["trained"].append(p["id"])
@@ -709,10 +715,11 @@ def study(args, parser) -> int:
                       f"time so far {slowdown:.2f}×)", flush=True)
     call["wall_s"] = time.time() - started
     trained_tokens = sum(results["runs"][p["key"]]["tokens"] for p in plan if p["id"] in call["trained"])
-    if trained_tokens and call["wall_s"] > 0 and device == "cuda":
+    if trained_tokens and call["wall_s"] > 0:
         flops = flops_per_token(profile["model"], profile["seq_len"])
         call["measured"] = dict(tokens=trained_tokens, tokens_per_s=trained_tokens / call["wall_s"],
                                 mfu_vs_790_tflops=trained_tokens * flops["train"] / call["wall_s"] / H200_BF16_FLOPS)
+    if "measured" in call and device == "cuda":
         print(f"measured: {trained_tokens / 1e6:.1f}M tokens in {call['wall_s']:.0f} s = "
               f"{call['measured']['tokens_per_s']:,.0f} tokens/s over the call "
               f"({call['measured']['mfu_vs_790_tflops']:.1%} of 790 TFLOP/s, startups included)")

@@ -133,3 +133,15 @@ def test_a_run_past_the_deadline_is_stopped_and_reported(tmp_path, quality, monk
     assert code == 1, err[-2000:]
     call = json.loads((tmp_path / "quality_gpu60m-quick.json").read_text())["calls"][-1]
     assert "stopped at the call's deadline" in call["failed"]["galore"] and call["trained"] == []
+
+
+def test_only_runs_of_the_current_configuration_are_tabulated():
+    q = load_quality()
+    profile = dict(q.QUICK_PROFILE)
+    fira = next(row for row_id, _, row in q.STUDY_ROWS if row_id == "fira")
+    record = dict(row="fira", seed=0, final_val_ppl=100.0, optimizer_state_bytes=1, tokens_per_s=1.0, curve=[])
+    current = q.run_key(q.run_options(profile, fira, 0))
+    older = q.run_key(q.run_options(dict(profile, max_steps=profile["max_steps"] + 1), fira, 0))
+    results = dict(profile=profile, unavailable={}, runs={current: record, older: dict(record, final_val_ppl=900.0)})
+    (entry,) = q.study_rows_table(results, ["fira"])
+    assert entry["ppl"] == [100.0] and entry["seeds"] == [0]
