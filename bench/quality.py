@@ -14,6 +14,13 @@ ablations), ``rank_sweep`` (Figure 6: Fira vs GaLore at ranks 4, 16, d/4, d/2, A
 and Fira, with their ranks over steps). Runs shared between tables are
 trained once (keyed by their full configuration). Run directories go to ``runs/bench/`` (ignored
 by git); the results to ``bench/results/quality_<profile>.json`` and plots to ``docs/img/``.
+
+Profile ``gpu60m`` (issue 19) is a study of its own: LLaMA-60M at Table 2's settings, one ``--seed`` per
+call on one lent GPU, its rows (``STUDY_ROWS``, selectable with ``--rows``) sized to one call of at most
+8 minutes; rows this build lacks are reported, not run. ``--quick`` is its CPU dry run:
+
+    python bench/quality.py --profile gpu60m --seed 0                      # on the GPU (bench/gpu_session.sh)
+    python bench/quality.py --quick --rows fira,adamw_lr1e-3 --threads 1   # seconds, on the CPU
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # _timing, also when this file is imported rather than run
 SHARED = Path(os.environ.get("FULLRANK_DATA", ROOT.parent / "shared" / "data"))
 
 PROFILES = {
@@ -83,16 +91,19 @@ TABLES = ("table2", "table4", "rank_sweep", "gamma", "convention", "lr", "adapti
 
 
 def run_options(profile: dict, row: dict, seed: int) -> dict:
-    """The full configuration of one run (what the run key hashes)."""
+    """The full configuration of one run (what the run key hashes); a row's ``lr=None`` leaves the lr
+    to ``fullrank pretrain``'s default for the method."""
     options = dict(
         model=profile["model"], data=str(SHARED / "enwiki-2015-train.jsonl.gz"),
         val_data=str(SHARED / "enwiki-2015-validation.jsonl.gz"), tokenizer=str(SHARED / "t5-base"),
-        seq_len=256, batch_size=profile["batch_size"], grad_accum=profile["grad_accum"],
+        seq_len=profile.get("seq_len", 256), batch_size=profile["batch_size"], grad_accum=profile["grad_accum"],
         max_steps=profile["max_steps"], update_proj_gap=profile["update_proj_gap"],
         eval_every=profile["eval_every"], eval_tokens=profile["eval_tokens"], rank=profile["hidden"] // 4,
         lr=1e-2, seed=seed,
     )
     options.update({k: v for k, v in row.items()})
+    if options["lr"] is None:
+        del options["lr"]
     return options
 
 
@@ -109,13 +120,15 @@ def command(options: dict, out_dir: Path, device: str) -> list[str]:
         if key == "optim_args":
             for k, v in value.items():
                 argv += ["--optim-arg", f"{k}={v}"]
-        else:
+        elif value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv
 
 
-def train(options: dict, out_dir: Path, device: str, threads: int, collect_only: bool = False) -> dict:
-    """Run (or reuse) one training run; returns its summary."""
+def train(options: dict, out_dir: Path, device: str, threads: int, collect_only: bool = False,
+          timeout_s: float | None = None, env_extra: dict | None = None) -> dict:
+    """Run (or reuse) one training run; returns its summary. A run still going after ``timeout_s``
+    seconds is killed (RuntimeError)."""
     summary = out_dir / "summary.json"
     if summary.exists():
         return json.loads(summary.read_text())
@@ -123,9 +136,14 @@ def train(options: dict, out_dir: Path, device: str, threads: int, collect_only:
         raise RuntimeError(f"run {out_dir.name} has no summary (--collect-only)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    env.update(env_extra or {})
     log = out_dir.parent / f"{out_dir.name}.log"
     with open(log, "w") as handle:
-        code = subprocess.call(command(options, out_dir, device), stdout=handle, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = subprocess.run(command(options, out_dir, device), stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                  timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"run {out_dir.name} stopped at the call's deadline ({timeout_s:.0f} s after its start)") from None
     if code != 0 or not summary.exists():
         tail = log.read_text().strip().splitlines()[-3:]
         raise RuntimeError(f"run {out_dir.name} failed (exit {code}): {' | '.join(tail)}")
@@ -328,12 +346,409 @@ def recheck(jobs: dict, run_root: Path, name: str, args, recorded: dict) -> int:
     return 0 if same == len(rows) else 1
 
 
+# ---------------------------------------------------------------------------- the gpu60m study (issue 19)
+# LLaMA-60M on one lent GPU, one seed per call: every row is (id for --rows, label, run options).
+# Rows whose method or option this build lacks are reported "not available in this build" and run
+# once the library has them.
+STUDY_ROWS = (  # in the order they train: a call cut short by its budget leaves the last ones for the next
+    ("fira", "Fira (defaults: exact residual, torch Adam, eps 1e-8)", dict(method="fira")),
+    ("galore", "GaLore", dict(method="galore")),
+    ("adamw_lr1e-3", "AdamW lr=1e-3", dict(method="adamw", lr=1e-3)),
+    ("adamw_lr3e-3", "AdamW lr=3e-3", dict(method="adamw", lr=3e-3)),
+    ("fira_official_residual", "Fira, residual_convention=official",
+     dict(method="fira", optim_args={"residual_convention": "official"})),
+    ("fira_transformers_adam", "Fira, adam_convention=transformers",
+     dict(method="fira", optim_args={"adam_convention": "transformers"})),
+    ("fira_eps1e-6", "Fira, eps=1e-6", dict(method="fira", eps=1e-6)),
+    ("apollo", "APOLLO", dict(method="apollo")),
+    ("apollo_mini", "APOLLO-Mini", dict(method="apollo_mini")),
+    ("scale", "SCALE (lr: fullrank pretrain's default)", dict(method="scale", lr=None)),
+    ("fira_8bit", "Fira, 8-bit optimizer states", dict(method="fira", optim_args={"states": "8bit"})),
+)
+STUDY_ROW_IDS = tuple(row_id for row_id, _, _ in STUDY_ROWS)
+
+# Throughput model of the plan (printed before training; the call's measured numbers go to the JSON).
+TRAIN_CORPUS_TOKENS = 12_255_952  # T5 tokens of enwiki-2015-train (shared/data/README.md, section 3)
+H200_BF16_FLOPS = 790e12  # an 8192³ bf16 matmul on the lent H200 (788 TFLOP/s, device KINDS.md; H100 SXM alike)
+ASSUMED_MFU = 0.10  # of that peak, over all concurrent runs together (docs/RESULTS.md says why)
+STARTUP_S = 25.0  # a run's fixed cost: imports, tokenizer, model, CUDA context, final export
+SVD_S_PER_MATRIX = 0.02  # exact SVD of one 60M matrix at a refresh (engine v1, H100: 37.8 ms at 2048×768)
+SVD_METHODS = ("galore", "fira", "adarankgrad")  # prefixes of the methods that refresh by SVD
+STUDY_BUDGET_S = 480.0  # one call of at most 8 minutes
+STUDY_JOBS = 4  # runs sharing the GPU at a time
+DEADLINE_GRACE_S = 30.0  # a run still going this long after the budget is killed (the call's JSON is still written)
+EVALS_PER_RUN = 4
+
+
+def flops_per_token(model: str, seq_len: int) -> dict:
+    """Training and forward FLOPs per token: 6·N and 2·N over the matmul weights N (attention and MLP
+    projections, lm_head; the embedding lookup is free) plus attention's scores and mixing,
+    12·L·s·d (4·L·s·d forward, causal mask not discounted)."""
+    from fullrank.train.models import model_config
+
+    c = model_config(model)
+    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    matmul = layers * (4 * h * h + 3 * h * inter) + h * c.vocab_size
+    attention = 4 * layers * seq_len * h
+    return dict(matmul_params=matmul, parameters=matmul + h * c.vocab_size + (2 * layers + 1) * h,
+                projected_matrices=7 * layers, train=6 * matmul + 3 * attention, forward=2 * matmul + attention)
+
+
+def estimate_row_s(profile: dict, options: dict) -> float:
+    """Estimated GPU seconds of one run (training, evaluations, SVD refreshes), startup excluded."""
+    flops = flops_per_token(profile["model"], profile["seq_len"])
+    tokens = profile["max_steps"] * profile["batch_size"] * profile["grad_accum"] * profile["seq_len"]
+    evals = -(-profile["max_steps"] // profile["eval_every"])
+    work = tokens * flops["train"] + evals * profile["eval_tokens"] * flops["forward"]
+    refreshes = profile["max_steps"] // profile["update_proj_gap"] if options["method"].startswith(SVD_METHODS) else 0
+    return work / (H200_BF16_FLOPS * ASSUMED_MFU) + refreshes * flops["projected_matrices"] * SVD_S_PER_MATRIX
+
+
+def estimate_call_s(row_seconds: list[float], jobs: int) -> float:
+    """The runs share one GPU (their GPU seconds add up); each wave of ``jobs`` runs pays one startup."""
+    return sum(row_seconds) + math.ceil(len(row_seconds) / jobs) * STARTUP_S if row_seconds else 0.0
+
+
+def gpu60m_profile() -> dict:
+    """LLaMA-60M (paper Table 2's smallest model) at seq 256, batch 32: as many steps (a multiple of 100)
+    as fit both one pass over the training split and one call of ``STUDY_BUDGET_S`` for every row of
+    ``STUDY_ROWS`` (those not in this build included, so the plan holds when they arrive)."""
+    base = dict(model="llama_60m", hidden=512, seq_len=256, batch_size=32, grad_accum=1, update_proj_gap=200,
+                eval_tokens=524_288)
+    corpus_steps = TRAIN_CORPUS_TOKENS // (base["batch_size"] * base["grad_accum"] * base["seq_len"])
+    steps = corpus_steps // 100 * 100
+    while steps > 100:
+        profile = dict(base, max_steps=steps, eval_every=steps // EVALS_PER_RUN)
+        seconds = [estimate_row_s(profile, run_options(profile, row, 0)) for _, _, row in STUDY_ROWS]
+        if estimate_call_s(seconds, STUDY_JOBS) <= STUDY_BUDGET_S:
+            break
+        steps -= 100
+    return dict(base, max_steps=steps, eval_every=steps // EVALS_PER_RUN, corpus_steps=corpus_steps)
+
+
+# --quick: the same code path at a size that runs in seconds on one CPU thread
+QUICK_PROFILE = dict(model="llama_tiny", hidden=128, seq_len=64, batch_size=2, grad_accum=1, max_steps=4,
+                     update_proj_gap=2, eval_every=2, eval_tokens=1024)
+
+
+def unavailable_reason(options: dict) -> str | None:
+    """Why this build cannot run a row (its method, or an option it does not accept), or None.
+
+    Builds the row's optimizer over one small matrix, as ``fullrank pretrain`` would."""
+    import torch
+
+    import fullrank
+
+    method, extra = options["method"], dict(options.get("optim_args", {}))
+    if method not in fullrank.optimizer_methods():
+        return f"method '{method}' is not in this build (fullrank.optimizer_methods(): {', '.join(fullrank.optimizer_methods())})"
+    model = torch.nn.ModuleDict({"mlp": torch.nn.Linear(8, 8, bias=False)})
+    hyper = dict(lr=options.get("lr") or 1e-3, eps=options.get("eps", 1e-8))
+    try:
+        if method == "adamw":
+            fullrank.make_optimizer("adamw", model.parameters(), **hyper, **extra)
+        else:
+            groups = fullrank.param_groups(model, rank=2, target_modules=("mlp",), update_proj_gap=2)
+            fullrank.make_optimizer(method, groups, **hyper, **extra)
+    except (TypeError, ValueError) as err:
+        options_text = ", ".join(f"{k}={v}" for k, v in extra.items())
+        return f"'{method}' with {options_text or 'these options'} is rejected by this build: {str(err).splitlines()[0]}"
+    return None
+
+
+def parse_rows(text: str | None) -> list[str]:
+    """The row ids of ``--rows`` (comma-separated; all when None)."""
+    if text is None:
+        return list(STUDY_ROW_IDS)
+    chosen = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in chosen if t not in STUDY_ROW_IDS]
+    if unknown or not chosen:
+        raise ValueError(f"--rows: unknown row {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"allowed: {', '.join(STUDY_ROW_IDS)} (comma-separated)")
+    return list(dict.fromkeys(chosen))
+
+
+def run_record(row_id: str, label: str, options: dict, summary: dict, run_dir: Path) -> dict:
+    """What the study keeps of one run (the run directory itself may not travel back)."""
+    import _timing
+
+    keep = ("final_val_ppl", "final_val_loss", "steps", "tokens", "tokens_per_s", "train_time_s", "wall_time_s",
+            "optimizer_state_bytes", "projected_state_bytes", "peak_memory_bytes", "device", "parameters",
+            "stopped_early")
+    return dict(row=row_id, label=label, seed=options["seed"], options=options, **{k: summary.get(k) for k in keep},
+                curve=curve(run_dir),
+                trained_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((run_dir / "summary.json").stat().st_mtime)),
+                git_commit=_timing.git_info().get("git_commit"), gpu=machine().get("gpu"))
+
+
+def strip_run_dir(run_dir: Path) -> None:
+    """Drop a finished run's checkpoint and exported model (hundreds of MB at 60M); keep its metrics."""
+    import shutil
+
+    for entry in run_dir.iterdir():
+        if entry.is_dir() and entry.name not in ("tensorboard",):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def study_rows_table(results: dict, selected: list[str]) -> list[dict]:
+    """One entry per selected row: every seed cached for it, mean ± half-range, or why it has none.
+    Only runs of the current configuration count (a recorded run of other steps or options does not)."""
+    rows = []
+    for row_id, label, row in STUDY_ROWS:
+        if row_id not in selected:
+            continue
+        runs = sorted((r for key, r in results["runs"].items()
+                       if r["row"] == row_id and key == run_key(run_options(results["profile"], row, r["seed"]))),
+                      key=lambda r: r["seed"])
+        entry = dict(id=row_id, label=label, seeds=[r["seed"] for r in runs], ppl=[r["final_val_ppl"] for r in runs])
+        if row_id in results["unavailable"]:
+            entry["status"] = "not available in this build: " + results["unavailable"][row_id]
+        if runs:
+            entry.update(zip(("ppl_mean", "ppl_spread"), spread(entry["ppl"])))
+            entry.update(state_bytes=runs[0]["optimizer_state_bytes"], tokens_per_s=runs[0]["tokens_per_s"],
+                         curve=runs[0]["curve"], curve_seed=runs[0]["seed"])
+        rows.append(entry)
+    return rows
+
+
+def study_markdown(rows: list[dict]) -> str:
+    lines = ["| row | val ppl (mean ± half-range) | seeds | optimizer state (MiB) | tokens/s (one run) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if "ppl_mean" in r:
+            lines.append(f"| {r['label']} | {r['ppl_mean']:.2f} ± {r['ppl_spread']:.2f} | {len(r['ppl'])} | "
+                         f"{r['state_bytes'] / 2**20:.1f} | {r['tokens_per_s']:,.0f} |")
+        else:
+            lines.append(f"| {r['label']} | {r.get('status', 'not run yet')} | 0 | – | – |")
+    return "\n".join(lines)
+
+
+def study_plot(rows: list[dict], name: str, out: Path) -> Path | None:
+    """Validation perplexity over steps (one seed) and final perplexity per row; None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (rerun with --collect-only where it is)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "ppl_mean" in r]
+    if not done:
+        print("plot skipped: no row has a result yet")
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw=dict(width_ratios=(3, 2)))
+    for r in done:
+        left.plot([p[0] for p in r["curve"]], [math.exp(p[1]) for p in r["curve"]], marker=".",
+                  label=f"{r['label']} (seed {r['curve_seed']})")
+    left.set_yscale("log")
+    left.set_xlabel("step")
+    left.set_ylabel("validation perplexity")
+    left.legend(fontsize=6)
+    right.barh([r["id"] for r in done], [r["ppl_mean"] for r in done], xerr=[r["ppl_spread"] for r in done],
+               capsize=3)
+    right.invert_yaxis()
+    right.tick_params(axis="y", labelsize=7)
+    right.set_xlabel("final val ppl (mean ± half-range over seeds)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{name}: LLaMA-60M quality study" if "quick" not in name else f"{name}: CPU dry run")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def print_plan(name: str, profile: dict, plan: list[dict], jobs: int, budget_s: float, device: str) -> float:
+    """Print the rows, steps, tokens and estimated minutes before anything trains; returns the estimate."""
+    flops = flops_per_token(profile["model"], profile["seq_len"])
+    per_step = profile["batch_size"] * profile["grad_accum"] * profile["seq_len"]
+    tokens = per_step * profile["max_steps"]
+    aggregate = H200_BF16_FLOPS * ASSUMED_MFU
+    print(f"plan ({name}): {profile['model']} ({flops['parameters'] / 1e6:.1f}M parameters, "
+          f"{flops['matmul_params'] / 1e6:.1f}M in matmuls), seq {profile['seq_len']}, batch "
+          f"{profile['batch_size']} × {profile['grad_accum']} = {per_step:,} tokens a step, {profile['max_steps']} steps "
+          f"= {tokens / 1e6:.2f}M tokens a run ({tokens / TRAIN_CORPUS_TOKENS:.0%} of the training split, one pass), "
+          f"10% warm-up, cosine to 10%, T = {profile['update_proj_gap']}, rank {profile['hidden'] // 4}, "
+          f"validation every {profile['eval_every']} steps on {profile['eval_tokens']:,} tokens")
+    print(f"throughput assumed: {flops['train'] / 1e6:.0f} MFLOP per training token; {ASSUMED_MFU:.0%} of the H200's "
+          f"{H200_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 = {aggregate / flops['train'] / 1e3:,.0f}K tokens/s over the "
+          f"runs sharing the GPU; {STARTUP_S:.0f} s startup a run; {SVD_S_PER_MATRIX * 1e3:.0f} ms a matrix per SVD refresh")
+    print(f"{'row':24s} {'seed':>4s}  {'est. GPU s (H200)':>17s}  status")
+    train_s = []
+    for p in plan:
+        print(f"{p['id']:24s} {p['seed']:4d}  {p['estimate_s']:17.1f}  {p['status']}")
+        if p["status"] == "to train":
+            train_s.append(p["estimate_s"])
+    total = estimate_call_s(train_s, jobs)
+    note = "" if device == "cuda" else " (an H200 estimate: this run is on the CPU, where it does not apply)"
+    print(f"estimate: {len(train_s)} runs to train, {jobs} at a time: {total / 60:.1f} min on one H200{note}; "
+          f"budget {budget_s / 60:.1f} min (runs that would end past it wait for the next call)", flush=True)
+    return total
+
+
+def load_study_results(paths: list[Path]) -> dict:
+    """Every run recorded in the given results files (later files win)."""
+    runs = {}
+    for path in paths:
+        if path.exists():
+            runs.update(json.loads(path.read_text()).get("runs", {}))
+    return runs
+
+
+def study(args, parser) -> int:
+    """Train the selected rows of the gpu60m profile for one seed; reuse every cached run."""
+    try:
+        selected = parse_rows(args.rows)
+    except ValueError as err:
+        parser.error(str(err))
+    import torch
+
+    name = "gpu60m-quick" if args.quick else "gpu60m"
+    profile = dict(QUICK_PROFILE) if args.quick else gpu60m_profile()
+    device = "cpu" if args.quick else args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out_env = os.environ.get("OUT")
+    out_dir = Path(args.out) if args.out else Path(out_env) if out_env else None
+    if args.quick and out_dir is None:
+        import tempfile
+
+        out_dir = Path(tempfile.mkdtemp(prefix="fullrank-quality-quick-"))
+    results_path = (out_dir or ROOT / "bench" / "results") / f"quality_{name}.json"
+    plot_path = (out_dir or ROOT / "docs" / "img") / f"quality_{name}.png"
+    # run directories are large (checkpoints until stripped): under --out, never under $OUT (its files travel back)
+    run_root = Path(args.out) / "runs" if args.out else out_dir / "runs" if args.quick else ROOT / "runs" / "bench" / name
+    committed = ROOT / "bench" / "results" / f"quality_{name}.json"
+    jobs = args.jobs or (1 if args.quick else STUDY_JOBS)
+    budget_s = args.budget_s if args.budget_s is not None else (math.inf if args.quick else STUDY_BUDGET_S)
+
+    results = dict(profile=profile, runs=load_study_results([committed, results_path]), unavailable={},
+                   calls=json.loads(results_path.read_text()).get("calls", []) if results_path.exists() else [])
+    plan = []
+    for row_id, label, row in STUDY_ROWS:
+        if row_id not in selected:
+            continue
+        options = run_options(profile, row, args.seed)
+        key = run_key(options)
+        reason = unavailable_reason(options)
+        if reason:
+            results["unavailable"][row_id] = reason
+            status = "not available in this build"
+        elif key not in results["runs"] and (run_root / key / "summary.json").exists():
+            results["runs"][key] = run_record(row_id, label, options, json.loads((run_root / key / "summary.json").read_text()),
+                                              run_root / key)
+            status = "cached"
+        else:
+            status = "cached" if key in results["runs"] else "to train"
+        plan.append(dict(id=row_id, label=label, key=key, seed=args.seed, options=options, status=status,
+                         estimate_s=estimate_row_s(profile, options), reason=reason))
+    estimate = print_plan(name, profile, plan, jobs, budget_s, device)
+    for p in plan:
+        if p["reason"]:
+            print(f"  {p['id']}: not available in this build: {p['reason']}")
+
+    todo = [p for p in plan if p["status"] == "to train"] if not args.collect_only else []
+    call = dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), seed=args.seed, device=device, jobs=jobs,
+                collect_only=args.collect_only,
+                budget_s=budget_s if math.isfinite(budget_s) else None, estimated_s=estimate, rows=selected,
+                cached=[p["id"] for p in plan if p["status"] == "cached"],
+                unavailable=[p["id"] for p in plan if p["reason"]], trained=[], deferred=[], failed={})
+    results["calls"].append(call)
+    results.update(name=name, machine=machine())
+
+    def write_results() -> None:  # after every run, so a call cut short keeps what it trained
+        results["rows"] = study_rows_table(results, list(STUDY_ROW_IDS))
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+    # on a GPU host the tokenizer may use this run's share of the cores; on the CPU they train
+    tokenizer_threads = max(1, (os.cpu_count() or 1) // jobs) if device == "cuda" else 1
+    env_extra = dict(TOKENIZERS_PARALLELISM="true" if tokenizer_threads > 1 else "false",
+                     RAYON_NUM_THREADS=str(tokenizer_threads))
+    started = time.time()
+    launched: list[dict] = []  # rows started in this call, in order
+    slowdown = 1.0  # measured / estimated wall time of the finished runs (1 until one finishes)
+    with futures.ThreadPoolExecutor(jobs) as pool:
+        running: dict = {}
+        while todo or running:
+            while todo and len(running) < jobs:
+                elapsed = time.time() - started
+                # the GPU is shared: the call ends when the work of every started run (and this one) is done
+                predicted = slowdown * estimate_call_s([p["estimate_s"] for p in (*launched, todo[0])], jobs)
+                if predicted > budget_s:
+                    call["deferred"] = [p["id"] for p in todo]
+                    print(f"  deferred to the next call (the call would end at {predicted:.0f} s > budget "
+                          f"{budget_s:.0f} s, {elapsed:.0f} s in): {', '.join(call['deferred'])}", flush=True)
+                    todo = []
+                    break
+                p = todo.pop(0)
+                timeout = budget_s + DEADLINE_GRACE_S - elapsed if math.isfinite(budget_s) else None
+                future = pool.submit(train, p["options"], run_root / p["key"], device, args.threads,
+                                     timeout_s=timeout, env_extra=env_extra)
+                running[future] = [p, time.time(), 1]
+                launched.append(p)
+            for entry in running.values():  # the most runs each one has shared the GPU with
+                entry[2] = max(entry[2], len(running))
+            if not running:
+                break
+            finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for future in finished:
+                p, start, sharing = running.pop(future)
+                try:
+                    summary = future.result()
+                except RuntimeError as err:
+                    call["failed"][p["id"]] = str(err)
+                    print(f"  FAILED {p['id']}: {err}", flush=True)
+                    continue
+                wall = time.time() - start
+                # its estimate: its GPU seconds times the most runs it shared the GPU with, plus startup
+                slowdown = max(slowdown, wall / (p["estimate_s"] * sharing + STARTUP_S))
+                call["measured_over_estimated"] = slowdown
+                results["runs"][p["key"]] = run_record(p["id"], p["label"], p["options"], summary, run_root / p["key"])
+                strip_run_dir(run_root / p["key"])
+                call["trained"].append(p["id"])
+                write_results()
+                print(f"  {p['id']} seed {p['seed']}: ppl {summary['final_val_ppl']:.2f}, {summary['tokens_per_s']:,.0f} "
+                      f"tokens/s, {wall:.0f} s ({time.time() - started:.0f} s into the call; measured/estimated "
+                      f"time so far {slowdown:.2f}×)", flush=True)
+    call["wall_s"] = time.time() - started
+    trained_tokens = sum(results["runs"][p["key"]]["tokens"] for p in plan if p["id"] in call["trained"])
+    if trained_tokens and call["wall_s"] > 0:
+        flops = flops_per_token(profile["model"], profile["seq_len"])
+        call["measured"] = dict(tokens=trained_tokens, tokens_per_s=trained_tokens / call["wall_s"],
+                                mfu_vs_790_tflops=trained_tokens * flops["train"] / call["wall_s"] / H200_BF16_FLOPS)
+    if "measured" in call and device == "cuda":
+        print(f"measured: {trained_tokens / 1e6:.1f}M tokens in {call['wall_s']:.0f} s = "
+              f"{call['measured']['tokens_per_s']:,.0f} tokens/s over the call "
+              f"({call['measured']['mfu_vs_790_tflops']:.1%} of 790 TFLOP/s, startups included)")
+    print("\n" + study_markdown(study_rows_table(results, selected)))
+    picture = study_plot(study_rows_table(results, list(STUDY_ROW_IDS)), name, plot_path)
+    results["plot"] = str(picture) if picture else None
+    write_results()
+    print(f"\nresults: {results_path}" + (f"; plot: {picture}" if picture else "") +
+          f"; {len(call['trained'])} trained, {len(call['cached'])} cached, {len(call['deferred'])} deferred, "
+          f"{len(call['failed'])} failed, {len(call['unavailable'])} not available in this build", flush=True)
+    return 1 if call["failed"] else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", default="all", help=f"one of {', '.join(TABLES)} or 'all'")
-    parser.add_argument("--profile", default="cpu", choices=tuple(PROFILES))
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per row (0, 1, …)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")
+    parser.add_argument("--table", help=f"one of {', '.join(TABLES)} or 'all' (default; not with --profile gpu60m)")
+    parser.add_argument("--profile", choices=(*PROFILES, "gpu60m"), help="default cpu; "
+                             "gpu60m: the LLaMA-60M study of one seed per call (see --rows, --seed, --quick)")
+    parser.add_argument("--seeds", type=int, help="seeds per row (0, 1, …; default 2; gpu60m takes --seed)")
+    parser.add_argument("--seed", type=int, help="gpu60m: the one seed this call trains (default 0)")
+    parser.add_argument("--rows", help=f"gpu60m: comma-separated rows (default all): {', '.join(STUDY_ROW_IDS)}")
+    parser.add_argument("--quick", action="store_true",
+                        help="gpu60m: a CPU dry run of the same code path at a tiny size (llama_tiny, 4 steps)")
+    parser.add_argument("--out", help="gpu60m: folder for the results JSON, the plot and the run directories "
+                                      "(default: $OUT for the JSON and plot when set, else bench/results and docs/img)")
+    parser.add_argument("--budget-s", type=float,
+                        help=f"gpu60m: seconds this call may train (default {STUDY_BUDGET_S:.0f}; --quick: no limit); "
+                             "a run that would end past it waits for the next call")
+    parser.add_argument("--jobs", type=int, help=f"runs in parallel (default 1; gpu60m {STUDY_JOBS})")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-steps", type=int,
@@ -344,14 +759,43 @@ def main(argv=None) -> int:
                              "reproduces their validation losses (after an engine change): those of the cached run, "
                              "else those published in bench/results/quality_<profile>.json")
     args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    if not (SHARED / "enwiki-2015-train.jsonl.gz").exists():
+        parser.error(f"the corpus is missing: {SHARED}/enwiki-2015-train.jsonl.gz (set FULLRANK_DATA)")
+    study_only = dict(seed=args.seed, rows=args.rows, quick=args.quick or None, out=args.out, budget_s=args.budget_s)
+    if args.quick:
+        if args.profile not in (None, "gpu60m"):
+            parser.error(f"--quick is the dry run of --profile gpu60m, not of --profile {args.profile}")
+        if args.device not in ("auto", "cpu"):
+            parser.error(f"--quick runs on the CPU; --device must be auto or cpu, got {args.device!r}")
+        args.profile = "gpu60m"
+    args.profile = args.profile or "cpu"
+    if args.profile == "gpu60m":
+        for flag, value in (("--table", args.table), ("--seeds", args.seeds), ("--max-steps", args.max_steps),
+                            ("--recheck", args.recheck or None)):
+            if value is not None:
+                parser.error(f"{flag} does not apply to --profile gpu60m (it trains one --seed per call; rows: --rows)")
+        args.seed = 0 if args.seed is None else args.seed
+        if args.seed < 0:
+            parser.error(f"--seed must be 0 or more, got {args.seed}")
+        if args.budget_s is not None and args.budget_s <= 0:
+            parser.error(f"--budget-s must be more than 0 seconds, got {args.budget_s:g}")
+        return study(args, parser)
+    for flag, value in study_only.items():
+        if value is not None:
+            parser.error(f"--{flag.replace('_', '-')} applies to --profile gpu60m only (this is --profile {args.profile})")
+    args.table = args.table or "all"
+    args.seeds = 2 if args.seeds is None else args.seeds
+    args.jobs = args.jobs or 1
     tables = TABLES if args.table == "all" else (args.table,)
     for table in tables:
         if table not in TABLES:
             parser.error(f"--table must be one of {', '.join(TABLES)} or 'all', got {table!r}")
-    if args.seeds < 1 or args.jobs < 1:
-        parser.error("--seeds and --jobs must be at least 1")
-    if not (SHARED / "enwiki-2015-train.jsonl.gz").exists():
-        parser.error(f"the corpus is missing: {SHARED}/enwiki-2015-train.jsonl.gz (set FULLRANK_DATA)")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     profile = dict(PROFILES[args.profile])
     if args.max_steps:
         profile.update(max_steps=args.max_steps, eval_every=max(1, args.max_steps // 2),
