@@ -109,6 +109,17 @@ class Component:
         """Checks across the group's options (each option's own check has run)."""
 
 
+_REGISTRIES: list["Registry"] = []  # every registry, so that a new unit's options are checked against all
+_TABLES: list[dict] = []  # option tables declared outside registries (the engine's, the subspace policy's)
+
+
+def declare(table: dict[str, "Option"]) -> dict[str, "Option"]:
+    """Declare an option table that is not a unit's (checked against every unit's); returns it."""
+    merge_options(*_TABLES, *(r.options() for r in _REGISTRIES), table)
+    _TABLES.append(table)
+    return table
+
+
 class Registry:
     """The units of one kind, selected by the group option ``option`` (e.g. ``residual``); reads like a
     dict of names (``name in registry``, ``tuple(registry)``, ``registry.pop(name)``)."""
@@ -116,6 +127,7 @@ class Registry:
     def __init__(self, kind: str, option: str, base: type = Component):
         self.kind, self.option, self.base = kind, option, base
         self._units: dict[str, Component] = {}
+        _REGISTRIES.append(self)
 
     def register(self, unit: Component) -> None:
         """Add ``unit`` (or replace the unit of its name); its options must not clash with others'."""
@@ -123,7 +135,8 @@ class Registry:
             raise TypeError(f"a {self.kind} must be a {self.base.__module__}.{self.base.__name__} instance with a "
                             f"non-empty name, got {unit!r}")
         others = [u for name, u in self._units.items() if name != unit.name]
-        merge_options(*(u.options for u in others), unit.options)  # raises on a clash
+        merge_options(*_TABLES, *(r.options() for r in _REGISTRIES if r is not self),
+                      *(u.options for u in others), unit.options)  # raises on a clash with any declaration
         self._units[unit.name] = unit
 
     def get(self, name: str) -> Component:

@@ -627,6 +627,10 @@ class SubspaceAdamW(Optimizer):
             state = self.state[item.param]
             if not state:
                 S.init_projected(state, item.weight, norm_dtype(item.weight.dtype))
+        if plan.transform.active:  # G̃ from G before the refresh and the projection (transforms.py)
+            for item in items:
+                item.grad = plan.transform.before(item.grad.unsqueeze(0), [self.state[item.param]], group)[0]
+                grad_norms.pop(id(item.param), None)  # the rules see G̃: its norm is taken anew
         refreshed = subspace.refresh_(self, group, items, flagged)
         captured = [] if plan.trigger else None
         for members in self._buckets(group, items):
@@ -671,14 +675,11 @@ class SubspaceAdamW(Optimizer):
         shard = None if members[0].shard is None else sharding.BucketShard(members[0].shard, side)
         left, right = subspace.stacked_projection(self, group, plan, members, states, side)
         norms = [grad_norms.get(id(i.param)) for i in members]  # the non-finite check's ‖G‖ (rules reuse them)
-        if plan.transform.active:  # G̃ from G before the projection (transforms.py); the rules see G̃
-            grads = plan.transform.before(grads, states, group)
-            norms = [None] * len(members)
         low = project(grads, left, right)
         if shard is not None and shard.columns_sharded:  # Σ_k P_kᵀ·G_k, this rank's columns
             low = shard.reduce_scatter_columns(low)
         if plan.transform.active:
-            plan.transform.after(grads, low, left, right, states, group)
+            plan.transform.after(grads, low, left, right, states, group, keep)
         if captured is not None:
             low_norms = (torch.linalg.vector_norm(low, dim=(-2, -1), dtype=norm_dtype(low.dtype)) if shard is None
                          else shard.matrix_norms(low).view(-1))

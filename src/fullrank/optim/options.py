@@ -8,7 +8,7 @@ import math
 
 from . import rank as rank_policy
 from . import refresh, switch
-from .components import Option, check_range, choice, flag, integer, merge_options, number, optional
+from .components import Option, check_range, declare, choice, flag, integer, merge_options, number, optional
 from .inner_adam import ADAM_CONVENTIONS
 from .limiter import LIMITER_REGISTRY
 from .moments import STORE_REGISTRY, require_bitsandbytes
@@ -50,7 +50,7 @@ def _selects(registry):
 
 
 # Options every group has (plain AdamW groups too).
-COMMON = {
+COMMON = declare({
     "lr": Option(1e-3, _learning_rate, "η"),
     "betas": Option((0.9, 0.999), _betas, "Adam's (β1, β2)"),
     "eps": Option(1e-8, number(0.0), "Adam's ε"),
@@ -62,9 +62,9 @@ COMMON = {
     "seed": Option(0, integer(0), "seeds random projections, randomized SVDs and stochastic rounding"),
     "foreach": Option(None, optional(flag), "torch._foreach_* kernels for the plain groups (default on)"),
     "bucket_cap_mb": Option(None, optional(number(0.0)), "most stacked gradient per bucket, MiB (engine.py)"),
-}
+})
 # Options of projected groups, beside those of the units.
-PROJECTED = {
+PROJECTED = declare({
     "update_proj_gap": Option(200, integer(1), "T, steps between refreshes of P"),
     "scale": Option(1.0, number(0.0, low_open=True), "α on P·ψ(R)"),
     "proj_type": Option("std", choice(*PROJ_TYPES), "GaLore's projection side"),
@@ -74,7 +74,7 @@ PROJECTED = {
     "projector": Option("svd", _selects(PROJECTOR_REGISTRY), "fitted (svd) or random P (projectors.py)"),
     "pre_projection": Option("none", _selects(TRANSFORM_REGISTRY), "a transform of G before projection (transforms.py)"),
     "compile": Option(False, flag, "run the bucket's steady update through torch.compile"),
-}
+})
 
 
 def unit_options() -> dict[str, Option]:

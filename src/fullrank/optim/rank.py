@@ -22,15 +22,15 @@ import statistics
 
 import torch
 
-from .components import Option, integer, number, optional
+from .components import Option, declare, integer, number, optional
 from .moments import low_shape
 
-OPTIONS = {
+OPTIONS = declare({
     "rank_energy": Option(None, optional(number(0.0, 1.0, low_open=True)),
                           "η in (0, 1]: AdaRankGrad's adaptive rank keeps η of ‖G‖²; None: the fixed rank"),
     "min_rank": Option(1, integer(1), "the adaptive rank's lower bound"),
     "max_rank": Option(None, optional(integer(1)), "the adaptive rank's upper bound (default: the group's rank)"),
-}
+})
 
 
 def energy_rank(

@@ -34,15 +34,15 @@ from __future__ import annotations
 import torch
 
 
-from .components import Option, flag, number
+from .components import Option, declare, flag, number
 from .state import CAPTURED_ENERGY, EXP_AVG, LAST_REFRESH, STEP
 
-OPTIONS = {
+OPTIONS = declare({
     "refresh_threshold": Option(0.0, number(0.0, 1.0, high_open=True),
                                 "τ in [0, 1): also refresh once ē < τ (captured energy); 0: off"),
     "refresh_beta": Option(0.9, number(0.0, 1.0, high_open=True), "β of the captured energy's moving average"),
     "refresh_stagger": Option(False, flag, "spread the group's refreshes evenly over the T steps"),
-}
+})
 
 
 def uses_trigger(group: dict) -> bool:

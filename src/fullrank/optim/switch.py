@@ -31,15 +31,15 @@ from __future__ import annotations
 import torch
 
 from . import state as S
-from .components import Option, choice, flag
+from .components import Option, declare, choice, flag
 from .moments import MomentStore
 from .moments import low_shape as low_shape_of
 
 ON_SWITCH = ("keep", "reproject", "reset")
-OPTIONS = {
+OPTIONS = declare({
     "on_switch": Option("keep", choice(*ON_SWITCH), "Adam's moments when P changes: keep, reproject or reset"),
     "reset_limiter_on_switch": Option(False, flag, "forget the limiter's previous norm when P changes"),
-}
+})
 
 
 def _rotations(

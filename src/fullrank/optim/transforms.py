@@ -36,8 +36,9 @@ class Transform(Component):
     def before(self, grads: torch.Tensor, states: list[dict], group: dict) -> torch.Tensor:
         return grads
 
-    def after(self, grads, low, left, right, states: list[dict], group: dict) -> None:
-        """Update the transform's state from the projected stack (``low`` = R)."""
+    def after(self, grads, low, left, right, states: list[dict], group: dict, keep=None) -> None:
+        """Update the transform's state from the projected stack (``low`` = R); ``keep`` (a 0-d bool,
+        layer-wise mode): when false the state stays as it was."""
 
 
 def _error_buffer(param: torch.Tensor, group: dict) -> torch.Tensor:
@@ -61,9 +62,12 @@ class ErrorFeedback(Transform):
         stacked = errors[0].unsqueeze(0) if len(errors) == 1 else torch.stack(errors)
         return grads + stacked.to(grads.dtype)
 
-    def after(self, grads, low, left, right, states, group):
+    def after(self, grads, low, left, right, states, group, keep=None):
         residual = grads - project_back(low, left, right)
-        torch._foreach_copy_([s[ERROR] for s in states], list(residual.unbind(0)))
+        errors = [s[ERROR] for s in states]
+        if keep is not None:
+            residual = torch.where(keep, residual, torch.stack(errors).to(residual.dtype))
+        torch._foreach_copy_(errors, list(residual.unbind(0)))
 
 
 TRANSFORM_REGISTRY = Registry("pre-projection transform", "pre_projection", Transform)

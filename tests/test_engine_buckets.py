@@ -1,4 +1,4 @@
-"""Engine v2: buckets, registries, state compatibility, refresh policies, compile, residual statistics.
+"""The bucketed engine: buckets, registries, state compatibility, refresh policies, compile, residual statistics.
 
 Every engine result here is checked against ``tests/reference.py`` (eq. 2–12 written plainly, one
 matrix at a time), a saved checkpoint of engine v1, or a property computed independently.
