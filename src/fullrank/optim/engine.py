@@ -43,6 +43,7 @@ one more. The optimizer state holds tensors and plain numbers only.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,12 +53,14 @@ from . import host, inner_adam, moments, sharding, subspace, weights
 from . import state as S
 from .limiter import Limiter, get_limiter
 from .options import engine_options, unit_state_keys, validate_common, validate_projected
-from .projector import add_back_, add_projected_back_, project, project_back, projection_side
+from .projector import project, projection_side
 from .random_proj import stores_seed_only
-from .rank import current_rank, summarize
+from .rank import current_rank, is_adaptive, summarize
 from .refresh import record_energy_, stacked_energy, uses_trigger
-from .residual import Bucket, Contribution, Rule, get_rule, norm_dtype
+from .residual import Rule, get_rule, norm_dtype
 from .transforms import TRANSFORM_REGISTRY, Transform
+from .update import (low_rank_term, residual_base, residual_coefficients, residual_update, write_matrix_,
+                     write_stacked_)
 
 MIB = 2**20
 # bucket_cap_mb=None: one matrix per bucket on the CPU (launches are cheap there and memory traffic is
@@ -109,74 +112,6 @@ class GroupPlan:
         return self.compiled[key]
 
 
-def residual_coefficients(rule: Rule, limiter: Limiter, options: dict, side: str, grads: torch.Tensor,
-                          low: torch.Tensor, psi: torch.Tensor, grad_norms: list, previous: torch.Tensor | None,
-                          shard: sharding.BucketShard | None = None, left=None, right=None,
-                          unit_state: dict | None = None):
-    """The rule's contribution (φ, ‖S‖, its state) and the limiter's factors c (eq. 8–12): returns
-    (contribution, coef = c·w·φ in the gradients' dtype or None, kept norms or None, factors or None).
-    ``unit_state``: the rule's declared state, stacked over the bucket."""
-    contribution = rule.contribution(Bucket(grads, low, psi, side, grad_norms, shard, left, right, unit_state), options)
-    factors = kept = None
-    if contribution.phi is None:
-        return contribution, None, None, None
-    coef = contribution.phi
-    if contribution.residual_sq is not None:
-        norms = contribution.residual_sq.sqrt()
-        factors, kept = limiter.factors(norms, previous if previous.dtype == norms.dtype else previous.to(norms.dtype),
-                                        options)
-        if factors is not None:
-            coef = coef * factors.view(-1, 1, 1)
-    if contribution.weight != 1.0:
-        coef = coef * contribution.weight
-    if coef.dtype != grads.dtype:
-        coef = coef.to(grads.dtype)
-    return contribution, coef, kept, factors
-
-
-def low_rank_term(contribution: Contribution, coef: torch.Tensor | None, low: torch.Tensor, psi: torch.Tensor):
-    """(A, a) with update = a·P·A + coef∘G: A = ψ − (κ/a)·coef∘R, or (coef∘R, −κ) when a = 0, or
-    (None, 0) when there is no subspace term. ``psi`` and ``low`` are overwritten."""
-    a, kappa = contribution.subspace_scale, contribution.kappa
-    if a != 0.0:  # P·(a·ψ − κ·coef∘R) = a·P·(ψ − (κ/a)·coef∘R)
-        return (psi.addcmul_(low, coef, value=-kappa / a) if coef is not None and kappa != 0.0 else psi), a
-    if coef is not None and kappa != 0.0:
-        return low.mul_(coef), -kappa
-    return None, 0.0
-
-
-def residual_update(rule: Rule, limiter: Limiter, options: dict, side: str, grads: torch.Tensor,
-                    low: torch.Tensor, psi: torch.Tensor, grad_norms: list, previous: torch.Tensor | None,
-                    left: torch.Tensor | None, right: torch.Tensor | None,
-                    unit_state: dict | None = None, shard: sharding.BucketShard | None = None):
-    """The steady step of a stacked bucket after Adam: :func:`residual_coefficients`, then the update
-    P·(a·ψ − κ·coef∘R) + coef∘G of every matrix assembled in the gradient stack (eq. 7–12).
-
-    Returns (update, kept norms or None, factors or None, ‖S‖² before the limiter or None, the rule's
-    new state or None). A pure
-    function of tensors, with the units and options bound by :meth:`GroupPlan.residual_update`:
-    ``torch.compile(fullgraph=True)`` compiles it without graph breaks (``compile=True``). ``grads``,
-    ``psi`` and ``low`` are overwritten. ``shard``: the bucket's collectives on FSDP2 shards (eager only).
-    """
-    contribution, coef, kept, factors = residual_coefficients(rule, limiter, options, side, grads, low, psi,
-                                                              grad_norms, previous, shard, left, right, unit_state)
-    term, a = low_rank_term(contribution, coef, low, psi)
-    if shard is not None:
-        term, coef = shard.gather_terms(term, coef, rule.uses_columns(options))
-    if coef is None:
-        return project_back(term.mul_(a), left, right), None, None, None, contribution.state
-    update = residual_base(contribution, grads).mul_(coef)
-    if term is not None:
-        add_back_(update, term, left, right, alpha=a)
-    return update, kept, factors, contribution.residual_sq, contribution.state
-
-
-def residual_base(contribution: Contribution, grads: torch.Tensor) -> torch.Tensor:
-    """What coef multiplies: G (the residual is φ∘(G − κ·P·R), its P·R part folded into the subspace
-    term), or the rule's explicit residual (``Contribution.explicit``, e.g. FRUGAL's sign)."""
-    return grads if contribution.explicit is None else contribution.explicit
-
-
 @dataclass
 class Item:
     """One parameter with a gradient this step."""
@@ -222,20 +157,6 @@ def _refuse_on_shards(group: dict, items: list[Item]) -> None:
         if group["stochastic_rounding"]:
             raise ValueError(f"stochastic_rounding=True is not supported on FSDP2-sharded parameters "
                              f"({items[0].name!r}); FSDP2's MixedPrecisionPolicy keeps fp32 weights")
-
-
-def write_update_(param: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor | None, term: torch.Tensor | None,
-                  a: float, left, right, step_size: float, decay: float) -> None:
-    """W ← W·decay − η·(a·back(term) + coef∘G) for one matrix, in two passes over W: one ``addmm_``
-    (with the decay as its β) and one ``addcmul_`` — no m×n temporary (engine v1's arithmetic)."""
-    left = None if left is None else left[0]
-    right = None if right is None else right[0]
-    if term is not None:
-        add_projected_back_(param, term, left, right, alpha=-step_size * a, beta=decay)
-    elif decay != 1.0:
-        param.mul_(decay)
-    if coef is not None:
-        param.addcmul_(grad, coef, value=-step_size)
 
 
 class SubspaceAdamW(Optimizer):
@@ -327,38 +248,77 @@ class SubspaceAdamW(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by this or an earlier version of the engine (same per-parameter keys),
-        checking every projected state against its parameter and group (``state.py``)."""
+        checking every projected state against its parameter and group (``state.py``).
+
+        Atomic: a state that does not fit (another number of groups or parameters, another model's
+        shapes, a rank the group refuses) raises ValueError and leaves this optimizer as it was. As
+        in torch, the groups' options come from the checkpoint, except ``states`` (where the moments
+        live is this optimizer's choice: loaded moments are converted); a checkpoint whose rank
+        differs from the configured one continues at the checkpoint's rank, with a warning naming both."""
         state_dict = dict(state_dict)
         skipped = int(state_dict.pop("skipped_steps", 0))
+        state_dict["param_groups"] = [{**self.defaults, **group} for group in state_dict["param_groups"]]  # new options
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
-        for group in state_dict["param_groups"]:  # options added since the state was saved
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        storage = [group["states"] for group in self.param_groups]
+        configured = [(group.get("rank"), group["states"]) for group in self.param_groups]
+        before = (self.state, self.param_groups)
         super().load_state_dict(state_dict)
-        if len(storage) == len(self.param_groups):  # the moments' storage is this optimizer's, not the checkpoint's
-            for group, states in zip(self.param_groups, storage):
-                group["states"] = states
+        try:
+            self._check_loaded(saved_ids, saved_state, configured)
+        except Exception:
+            self.__setstate__({"state": before[0], "param_groups": before[1]})
+            raise
+        self.skipped_steps = skipped
+        self._plans.clear()
+        self._index_of = None
+
+    def _check_loaded(self, saved_ids: list, saved_state: dict, configured: list) -> None:
+        """Restore the state tensors that keep their own dtype, validate every group and projected state,
+        then convert the moments to this optimizer's ``states``."""
+        for group, (rank, states) in zip(self.param_groups, configured):
+            group["states"] = states
+            if is_projected(group) and rank is not None and group["rank"] != rank and not is_adaptive(group):
+                warnings.warn(f"load_state_dict: the checkpoint's projected group was saved at rank {group['rank']}, "
+                              f"this optimizer was configured with rank {rank}; training continues at rank "
+                              f"{group['rank']} (the checkpoint's). Start without the checkpoint's optimizer state "
+                              f"to train at rank {rank}.", stacklevel=3)
         params = [p for g in self.param_groups for p in g["params"]]
+        own_keys = unit_state_keys()
         for saved_id, param in zip(saved_ids, params):
             for key, value in saved_state.get(saved_id, {}).items():
-                if S.keeps_own_dtype(key, value) or key in unit_state_keys():  # Optimizer.load_state_dict casts to the param's
+                if S.keeps_own_dtype(key, value) or key in own_keys:  # Optimizer.load_state_dict casts to the param's
                     self.state[param][key] = value.to(device=param.device)
         offset = 0
         for group in self.param_groups:
             self._validate_group(group, offset)
-            store = moments.get_store(group["states"])
             for param, name in zip(group["params"], parameter_names(group, offset)):
-                if not self.state.get(param):
-                    continue
-                store.adopt(self.state[param], param)
-                if is_projected(group):
-                    S.validate_projected_state(self.state[param], param, name, group, self._row_shard(param, name))
+                state = self.state.get(param)
+                if state and is_projected(group):
+                    S.validate_projected_state(state, param, name, group, self._row_shard(param, name))
+                elif state and S.EXP_AVG in state and tuple(state[S.EXP_AVG].shape) != tuple(sharding.local(param).shape):
+                    raise ValueError(f"optimizer state of {name!r}: moments {tuple(state[S.EXP_AVG].shape)} do not "
+                                     f"match the parameter {tuple(param.shape)} (a checkpoint of another model?)")
             offset += len(group["params"])
-        self.skipped_steps = skipped
-        self._plans.clear()
+        for group in self.param_groups:
+            store = moments.get_store(group["states"])
+            for param in group["params"]:
+                if self.state.get(param):
+                    store.adopt(self.state[param], param)
+
+    def __getstate__(self):
+        """torch keeps defaults, state and param_groups; the engine's counters come along (deepcopy, pickle)."""
+        state = super().__getstate__()
+        state.update(skipped_steps=self.skipped_steps, record_residual_stats=self.record_residual_stats)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("record_residual_stats", False)
+        self._residual_stats = None
+        self._plans = {}
         self._index_of = None
+        self.__dict__.pop("_shards", None)
 
     # ------------------------------------------------------------------ ranks and statistics
     def current_ranks(self) -> dict[str, int]:
@@ -714,7 +674,7 @@ class SubspaceAdamW(Optimizer):
             term, a = low_rank_term(contribution, coef, low, psi)
             if shard is not None:
                 term, coef = shard.gather_terms(term, coef, plan.rule.uses_columns(plan.options))
-            write_update_(params[0], residual_base(contribution, grads)[0], None if coef is None else coef[0],
+            write_matrix_(params[0], residual_base(contribution, grads)[0], None if coef is None else coef[0],
                           None if term is None else term[0], a, left, right, step_sizes[0], decay)
             return
         if shard is not None:  # collectives run eagerly
@@ -726,24 +686,9 @@ class SubspaceAdamW(Optimizer):
                 side, group["compile"] and keep is None)(grads, low, psi, norms, previous, left, right, unit_state)
         self._keep_norms(states, kept, previous, keep, residual_sq, factors)
         self._keep_unit_state(states, new_state, keep)
-        step_size = inner_adam.per_matrix(step_sizes, update)
-        if isinstance(step_size, torch.Tensor):
-            update.mul_(step_size)
-            step_size = 1.0
-        if rounding:  # the writes go to fp32 copies, then back to bf16 by stochastic rounding
-            targets, params = params, weights.fp32_copies(params)
-        if keep is not None:
-            update.mul_(keep)
-            if decay != 1.0:
-                params[0].mul_(torch.where(keep, decay, 1.0))
-            params[0].add_(update[0], alpha=-step_size)
-        else:
-            if decay != 1.0:
-                torch._foreach_mul_(params, decay)
-            torch._foreach_add_(params, list(update.unbind(0)), alpha=-step_size)
-        if rounding:
-            weights.write_back_(targets, params, [weights.rounding_generator(group, i.ordinal, s[S.STEP], i.weight.device)
-                                                  for i, s in zip(members, states)])
+        generators = ([weights.rounding_generator(group, i.ordinal, s[S.STEP], i.weight.device)
+                       for i, s in zip(members, states)] if rounding else None)
+        write_stacked_(params, update, step_sizes, decay, keep, generators)
 
     @staticmethod
     def _unit_state(rule: Rule, members: list[Item], states: list[dict]) -> dict[str, torch.Tensor]:
