@@ -304,10 +304,12 @@ class SCALE(Optimizer):
             cap = group["bucket_cap_mb"]
             if cap is None:
                 cap = 0.0 if device.type == "cpu" else DEFAULT_BUCKET_CAP_MB
-            per = max(1, int(cap * MIB // max(1, 4 * math.prod(shape))))
+            per = max(1, int(cap * MIB // max(1, 4 * math.prod(shape))))  # float32 bytes
             for start in range(0, len(members), per):
                 chunk = members[start:start + per]
-                stack = torch.stack([d.float().reshape(d.shape[0], -1) for _, d in chunk])
+                # low-precision directions are normalised in float32, float64 ones in float64
+                compute = torch.promote_types(chunk[0][1].dtype, torch.float32)
+                stack = torch.stack([d.to(compute).reshape(d.shape[0], -1) for _, d in chunk])
                 updates = self._column_normalise(stack, over_rows, shard, group["norm_eps"])
                 targets = [local(p) for p, _ in chunk]
                 deltas = [u.reshape(t.shape).to(t.dtype) for u, t in zip(updates.unbind(0), targets)]
