@@ -122,10 +122,11 @@ def test_momentum_only_on_the_last_layer():
     model = toy(dtype=torch.float32)
     opt = make_optimizer("scale", param_groups(model, rank=2, target_modules=("mlp",)), lr=1e-3)
     run(opt, model, random_grads(model, 2))
-    state_keys = {n: sorted(opt.state[p]) if p in opt.state else [] for n, p in model.named_parameters()}
-    assert state_keys == {"embed_tokens.weight": [], "mlp.up.weight": [], "mlp.gate.weight": [],
-                          "mlp.down.weight": [], "mlp.gate.bias": ["exp_avg", "exp_avg_sq", "step"],
-                          "norm": ["exp_avg", "exp_avg_sq", "step"], "lm_head.weight": ["exp_avg"]}
+    state_keys = {n: sorted(opt.state[p]) for n, p in model.named_parameters()}
+    assert state_keys == {"embed_tokens.weight": ["step"], "mlp.up.weight": ["step"], "mlp.gate.weight": ["step"],
+                          "mlp.down.weight": ["step"], "mlp.gate.bias": ["exp_avg", "exp_avg_sq", "step"],
+                          "norm": ["exp_avg", "exp_avg_sq", "step"], "lm_head.weight": ["exp_avg", "step"]}
+    assert all(opt.state[p]["step"] == 2 for p in model.parameters())  # a plain int: no memory
     vectors = model.norm.numel() + model.mlp["gate"].bias.numel()
     assert optimizer_state_bytes(opt) == 4 * (model.lm_head.weight.numel() + 2 * vectors)
     assert optimizer_state_bytes(opt, [model.mlp["up"].weight, model.embed_tokens.weight]) == 0

@@ -43,7 +43,9 @@ FSDP2 (parameters as DTensors, ``Shard(0)`` on a 1-D mesh): the updates are the 
 row's RMS and the momentum and Adam updates are local; the embedding's column RMS sums the squares of
 its rows over the processes (one all-reduce of ``hidden`` numbers per step), and the non-finite check
 all-reduces one flag per parameter so that every process takes the same decision. State tensors are
-DTensors laid out like their parameters (torch's DCP checkpointing of optimizers applies).
+DTensors laid out like their parameters, and every parameter's state counts its steps (a plain int;
+torch's DCP state dict of an optimizer, which ``fullrank pretrain --fsdp`` saves and resumes, wants a
+state for each parameter).
 """
 from __future__ import annotations
 
@@ -201,6 +203,8 @@ class SCALE(Optimizer):
             return loss
         by_group: dict[int, tuple[dict, list]] = {}
         for group, p, name, role in work:
+            state = self.state[p]  # every parameter counts its steps: DCP's resume expects a state for each
+            state["step"] = state.get("step", 0) + 1
             by_group.setdefault(id(group), (group, []))[1].append((p, name, role))
         for group, items in by_group.values():
             vectors = [p for p, _, role in items if role == "vector"]
@@ -254,11 +258,9 @@ class SCALE(Optimizer):
         weights, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in params:
             state = self.state[p]
-            if "step" not in state:
-                state["step"] = 0
+            if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
             weights.append(local(p))
             grads.append(local(p.grad))
             exp_avgs.append(local(state["exp_avg"]))
