@@ -166,8 +166,9 @@ def test_memory_against_adamw():
 
 
 def test_memory_is_the_papers_35_to_45_percent_of_adam():
-    """Weights + states (bf16) of SCALE on LLaMA 60M–1B: the paper's Table 2 figures (0.15, 0.32, 0.80,
-    2.81 GB), 35–45 % of Adam's (weights + two moments). Counted from the roles on meta models."""
+    """Weights + states (bf16) of SCALE on LLaMA 60M–1B: the paper's figures (0.15, 0.32, 0.80,
+    2.81 GB, its 60M–1B results table), 35–45 % of Adam's (weights + two moments). Counted from the
+    roles on meta models."""
     from transformers import LlamaForCausalLM
 
     from fullrank.train.models import model_config

@@ -28,7 +28,8 @@ fixes what the algorithm leaves open, and this implementation follows it:
 
 Memory: one state tensor the size of ``lm_head`` plus Adam's two moments of the vectors — against
 AdamW's two moments of every parameter; with the weights counted, 35–45 % of Adam's memory at 60M–1B
-(the paper's Table 2: 0.15 against 0.35 GB at 60M, 2.81 against 8.04 GB at 1B).
+(the paper's 60M–1B results table, bf16 weights + states: 0.15 against 0.35 GB at 60M, 2.81 against
+8.04 GB at 1B; ``tests/test_scale.py`` recounts these from the roles).
 
 Which parameter is which (``roles()``): with ``fullrank.param_groups`` the projected group's attention
 and MLP weights are "matrix"; in the plain group, a name containing an ``embedding`` substring
@@ -69,7 +70,6 @@ NORM_EPS = 1e-8
 LAST_LAYER_NAMES = ("lm_head",)
 EMBEDDING_NAMES = ("embed_tokens",)
 ROLES = ("matrix", "embedding", "last_layer", "vector")
-_AUTO = object()
 
 
 def _names_option(key: str, value) -> tuple[str, ...]:
@@ -109,7 +109,8 @@ class SCALE(Optimizer):
     def __init__(self, params, lr: float = PAPER_LR, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, momentum: float = SCALE_MOMENTUM, adam_lr: float | None = None,
                  last_layer=LAST_LAYER_NAMES, embedding=EMBEDDING_NAMES, norm_eps: float = NORM_EPS,
-                 nonfinite: str = "raise", bucket_cap_mb=_AUTO, states: str | None = None, seed: int = 0):
+                 nonfinite: str = "raise", bucket_cap_mb: float | None = None, states: str | None = None,
+                 seed: int = 0):
         if states not in (None, "32bit"):
             raise ValueError(f"states={states!r} is not available for SCALE: its state keeps the parameters' "
                              "dtype (states='32bit')")
@@ -120,7 +121,7 @@ class SCALE(Optimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "momentum": momentum,
                     "adam_lr_ratio": adam_lr_ratio, "last_layer": last_layer, "embedding": embedding,
                     "norm_eps": norm_eps, "nonfinite": nonfinite,
-                    "bucket_cap_mb": None if bucket_cap_mb is _AUTO else bucket_cap_mb}
+                    "bucket_cap_mb": bucket_cap_mb}
         super().__init__(params, defaults)
         self.skipped_steps = 0
         offset = 0
