@@ -216,9 +216,14 @@ def test_bad_options_give_clear_errors():
 
 
 def test_no_last_layer_warns(caplog):
+    p = nn.Parameter(torch.zeros(3, 3))
     with caplog.at_level("WARNING", logger="fullrank.optim.scale"):
-        SCALE([nn.Parameter(torch.zeros(3, 3))])
-    assert "no parameter gets momentum" in caplog.text
+        opt = SCALE([p])
+        assert not caplog.text  # nothing at construction (``--help-optim`` probes unnamed parameters)
+        p.grad = torch.ones(3, 3)
+        opt.step()
+        opt.step()
+    assert caplog.text.count("no parameter gets momentum") == 1
 
 
 def test_state_dict_round_trip_resumes_exactly():

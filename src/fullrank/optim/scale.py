@@ -128,6 +128,11 @@ class SCALE(Optimizer):
         for group in self.param_groups:
             self._validate_group(group, offset)
             offset += len(group["params"])
+        self._warned = False
+
+    def _warn_without_last_layer(self) -> None:
+        """Once, at the first step (not at construction: ``--help-optim`` probes an unnamed parameter)."""
+        self._warned = True
         if not any(role == "last_layer" for role in self.roles().values()):
             logger.warning("SCALE: no parameter name contains any of %s: no parameter gets momentum (column-"
                            "normalised SGD throughout); pass param_names or last_layer=[...]",
@@ -193,6 +198,8 @@ class SCALE(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._warned:
+            self._warn_without_last_layer()
         work = []
         for group, p, name, role in self._named():
             if p.grad is None:
