@@ -7,6 +7,7 @@ from . import memory
 from .optim import (
     APOLLO,
     PRESETS,
+    SCALE,
     APOLLO_Mini,
     AdaRankGrad,
     Fira,
@@ -33,5 +34,5 @@ __all__ = [
     "SubspaceAdamW", "Fira", "GaLore", "AdaRankGrad", "FiraAdaptive", "APOLLO", "APOLLO_Mini",
     "fira_matrix", "fira_no_scaling", "fira_no_limiter", "fira_grad_clipping", "fira_only_scaling",
     "PRESETS", "OPTIMIZER_METHODS", "make_optimizer", "optimizer_methods", "param_groups", "layerwise",
-    "LayerwiseOptimizer", "NonFiniteGradientError", "memory",
+    "LayerwiseOptimizer", "NonFiniteGradientError", "memory", "SCALE",
 ]

@@ -18,11 +18,12 @@ from .presets import (
     make_optimizer,
     optimizer_methods,
 )
+from .scale import SCALE
 from .sharded_state import distributed_state_dict, load_distributed_state_dict
 
 __all__ = [
     "SubspaceAdamW", "NonFiniteGradientError", "is_projected", "param_groups", "layerwise",
     "LayerwiseOptimizer", "Fira", "GaLore", "AdaRankGrad", "FiraAdaptive", "APOLLO", "APOLLO_Mini",
     "fira_matrix", "fira_no_scaling", "fira_no_limiter", "fira_grad_clipping", "fira_only_scaling", "PRESETS",
-    "make_optimizer", "optimizer_methods", "distributed_state_dict", "load_distributed_state_dict",
+    "make_optimizer", "optimizer_methods", "SCALE", "distributed_state_dict", "load_distributed_state_dict",
 ]

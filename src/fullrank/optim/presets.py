@@ -15,6 +15,7 @@ import torch
 from .engine import SubspaceAdamW
 from .flora import Flora, SGDMomentum
 from .options import check_range
+from .scale import SCALE
 
 PAPER_LR = 1e-2
 PAPER_SCALE = 0.25
@@ -188,6 +189,7 @@ PRESETS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "apollo_mini": APOLLO_Mini,
     "flora": Flora,  # rebuttal Tables r6/r7 baseline (Hao et al. 2024)
     "sgd": SGDMomentum,  # paper Fig. 15 baseline
+    "scale": SCALE,  # Glentis et al. 2025 (arXiv 2506.16659), issue #18
 }
 
 _ADAMW_KEYS = ("params", "param_names", "lr", "betas", "eps", "weight_decay")
