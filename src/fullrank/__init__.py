@@ -3,36 +3,11 @@
 Fira (Chen et al., 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
 Constraint?"), GaLore and their ablations as one ``torch.optim`` engine, ``SubspaceAdamW``.
 """
-from . import memory
-from .optim import (
-    APOLLO,
-    PRESETS,
-    SCALE,
-    APOLLO_Mini,
-    AdaRankGrad,
-    Fira,
-    FiraAdaptive,
-    GaLore,
-    LayerwiseOptimizer,
-    NonFiniteGradientError,
-    SubspaceAdamW,
-    fira_grad_clipping,
-    fira_matrix,
-    fira_no_limiter,
-    fira_no_scaling,
-    fira_only_scaling,
-    layerwise,
-    make_optimizer,
-    optimizer_methods,
-    param_groups,
-)
+from . import memory, optim
+from .optim import *  # noqa: F403 (the optimizers' one export list, fullrank.optim.__all__)
+from .optim import optimizer_methods
 
 OPTIMIZER_METHODS = optimizer_methods()
 __version__ = "0.1.0"
 
-__all__ = [
-    "SubspaceAdamW", "Fira", "GaLore", "AdaRankGrad", "FiraAdaptive", "APOLLO", "APOLLO_Mini",
-    "fira_matrix", "fira_no_scaling", "fira_no_limiter", "fira_grad_clipping", "fira_only_scaling",
-    "PRESETS", "OPTIMIZER_METHODS", "make_optimizer", "optimizer_methods", "param_groups", "layerwise",
-    "LayerwiseOptimizer", "NonFiniteGradientError", "memory", "SCALE",
-]
+__all__ = [*optim.__all__, "OPTIMIZER_METHODS", "memory"]

@@ -1,4 +1,8 @@
-"""The optimizer engine: projector × inner Adam × residual rule × limiter, and its presets."""
+"""The optimizer engine: projector × inner Adam × residual rule × limiter, and its presets.
+
+``__all__`` here is the one list of what fullrank exports from its optimizers (``fullrank``
+re-exports it).
+"""
 from .engine import NonFiniteGradientError, SubspaceAdamW, is_projected
 from .groups import param_groups
 from .layerwise import LayerwiseOptimizer, layerwise
@@ -10,11 +14,14 @@ from .presets import (
     Fira,
     FiraAdaptive,
     GaLore,
+    Preset,
     fira_grad_clipping,
+    fira_gradient_shrink,
     fira_matrix,
     fira_no_limiter,
     fira_no_scaling,
     fira_only_scaling,
+    fira_tensor_scaling,
     make_optimizer,
     optimizer_methods,
 )
@@ -22,8 +29,9 @@ from .scale import SCALE
 from .sharded_state import distributed_state_dict, load_distributed_state_dict
 
 __all__ = [
-    "SubspaceAdamW", "NonFiniteGradientError", "is_projected", "param_groups", "layerwise",
-    "LayerwiseOptimizer", "Fira", "GaLore", "AdaRankGrad", "FiraAdaptive", "APOLLO", "APOLLO_Mini",
-    "fira_matrix", "fira_no_scaling", "fira_no_limiter", "fira_grad_clipping", "fira_only_scaling", "PRESETS",
-    "make_optimizer", "optimizer_methods", "SCALE", "distributed_state_dict", "load_distributed_state_dict",
+    "SubspaceAdamW", "NonFiniteGradientError", "is_projected", "param_groups", "layerwise", "LayerwiseOptimizer",
+    "Fira", "GaLore", "AdaRankGrad", "FiraAdaptive", "APOLLO", "APOLLO_Mini", "SCALE", "Preset", "PRESETS",
+    "fira_matrix", "fira_no_scaling", "fira_no_limiter", "fira_grad_clipping", "fira_gradient_shrink",
+    "fira_tensor_scaling", "fira_only_scaling", "make_optimizer", "optimizer_methods",
+    "distributed_state_dict", "load_distributed_state_dict",
 ]

@@ -291,19 +291,25 @@ class SubspaceAdamW(Optimizer):
         offset = 0
         for group in self.param_groups:
             self._validate_group(group, offset)
-            for param, name in zip(group["params"], parameter_names(group, offset)):
-                state = self.state.get(param)
-                if state and is_projected(group):
-                    S.validate_projected_state(state, param, name, group, self._row_shard(param, name))
-                elif state and S.EXP_AVG in state and tuple(state[S.EXP_AVG].shape) != tuple(sharding.local(param).shape):
-                    raise ValueError(f"optimizer state of {name!r}: moments {tuple(state[S.EXP_AVG].shape)} do not "
-                                     f"match the parameter {tuple(param.shape)} (a checkpoint of another model?)")
             offset += len(group["params"])
+        for group, _, _, param, name in self.named_parameters():
+            state = self.state.get(param)
+            if state and is_projected(group):
+                S.validate_projected_state(state, param, name, group, self._row_shard(param, name))
+            elif state and S.EXP_AVG in state and tuple(state[S.EXP_AVG].shape) != tuple(sharding.local(param).shape):
+                raise ValueError(f"optimizer state of {name!r}: moments {tuple(state[S.EXP_AVG].shape)} do not "
+                                 f"match the parameter {tuple(param.shape)} (a checkpoint of another model?)")
         for group in self.param_groups:
             store = moments.get_store(group["states"])
             for param in group["params"]:
                 if self.state.get(param):
                     store.adopt(self.state[param], param)
+
+    def forget_caches(self) -> None:
+        """Drop what the engine derived from the groups and the state (plans, parameter positions):
+        call after replacing them from outside (``sharded_state.load_distributed_state_dict``)."""
+        self._plans.clear()
+        self._index_of = None
 
     def __getstate__(self):
         """torch keeps defaults, state and param_groups; the engine's counters come along (deepcopy, pickle)."""
@@ -323,18 +329,23 @@ class SubspaceAdamW(Optimizer):
     # ------------------------------------------------------------------ ranks and statistics
     def current_ranks(self) -> dict[str, int]:
         """{parameter name: rank its state is allocated at} for every projected matrix stepped so far."""
-        ranks, offset = {}, 0
-        for group in self.param_groups:
-            if is_projected(group):
-                for param, name in zip(group["params"], parameter_names(group, offset)):
-                    state = self.state.get(param)
-                    if not state:
-                        continue
-                    rank = current_rank(state, projection_side(group["proj_type"], tuple(param.shape)))
-                    if rank is not None:
-                        ranks[name] = rank
-            offset += len(group["params"])
+        ranks = {}
+        for group, _, _, param, name in self.named_parameters():
+            state = self.state.get(param)
+            if is_projected(group) and state:
+                rank = current_rank(moments.low_shape(state), projection_side(group["proj_type"], tuple(param.shape)))
+                if rank is not None:
+                    ranks[name] = rank
         return ranks
+
+    def named_parameters(self):
+        """(group, index in group, ordinal over all groups, parameter, name) of every parameter, in order.
+        The ordinal seeds a parameter's random draws; the name is its ``param_names`` entry or ``param <ordinal>``."""
+        offset = 0
+        for group in self.param_groups:
+            for k, (param, name) in enumerate(zip(group["params"], parameter_names(group, offset))):
+                yield group, k, offset + k, param, name
+            offset += len(group["params"])
 
     def rank_summary(self) -> dict:
         """``dict(min=, median=, max=, mean=, ranks={name: r})`` over the projected matrices, read from
@@ -379,21 +390,18 @@ class SubspaceAdamW(Optimizer):
     def _gather(self) -> list[tuple[dict, list[Item]]]:
         """(group, items) for every parameter that has a gradient. The ordinal (which seeds random
         draws) is the parameter's position over all groups."""
-        work, offset = [], 0
-        for group in self.param_groups:
-            items = []
-            for k, (param, name) in enumerate(zip(group["params"], parameter_names(group, offset))):
-                if param.grad is not None:
-                    _check_dense(param.grad, name)
-                    shard = self._row_shard(param, name)
-                    grad = param.grad.neg() if group["maximize"] else param.grad  # (torch's convention)
-                    if shard is None:
-                        items.append(Item(offset + k, k, param, grad, name))
-                    else:
-                        items.append(Item(offset + k, k, param, sharding.local(grad), name, sharding.local(param), shard))
-            offset += len(group["params"])
-            work.append((group, items))
-        return work
+        work = {id(group): (group, []) for group in self.param_groups}
+        for group, k, ordinal, param, name in self.named_parameters():
+            if param.grad is None:
+                continue
+            _check_dense(param.grad, name)
+            shard = self._row_shard(param, name)
+            grad = param.grad.neg() if group["maximize"] else param.grad  # (torch's convention)
+            if shard is None:
+                work[id(group)][1].append(Item(ordinal, k, param, grad, name))
+            else:
+                work[id(group)][1].append(Item(ordinal, k, param, sharding.local(grad), name, sharding.local(param), shard))
+        return list(work.values())
 
     def _row_shard(self, param: torch.Tensor, name: str) -> sharding.RowShard | None:
         """The parameter's FSDP2 row shard (cached), or None for a plain tensor."""
@@ -728,7 +736,7 @@ class SubspaceAdamW(Optimizer):
         ``finite`` tells the caller, who reads every parameter's flag in one transfer and then calls
         :meth:`undo_step` for the non-finite ones. Returns (finite, the state before a refresh made
         at this step, or None)."""
-        group, index, ordinal, name = self._locate(param)
+        group, index, ordinal, name = self.locate(param)
         _check_dense(param.grad, name)
         if sharding.is_distributed_tensor(param):
             raise ValueError(f"parameter {name!r} is FSDP2-sharded: the layer-wise mode steps whole parameters "
@@ -757,15 +765,11 @@ class SubspaceAdamW(Optimizer):
         if S.ADAM_STEP in state:
             state[S.ADAM_STEP] -= 1
 
-    def _locate(self, param: torch.Tensor) -> tuple[dict, int, int, str]:
+    def locate(self, param: torch.Tensor) -> tuple[dict, int, int, str]:
         """(group, index in group, ordinal over all groups, name) of a parameter."""
         index_of = getattr(self, "_index_of", None)
         if index_of is None or id(param) not in index_of:
-            index_of, offset = {}, 0
-            for group in self.param_groups:
-                for k, (p, name) in enumerate(zip(group["params"], parameter_names(group, offset))):
-                    index_of[id(p)] = (group, k, offset + k, name)
-                offset += len(group["params"])
+            index_of = {id(p): (group, k, ordinal, name) for group, k, ordinal, p, name in self.named_parameters()}
             self._index_of = index_of
             if id(param) not in index_of:
                 raise ValueError("step_parameter: the parameter is in none of this optimizer's groups")

@@ -92,7 +92,7 @@ class LayerwiseOptimizer(Optimizer):
             self.optimizer.undo_step(param, before)
         if bad:
             names = self._names([p for p, _ in bad])
-            if any(self.optimizer._locate(p)[0]["nonfinite"] == "raise" for p, _ in bad):
+            if any(self.optimizer.locate(p)[0]["nonfinite"] == "raise" for p, _ in bad):
                 raise NonFiniteGradientError(
                     f"non-finite gradient (NaN or inf) in parameter {names[0]!r}; its update was masked, but in "
                     "layer-wise mode the parameters whose gradients came before it were updated. Use "
@@ -115,7 +115,7 @@ class LayerwiseOptimizer(Optimizer):
         return flags
 
     def _names(self, params) -> list[str]:
-        return [self.optimizer._locate(p)[3] for p in params]
+        return [self.optimizer.locate(p)[3] for p in params]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Gradients are freed by the hooks; this clears any left from an interrupted accumulation."""

@@ -8,6 +8,7 @@ T = 200, α = 0.25 (models under 1B; 0.0625 for 1B and 7B), γ = 1.01.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -27,12 +28,12 @@ class Fira(SubspaceAdamW):
     norm-growth limiter (eq. 12). ``scaling`` is ``"column"`` (eq. 11, default) or ``"matrix"`` (eq. 10)."""
 
     def __init__(self, params, lr=PAPER_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 scaling: str = "column", gamma: float = 1.01, scale: float = PAPER_SCALE, **options):
+                 scaling: str = "column", scale: float = PAPER_SCALE, **options):
         if scaling not in _SCALING_RULES:
             raise ValueError(f"scaling must be one of {tuple(_SCALING_RULES)}, got {scaling!r}")
         options.setdefault("residual", _SCALING_RULES[scaling])
         options.setdefault("limiter", "norm_growth")
-        super().__init__(params, lr, betas, eps, weight_decay, gamma=gamma, scale=scale, **options)
+        super().__init__(params, lr, betas, eps, weight_decay, scale=scale, **options)
 
 
 class GaLore(SubspaceAdamW):
@@ -108,7 +109,7 @@ class APOLLO(SubspaceAdamW):
     """
 
     def __init__(self, params, lr=PAPER_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 apollo_scale: float = 1.0, scale_type: str = "channel", gamma: float = 1.01, **options):
+                 apollo_scale: float = 1.0, scale_type: str = "channel", **options):
         if scale_type not in _APOLLO_SCALE_TYPES:
             raise ValueError(f"scale_type must be one of {tuple(_APOLLO_SCALE_TYPES)}, got {scale_type!r}")
         check_range("apollo_scale", apollo_scale, 0.0, math.inf, low_open=True)
@@ -118,7 +119,7 @@ class APOLLO(SubspaceAdamW):
         options.setdefault("on_switch", "keep")
         options.setdefault("scaling_granularity", _APOLLO_SCALE_TYPES[scale_type])
         options.setdefault("scaling_multiplier", math.sqrt(apollo_scale))
-        super().__init__(params, lr, betas, eps, weight_decay, gamma=gamma, **options)
+        super().__init__(params, lr, betas, eps, weight_decay, **options)
 
 
 APOLLO_MINI_SCALE = 128.0
@@ -140,12 +141,25 @@ class APOLLO_Mini(APOLLO):  # noqa: N801 (the method's published name)
                          scale_type=scale_type, **options)
 
 
-def _preset(cls: type, doc: str, **fixed) -> Callable[..., SubspaceAdamW]:
-    def make(params, **options) -> SubspaceAdamW:
-        return cls(params, **{**fixed, **options})
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration as data: an optimizer class and the options it fixes (a caller's options
+    override them). Called like the class: ``fira_matrix(params, lr=1e-2)``."""
 
-    make.__doc__ = doc
-    return make
+    base: type
+    doc: str
+    fixed: dict = field(default_factory=dict)
+
+    def __call__(self, params, **options) -> torch.optim.Optimizer:
+        return self.base(params, **{**self.fixed, **options})
+
+    @property
+    def __doc__(self) -> str:  # noqa: D105 (the preset's own description)
+        return self.doc
+
+
+def _preset(cls: type, doc: str, **fixed) -> Preset:
+    return Preset(cls, doc, fixed)
 
 
 fira_matrix = _preset(Fira, "Fira-matrix: matrix-level φ (eq. 10) instead of column-level.", scaling="matrix")
@@ -213,7 +227,7 @@ def _adamw8bit(param_groups, lr, betas, eps, weight_decay, **options) -> Subspac
 
 
 # Presets that are not SubspaceAdamW keep their own state and take no ``states`` option.
-_OWN_STATE_METHODS = ("flora", "sgd")
+_OWN_STATE_METHODS = ("flora", "sgd", "scale")
 
 
 def optimizer_methods() -> tuple[str, ...]:

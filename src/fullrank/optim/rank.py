@@ -23,7 +23,6 @@ import statistics
 import torch
 
 from .components import Option, declare, integer, number, optional
-from .moments import low_shape
 
 OPTIONS = declare({
     "rank_energy": Option(None, optional(number(0.0, 1.0, low_open=True)),
@@ -53,10 +52,9 @@ def low_rank_dim(side: str) -> int:
     return 1 if side == "right" else 0
 
 
-def current_rank(state: dict, side: str) -> int | None:
-    """The rank a matrix's state is allocated at, or None before its first step."""
-    shape = low_shape(state)
-    return None if shape is None else int(shape[low_rank_dim(side)])
+def current_rank(low_shape: tuple | None, side: str) -> int | None:
+    """The rank of moments of shape ``low_shape`` (``moments.low_shape``), None before a first step."""
+    return None if low_shape is None else int(low_shape[low_rank_dim(side)])
 
 
 def summarize(ranks: dict[str, int]) -> dict:

@@ -135,7 +135,7 @@ def load_distributed_state_dict(optimizer: torch.optim.Optimizer, model: torch.n
             value = sharding.local(value)
         optimizer.state[param][state_key] = value
     optimizer.skipped_steps = int(template[f"{prefix}{STATE_SEP}skipped_steps"])
-    optimizer.__dict__.get("_plans", {}).clear()
+    optimizer.forget_caches()
     _validate(optimizer, model)
 
 

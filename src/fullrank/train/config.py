@@ -250,8 +250,8 @@ def resolved_recipe(cfg: TrainConfig) -> str:
 def method_options(method: str) -> dict[str, Any]:
     """{option: default} of the keyword options ``--optim-arg`` may set for an engine ``method``.
 
-    Read from the ``__init__`` signatures of the preset's class and its bases (a preset function's
-    ``**options`` go to ``SubspaceAdamW``), so the list follows the engine; the options with their
+    Read from the ``__init__`` signatures of the preset's class and its bases, and the engine's
+    declared options (``SubspaceAdamW.option_table``), so the list follows the engine; the options with their
     own flag (lr, betas, eps, weight_decay, rank, update_proj_gap, scale, proj_type) are left out.
     """
     import inspect
@@ -259,16 +259,14 @@ def method_options(method: str) -> dict[str, Any]:
     import torch
 
     import fullrank
+    from fullrank.optim.presets import Preset
 
     if method == "adamw":
         classes = [torch.optim.AdamW]
     else:
         preset = getattr(fullrank, "PRESETS", {}).get(method)
-        if inspect.isclass(preset):
-            classes = list(preset.__mro__)
-        else:
-            bound = inspect.getclosurevars(preset).nonlocals.get("cls") if inspect.isfunction(preset) else None
-            classes = list(bound.__mro__) if inspect.isclass(bound) else [fullrank.SubspaceAdamW]
+        base = preset.base if isinstance(preset, Preset) else preset  # a preset is data: a class and options
+        classes = list(base.__mro__) if inspect.isclass(base) else [fullrank.SubspaceAdamW]
     found: dict[str, Any] = {}
     for cls in classes:
         if cls.__module__.startswith("torch.") and cls is not torch.optim.AdamW:
