@@ -9,6 +9,8 @@ from .optim import (
     PRESETS,
     APOLLO_Mini,
     AdaRankGrad,
+    FRUGAL,
+    LDAdam,
     Fira,
     FiraAdaptive,
     GaLore,
@@ -30,7 +32,7 @@ OPTIMIZER_METHODS = optimizer_methods()
 __version__ = "0.1.0"
 
 __all__ = [
-    "SubspaceAdamW", "Fira", "GaLore", "AdaRankGrad", "FiraAdaptive", "APOLLO", "APOLLO_Mini",
+    "SubspaceAdamW", "Fira", "GaLore", "AdaRankGrad", "FiraAdaptive", "APOLLO", "APOLLO_Mini", "FRUGAL", "LDAdam",
     "fira_matrix", "fira_no_scaling", "fira_no_limiter", "fira_grad_clipping", "fira_only_scaling",
     "PRESETS", "OPTIMIZER_METHODS", "make_optimizer", "optimizer_methods", "param_groups", "layerwise",
     "LayerwiseOptimizer", "NonFiniteGradientError", "memory",
