@@ -39,9 +39,10 @@ def _up(X, P, side):
 
 
 def frugal_reference(W0, grads, *, rank, gap, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, scale=1.0,
-                     state_free_lr_scale=1.0):
-    """Weights after each step. Algorithm 1: every ``gap`` steps a new P (top-r singular vectors)
-    and fresh Adam state; Adam on R = PᵀG at lr·α, signSGD on G − P·R at lr·α·s; decay lr·λ."""
+                     state_free_lr_scale=1.0, bases=None):
+    """Weights after each step. Algorithm 1: every ``gap`` steps a new P (top-r singular vectors, or
+    the next of ``bases``) and fresh Adam state; Adam on R = PᵀG at lr·α, signSGD on G − P·R at
+    lr·α·s; decay lr·λ."""
     beta1, beta2 = betas
     W, history = W0.clone(), []
     P = M = V = None
@@ -49,7 +50,7 @@ def frugal_reference(W0, grads, *, rank, gap, lr, betas=(0.9, 0.999), eps=1e-8, 
     for t, G in enumerate(grads):
         side = _side(G.shape)
         if t % gap == 0:
-            P = _basis(G, rank, side)
+            P = _basis(G, rank, side) if bases is None else bases[t // gap]
             M = V = None
             k = 0
         R = _down(G, P, side)
@@ -110,6 +111,36 @@ def test_density_sets_rank_per_matrix_shape():
     for b, (shape, rank) in enumerate(zip(shapes, ranks)):
         expected = frugal_reference(W0[b], grads[b], rank=rank, gap=2, lr=0.02)
         torch.testing.assert_close(actual[-1][b], expected[-1], rtol=1e-9, atol=1e-9)
+
+
+def test_random_columns_projection_matches_algorithm_1_with_its_bases():
+    """FRUGAL's "randperm" projection: r random columns of G (right projection) are state-full,
+    redrawn at each refresh, reproducibly from the seed; the update is Algorithm 1's with those P."""
+    shape, gap = (10, 8), 2
+    W0 = torch.randn(shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    grads = _gradients(shape, 6, 12)
+
+    def run():
+        W = nn.Parameter(W0.clone())
+        opt = FRUGAL([{"params": [W], "rank": 3, "update_proj_gap": gap}], lr=0.02, weight_decay=0.1,
+                     projector="random_columns", seed=5)
+        bases = []
+        for t, G in enumerate(grads):
+            W.grad = G.clone()
+            opt.step()
+            if t % gap == 0:
+                bases.append(opt.state[W]["proj_right"].clone())
+        return W.detach().clone(), bases
+
+    final, bases = run()
+    again, bases_again = run()
+    assert torch.equal(final, again) and all(torch.equal(a, b) for a, b in zip(bases, bases_again))
+    for Q in bases:  # 0/1 rows of the identity: r distinct columns
+        assert set(Q.unique().tolist()) == {0.0, 1.0} and torch.equal(Q.sum(dim=1), torch.ones(3, dtype=Q.dtype))
+        torch.testing.assert_close(Q @ Q.T, torch.eye(3, dtype=Q.dtype))
+    assert any(not torch.equal(bases[0], Q) for Q in bases[1:])
+    expected = frugal_reference(W0, grads, rank=3, gap=gap, lr=0.02, weight_decay=0.1, bases=bases)
+    torch.testing.assert_close(final, expected[-1], rtol=1e-9, atol=1e-9)
 
 
 def test_update_is_full_rank_and_state_free_part_is_a_sign():
@@ -209,7 +240,8 @@ def test_resume_is_exact_through_torch_load_weights_only():
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("options", [{}, {"projector": "random"}, {"density": 0.25}])
+@pytest.mark.parametrize("options", [{}, {"projector": "random"}, {"projector": "random_columns"},
+                                     {"density": 0.25}])
 def test_preset_trains_a_tiny_model(options):
     model = Tiny(seed=3)
     opt = fullrank.make_optimizer("frugal", fullrank.param_groups(model, rank=4, update_proj_gap=10), lr=3e-3,

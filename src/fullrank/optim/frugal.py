@@ -24,11 +24,15 @@ term is ``Contribution.explicit`` = sign(G − P·R) built from ``Bucket.residua
 residual statistics see it; FRUGAL itself uses no limiter. The rest is configuration
 (:class:`FRUGAL`): ``on_switch="reset"``, ``limiter="none"``, ``scale=1``, T = 200.
 
-Not covered (report of the engine's seams): the official RandK and random-column projections
-(``CoordOptimizer``; random columns would be an orthonormal 0/1 P, a new ``projector`` unit) and the
-BAdam-like blockwise split (``BlockOptimizer``: whole matrices Adam or signSGD, chosen per refresh —
-a per-matrix choice the group's single rank cannot express). The official SVD ("svd") and random
-semi-orthogonal ("random": ``projector="random"``, GoLore's Haar basis) projections are covered.
+Projections: the official ``GaLoreProjector``'s three are covered — "svd" (the default), "random"
+(a random semi-orthogonal P: ``projector="random"``, GoLore's Haar basis) and "randperm" (r random
+coordinates of the projected side, i.e. whole rows or columns of G: ``projector="random_columns"``,
+:class:`RandomColumns`, registered here, an orthonormal 0/1 P drawn from the group's seed). Not
+covered (seams the engine lacks): RandK on single entries (``CoordOptimizer`` with ``randk``: not a
+matrix product P·R) and the BAdam-like blockwise split (``BlockOptimizer``, which the official
+``frugal`` optimizer name selects: a random ρ-fraction of the *matrices* gets AdamW, the others
+signSGD, redrawn every T steps — a per-matrix state-full/state-free choice with state only for the
+active ones, which a group's single rank cannot express).
 
 FSDP2: the rule is not ``shard_aware`` (a left projection's R is sharded by columns on each rank
 while G is sharded by rows, so G − P·R is not formed locally); the engine refuses it on sharded
@@ -38,9 +42,12 @@ from __future__ import annotations
 
 import torch
 
+from . import state as S
 from .components import Option, check_range, number
 from .engine import SubspaceAdamW
 from .projector import projection_side
+from .projectors import PROJECTOR_REGISTRY, Projector
+from .random_proj import projection_seed
 from .residual import Bucket, Contribution, Rule, norm_dtype, register_rule
 
 STATE_FREE_LR_SCALE = Option(1.0, number(0.0),
@@ -66,6 +73,53 @@ class SignResidual(Rule):
 
 
 register_rule(SignResidual())
+
+
+def random_columns(shape: tuple[int, int], side: str, rank: int, seed: int, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(proj_left, proj_right) selecting ``rank`` random coordinates of the projected side: P (m×r)
+    with P[i_k, k] = 1 (R = PᵀG: r rows of G), Q (r×n) with Q[k, j_k] = 1 (R = G·Qᵀ: r columns);
+    orthonormal, each drawn by ``torch.randperm`` from a generator seeded with ``seed``."""
+    m, n = shape
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def pick(size: int) -> torch.Tensor:
+        chosen = torch.randperm(size, generator=generator)[:rank].to(device)
+        basis = torch.zeros((size, rank), dtype=dtype, device=device)
+        basis[chosen, torch.arange(rank, device=device)] = 1
+        return basis
+
+    left = pick(m) if side in ("left", "both") else None
+    right = pick(n).T.contiguous() if side in ("right", "both") else None
+    return left, right
+
+
+class RandomColumns(Projector):
+    """``projector="random_columns"``: FRUGAL's "randperm" projection — r random rows (left) or
+    columns (right) of G are state-full, redrawn at every refresh from the group's ``seed``, the
+    parameter's ordinal and the step (the same on every rank and after a resume)."""
+
+    name = "random_columns"
+    fitted = False
+
+    def validate(self, group):
+        if group.get("rank_energy") is not None:
+            raise ValueError("rank_energy (adaptive rank) reads the gradient's spectrum and needs projector='svd', "
+                             "got projector='random_columns'")
+        if group["refresh_threshold"] > 0:
+            raise ValueError("refresh_threshold > 0 (convergence-triggered refresh) needs projector='svd', got "
+                             "projector='random_columns'")
+
+    def draw(self, group: dict, pairs, shape, side) -> list:
+        out = []
+        for item, state in pairs:
+            seed = projection_seed(group["seed"], item.ordinal, state[S.STEP])
+            left, right = random_columns(shape, side, group["rank"], seed, item.grad.device, item.grad.dtype)
+            out.append((item, state, left, right, None))
+        return out
+
+
+PROJECTOR_REGISTRY.register(RandomColumns())
 
 
 def frugal_rank(shape: tuple[int, int], density: float, proj_type: str = "std") -> int:
@@ -121,7 +175,7 @@ class FRUGAL(SubspaceAdamW):
 
     Defaults as the official code: T = 200 (``update_proj_gap``), moments reset when P changes
     (``on_switch="reset"``), no limiter, exact SVD; ``projector="random"`` gives its random
-    semi-orthogonal projection.
+    semi-orthogonal projection and ``projector="random_columns"`` its random coordinates ("randperm").
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
@@ -137,4 +191,4 @@ class FRUGAL(SubspaceAdamW):
                          **options)
 
 
-__all__ = ["FRUGAL", "SignResidual", "frugal_rank", "STATE_FREE_LR_SCALE"]
+__all__ = ["FRUGAL", "SignResidual", "RandomColumns", "frugal_rank", "random_columns", "STATE_FREE_LR_SCALE"]
