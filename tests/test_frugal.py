@@ -102,8 +102,8 @@ def test_density_sets_rank_per_matrix_shape():
     shapes = [(16, 8), (8, 20), (12, 12)]
     W0 = [torch.randn(s, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k, s in enumerate(shapes)]
     grads = [_gradients(s, 5, 10 + k) for k, s in enumerate(shapes)]
-    groups = lambda ps: [{"params": ps, "param_names": ["a", "b", "c"], "rank": 1, "update_proj_gap": 2}]  # noqa: E731
-    actual, opt, params = _run(lambda ps: FRUGAL(groups(ps), lr=0.02, density=0.25), W0, grads)
+    groups = lambda ps: [{"params": ps, "param_names": ["a", "b", "c"], "rank": 1, "update_proj_gap": 2}]
+    actual, opt, _ = _run(lambda ps: FRUGAL(groups(ps), lr=0.02, density=0.25), W0, grads)
     ranks = [frugal_rank(s, 0.25) for s in shapes]
     assert ranks == [2, 2, 3]  # round(ρ·d), d = min(m, n) under std
     assert opt.current_ranks() == {"a": 2, "b": 2, "c": 3}

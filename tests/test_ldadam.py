@@ -50,7 +50,7 @@ def ldadam_reference(W0, grads, *, rank, lr, betas=(0.908, 0.99), eps=1e-8, weig
     beta1, beta2 = betas
     W, history = W0.clone(), []
     left = _left(W0.shape, square_left)
-    T = (lambda X: X) if left else (lambda X: X.T)  # noqa: E731  (work on Gᵀ for a right projection)
+    T = (lambda X: X) if left else (lambda X: X.T)  # work on Gᵀ for a right projection
     E = torch.zeros_like(T(W0))
     P = M = V = None
     for t, G in enumerate(grads, start=1):
