@@ -15,6 +15,8 @@ import torch
 
 from .engine import SubspaceAdamW
 from .flora import Flora, SGDMomentum
+from .frugal import FRUGAL
+from .ldadam import LDAdam
 from .options import check_range
 from .scale import SCALE
 
@@ -204,6 +206,8 @@ PRESETS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "flora": Flora,  # rebuttal Tables r6/r7 baseline (Hao et al. 2024)
     "sgd": SGDMomentum,  # paper Fig. 15 baseline
     "scale": SCALE,  # Glentis et al. 2025 (arXiv 2506.16659), issue #18
+    "frugal": FRUGAL,  # Zmushko et al. 2025 (frugal.py)
+    "ldadam": LDAdam,  # Robert et al. 2025, from the engine's units (ldadam.py)
 }
 
 _ADAMW_KEYS = ("params", "param_names", "lr", "betas", "eps", "weight_decay")

@@ -1,0 +1,271 @@
+"""LDAdam (Robert et al., ICLR 2025, arXiv 2410.16103) from the engine's units: the preset against a
+reference written from the paper's Algorithm 1, with the three places where the engine's units
+differ from it made explicit (``fullrank/optim/ldadam.py``), state size, resume, training, FSDP2.
+
+``ldadam_reference`` implements Algorithm 1 with a switch for each of those three places:
+
+* ``subspace``: ``"blend"`` — power iteration on B = ρ·P_{t−1}·M̂_{t−1} + (1 − ρ)·(G + E) (paper);
+  ``"gradient"`` — on G (the engine's ``svd="warm"``);
+* ``second_moment``: ``"ldadam"`` — the variance V̂ − M̂² rotated by Q∘Q plus (Q·M̂)² (paper);
+  ``"rotate"`` — (Q∘Q)·V clamped at 0 (the engine's ``on_switch="reproject"``);
+* ``error_feedback``: ``"generalized"`` — gradient and momentum compression errors (paper);
+  ``"gradient"`` — the gradient's only (the engine's ``pre_projection="error_feedback"``).
+
+The official code is not on PyPI; ``pip install git+https://github.com/IST-DASLab/LDAdam`` installs
+it as ``ldadamw_torch`` (package "LDAdam" 1.0.0), and the update-for-update test against it runs
+only where it is installed.
+"""
+from __future__ import annotations
+
+import io
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+import fullrank
+from fullrank.memory import optimizer_state_bytes
+from fullrank.optim.ldadam import LDAdam
+
+PAPER = dict(subspace="blend", second_moment="ldadam", error_feedback="generalized")
+ENGINE = dict(subspace="gradient", second_moment="rotate", error_feedback="gradient")
+
+
+# --------------------------------------------------------------------------- reference (Algorithm 1)
+def _left(shape, square_left):
+    """LDAdam projects from the left when m ≤ n (m < n for the engine / GaLore's ``std``)."""
+    m, n = shape
+    return m < n or (square_left and m == n)
+
+
+def _orthonormal(Y):
+    return torch.linalg.qr(Y).Q
+
+
+def ldadam_reference(W0, grads, *, rank, lr, betas=(0.908, 0.99), eps=1e-8, weight_decay=0.0, rho=0.908,
+                     subspace="blend", second_moment="ldadam", error_feedback="generalized", square_left=True):
+    """Weights after each step. Everything is written for a left projection P (m×r); a right one is
+    the same on Gᵀ (so Q = P_newᵀ·P_old acts on the moments' other side)."""
+    beta1, beta2 = betas
+    W, history = W0.clone(), []
+    left = _left(W0.shape, square_left)
+    T = (lambda X: X) if left else (lambda X: X.T)  # work on Gᵀ for a right projection
+    E = torch.zeros_like(T(W0))
+    P = M = V = None
+    for t, G in enumerate(grads, start=1):
+        G = T(G)
+        A = G + E if error_feedback != "none" else G
+        if P is None:
+            U, _, _ = torch.linalg.svd(A, full_matrices=False)
+            P_new = U[:, :rank]
+        else:
+            b1 = 1 - beta1 ** (t - 1)
+            B = rho * (P @ M) / b1 + (1 - rho) * A if subspace == "blend" else G
+            P_new = _orthonormal(B @ (B.T @ P))  # one power iteration from the previous basis
+        R = P_new.T @ A
+        if P is None:
+            M_t, V_t = torch.zeros_like(R), torch.zeros_like(R)
+            momentum_error = 0.0
+        else:
+            b1, b2 = 1 - beta1 ** (t - 1), 1 - beta2 ** (t - 1)
+            Q = P_new.T @ P
+            M_t = Q @ M
+            if second_moment == "ldadam":  # projection-aware update of the second moment
+                V_t = b2 * ((Q * Q) @ (V / b2 - (M / b1) ** 2) + (M_t / b1) ** 2).abs()
+            else:
+                V_t = ((Q * Q) @ V).clamp_min(0.0)
+            momentum_error = beta1 / (1 - beta1) * (P @ M - P_new @ M_t)
+        if error_feedback == "generalized":
+            E = A - P_new @ R + momentum_error
+        elif error_feedback == "gradient":
+            E = A - P_new @ R
+        M = beta1 * M_t + (1 - beta1) * R
+        V = beta2 * V_t + (1 - beta2) * R * R
+        psi = (M / (1 - beta1 ** t)) / ((V / (1 - beta2 ** t)).sqrt() + eps)
+        P = P_new
+        W = W * (1 - lr * weight_decay) - lr * T(P @ psi)
+        history.append(W.clone())
+    return history
+
+
+def _gradients(shape, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) * (1 + k % 3) for k in range(steps)]
+
+
+def _engine_run(W0, grads, **options):
+    W = nn.Parameter(W0.clone())
+    opt = LDAdam([{"params": [W], "rank": options.pop("rank")}], **options)
+    history = []
+    for G in grads:
+        W.grad = G.clone()
+        opt.step()
+        history.append(W.detach().clone())
+    return history, opt
+
+
+COMMON = dict(rank=3, lr=0.02, weight_decay=0.1)
+
+
+# --------------------------------------------------------------------------- update for update
+@pytest.mark.parametrize("shape", [(12, 7), (6, 11)])  # right and left projections
+def test_preset_matches_algorithm_1_with_the_engines_three_choices(shape):
+    W0 = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = _gradients(shape, 7, 2)  # a new subspace at every step
+    expected = ldadam_reference(W0, grads, **COMMON, **ENGINE)
+    actual, opt = _engine_run(W0, grads, **COMMON)
+    for step, (a, e) in enumerate(zip(actual, expected), start=1):
+        torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-8, msg=f"step {step}")
+    assert opt.param_groups[0]["update_proj_gap"] == 1
+
+
+@pytest.mark.parametrize("choice", sorted(PAPER))
+def test_each_of_the_engines_three_choices_differs_from_the_paper(choice):
+    """Guards the preset's documentation: switching any one place to the engine's choice changes
+    LDAdam's trajectory (the gap is not a rounding matter)."""
+    shape = (12, 7)
+    W0 = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = _gradients(shape, 6, 4)
+    paper = ldadam_reference(W0, grads, **COMMON, **PAPER)
+    one_off = ldadam_reference(W0, grads, **COMMON, **{**PAPER, choice: ENGINE[choice]})
+    assert (paper[-1] - one_off[-1]).abs().max() > 1e-6
+
+
+def test_reference_second_moment_rule_is_reproject_for_a_permutation():
+    """The two second-moment rules agree when Q is a signed permutation (the same basis re-ordered)."""
+    torch.manual_seed(0)
+    M, V = torch.randn(3, 5, dtype=torch.float64), torch.rand(3, 5, dtype=torch.float64) + 1.0
+    Q = torch.tensor([[0, -1, 0], [0, 0, 1], [1, 0, 0]], dtype=torch.float64)
+    b1, b2 = 0.3, 0.05
+    ldadam = b2 * ((Q * Q) @ (V / b2 - (M / b1) ** 2) + (Q @ M / b1) ** 2).abs()
+    torch.testing.assert_close(ldadam, (Q * Q) @ V)
+
+
+def test_paper_reference_matches_official_ldadamw():
+    """Update for update against the authors' ``ldadamw_torch.LDAdamW`` (its QR runs in fp32)."""
+    official = pytest.importorskip("ldadamw_torch", reason="the official LDAdam package is not installed")
+    for shape in ((12, 7), (6, 11), (8, 8)):
+        W0 = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        grads = _gradients(shape, 6, 6)
+        expected = ldadam_reference(W0, grads, **COMMON, **PAPER)
+        W = nn.Parameter(W0.clone())
+        opt = official.LDAdamW([{"params": [W], "enable_lowrank": True, "rank": 3, "rho": 0.908}],
+                               lr=COMMON["lr"], betas=(0.908, 0.99), eps=1e-8, weight_decay=COMMON["weight_decay"])
+        for step, (G, e) in enumerate(zip(grads, expected), start=1):
+            W.grad = G.clone() if W.grad is None else W.grad + G  # its error buffer lives in .grad
+            opt.step()
+            torch.testing.assert_close(W.detach(), e, rtol=1e-4, atol=1e-5, msg=f"{shape}, step {step}")
+
+
+# --------------------------------------------------------------------------- state, resume, training
+class Tiny(nn.Module):
+    """A micro block whose Linear names match ``param_groups``' targets (self_attn, mlp)."""
+
+    def __init__(self, width=16, hidden=24, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(6, width)
+        self.self_attn = nn.Linear(width, width, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.Tanh(), nn.Linear(hidden, width, bias=False))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        h = h + self.self_attn(h)
+        h = h + self.mlp(h)
+        return self.head(h).sum(-1)
+
+
+def _data(seed=0, n=64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    return x, torch.sin(x @ torch.randn(6, generator=g))
+
+
+def _train(model, opt, steps, data):
+    x, y = data
+    losses = []
+    for _ in range(steps):
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_state_bytes_against_adamw():
+    """Moments at r·max(m, n), P, and error feedback's m×n buffer (the official code keeps that
+    buffer in ``param.grad`` instead): less than AdamW's 2·m·n, more than GaLore's."""
+    model, adamw_model = Tiny(), Tiny()
+    opt = fullrank.make_optimizer("ldadam", fullrank.param_groups(model, rank=4), lr=1e-3)
+    adamw = torch.optim.AdamW(adamw_model.parameters(), lr=1e-3)
+    data = _data()
+    _train(model, opt, 2, data)
+    _train(adamw_model, adamw, 2, data)
+    projected, names = opt.param_groups[0]["params"], opt.param_groups[0]["param_names"]
+    ldadam_bytes = optimizer_state_bytes(opt, projected)
+    adamw_bytes = optimizer_state_bytes(adamw, [p for n, p in adamw_model.named_parameters() if n in names])
+    expected = sum(4 * (p.numel() + 2 * 4 * max(p.shape) + 4 * min(p.shape)) for p in projected)
+    assert expected <= ldadam_bytes <= expected + 64 * len(projected)
+    assert ldadam_bytes < adamw_bytes
+
+
+def test_resume_is_exact_through_torch_load_weights_only():
+    data = _data(1)
+
+    def build(model):
+        return fullrank.make_optimizer("ldadam", fullrank.param_groups(model, rank=4), lr=3e-3, weight_decay=0.01)
+
+    straight = Tiny(seed=2)
+    _train(straight, build(straight), 6, data)
+    first = Tiny(seed=2)
+    opt1 = build(first)
+    _train(first, opt1, 3, data)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = Tiny(seed=9)
+    resumed.load_state_dict(saved["model"])
+    opt2 = build(resumed)
+    opt2.load_state_dict(saved["opt"])
+    assert any("error" in s for s in opt2.state.values())
+    _train(resumed, opt2, 3, data)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_preset_trains_a_tiny_model_at_a_per_step_subspace():
+    model = Tiny(seed=3)
+    groups = fullrank.param_groups(model, rank=4)  # update_proj_gap=200 in the group: the preset forces 1
+    opt = fullrank.make_optimizer("ldadam", groups, lr=1e-2)
+    assert [g.get("update_proj_gap") for g in opt.param_groups if g.get("rank")] == [1]
+    losses = _train(model, opt, 40, _data(2))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# --------------------------------------------------------------------------- FSDP2
+def test_fsdp2_refuses_error_feedback_clearly():
+    """The engine refuses pre-projection transforms on FSDP2 shards: LDAdam's step on a sharded
+    model (a 1-process gloo group) raises a ValueError naming the option, and changes nothing."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    from torch.distributed.fsdp import fully_shard
+
+    with tempfile.NamedTemporaryFile() as init:
+        dist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
+        try:
+            model = Tiny(seed=4)
+            fully_shard(model)
+            opt = fullrank.make_optimizer("ldadam", fullrank.param_groups(model, rank=4))
+            before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+            x, y = _data(3)
+            (model(x) - y).square().mean().backward()
+            with pytest.raises(ValueError, match="pre_projection='error_feedback' is not supported on FSDP2"):
+                opt.step()
+            assert all(torch.equal(p.full_tensor(), before[n]) for n, p in model.named_parameters())
+        finally:
+            dist.destroy_process_group()
