@@ -5,7 +5,7 @@ differ from it made explicit (``fullrank/optim/ldadam.py``), state size, resume,
 ``ldadam_reference`` implements Algorithm 1 with a switch for each of those three places:
 
 * ``subspace``: ``"blend"`` — power iteration on B = ρ·P_{t−1}·M̂_{t−1} + (1 − ρ)·(G + E) (paper);
-  ``"gradient"`` — on G (the engine's ``svd="warm"``);
+  ``"corrected"`` — on G + E (the engine's ``svd="warm"``, which refreshes on the transform's G̃);
 * ``second_moment``: ``"ldadam"`` — the variance V̂ − M̂² rotated by Q∘Q plus (Q·M̂)² (paper);
   ``"rotate"`` — (Q∘Q)·V clamped at 0 (the engine's ``on_switch="reproject"``);
 * ``error_feedback``: ``"generalized"`` — gradient and momentum compression errors (paper);
@@ -29,7 +29,7 @@ from fullrank.memory import optimizer_state_bytes
 from fullrank.optim.ldadam import LDAdam
 
 PAPER = dict(subspace="blend", second_moment="ldadam", error_feedback="generalized")
-ENGINE = dict(subspace="gradient", second_moment="rotate", error_feedback="gradient")
+ENGINE = dict(subspace="corrected", second_moment="rotate", error_feedback="gradient")
 
 
 # --------------------------------------------------------------------------- reference (Algorithm 1)
@@ -61,7 +61,7 @@ def ldadam_reference(W0, grads, *, rank, lr, betas=(0.908, 0.99), eps=1e-8, weig
             P_new = U[:, :rank]
         else:
             b1 = 1 - beta1 ** (t - 1)
-            B = rho * (P @ M) / b1 + (1 - rho) * A if subspace == "blend" else G
+            B = rho * (P @ M) / b1 + (1 - rho) * A if subspace == "blend" else A
             P_new = _orthonormal(B @ (B.T @ P))  # one power iteration from the previous basis
         R = P_new.T @ A
         if P is None:

@@ -27,9 +27,10 @@ It differs from Algorithm 1 in three places, each a seam the engine lacks (``tes
 checks the preset against a reference with these three choices, and that each of them is a real
 difference):
 
-1. **The power iteration's matrix.** The engine refines P from the raw gradient G_t; LDAdam from
-   B_t = ρ·P_{t−1}·M̂_{t−1} + (1 − ρ)·(G_t + E_{t−1}). An SVD backend's ``refine`` sees neither the
-   moments nor the error buffer, and the refresh runs before the pre-projection transform.
+1. **The power iteration's matrix.** The engine refines P from the corrected gradient G_t + E_{t−1}
+   (the refresh sees the pre-projection transform's G̃); LDAdam from
+   B_t = ρ·P_{t−1}·M̂_{t−1} + (1 − ρ)·(G_t + E_{t−1}). An SVD backend's ``refine`` does not see the
+   moments.
 2. **The second moment's transfer.** ``reproject`` rotates V with Q∘Q; LDAdam rotates the variance
    V/b₂ − M̂² with Q∘Q and adds back the square of the rotated mean (Q·M̂)², then |·|. The two agree
    only when Q is a signed permutation. This is an ``on_switch`` policy of its own (``switch.py``).
