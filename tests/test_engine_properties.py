@@ -140,22 +140,24 @@ def test_plain_group_is_torch_adamw():
     torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-7)
 
 
-def test_foreach_and_single_tensor_paths_agree():
-    torch.manual_seed(0)
-    shapes = [(8, 5), (5, 8), (6, 6), (7,)]
-    runs = {}
-    for foreach in (False, True):
-        g = torch.Generator().manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
-        opt = fullrank.Fira([{"params": ps[:3], "rank": 2, "update_proj_gap": 2}, {"params": ps[3:]}],
-                            lr=0.01, foreach=foreach)
-        for _ in range(4):
-            for p in ps:
-                p.grad = torch.randn(p.shape, generator=g)
-            opt.step()
-        runs[foreach] = [p.detach().clone() for p in ps]
-    for a, b in zip(runs[False], runs[True]):
-        torch.testing.assert_close(a, b)
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_plain_groups_are_torch_adamw_on_both_kernel_paths(foreach, weight_decay):
+    """The plain group's foreach and per-tensor paths against torch.optim.AdamW on the same path."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 5), (5, 8), (7,)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fullrank.SubspaceAdamW(ours, lr=0.01, weight_decay=weight_decay, foreach=foreach)
+    ref = torch.optim.AdamW(theirs, lr=0.01, weight_decay=weight_decay, foreach=foreach)
+    for _ in range(5):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 def test_parameters_without_gradient_are_skipped():

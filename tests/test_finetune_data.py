@@ -8,7 +8,7 @@ import torch
 
 from fullrank.finetune import data as D
 from fullrank.train.errors import ConfigError
-from test_finetune_fixtures import tiny_model_dir, word_tokenizer, write_task
+from finetune_fixtures import tiny_model_dir, word_tokenizer, write_task
 
 COMMONSENSE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "commonsense"
 EXPECTED_OPTIONS = {

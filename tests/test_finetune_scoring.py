@@ -7,7 +7,7 @@ from torch import nn
 
 from fullrank.finetune.data import PromptEncoder
 from fullrank.finetune.scoring import accuracy, candidate_response, extract_answer, score_generations, score_likelihood
-from test_finetune_fixtures import word_tokenizer
+from finetune_fixtures import word_tokenizer
 
 
 @pytest.mark.parametrize("text, options, expected", [

@@ -10,7 +10,7 @@ import torch
 from fullrank.cli import main
 from fullrank.finetune.training import finetune
 from fullrank.train.errors import ConfigError
-from test_finetune_fixtures import tiny_model_dir, write_task
+from finetune_fixtures import tiny_model_dir, write_task
 
 
 @pytest.fixture(scope="module")

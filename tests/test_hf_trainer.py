@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 import fullrank
 from fullrank import hf
 from fullrank.finetune.data import PadCollator, PromptEncoder, encode_dataset
-from test_finetune_fixtures import synthetic_record, word_tokenizer
+from finetune_fixtures import synthetic_record, word_tokenizer
 
 
 def tiny_llama(seed=0, vocab=64):

@@ -117,10 +117,6 @@ class ScalingProbe:
                      "full_source": self.full_source,
                      "columns": [mx.columns.tolist() for mx in self.matrices]})
 
-    @classmethod
-    def for_model(cls, model: nn.Module, optimizer, out_path, *, target_modules=DEFAULT_TARGET_MODULES, **kw):
-        return cls(projected_weights(model, target_modules), optimizer, out_path, **kw)
-
     def _has_full_moments(self, param: torch.Tensor) -> bool:
         state = self.optimizer.state.get(param, {}) if hasattr(self.optimizer, "state") else {}
         group = next((g for g in self.optimizer.param_groups if any(q is param for q in g["params"])), None)

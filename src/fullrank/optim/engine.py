@@ -641,7 +641,7 @@ class SubspaceAdamW(Optimizer):
         grads = members[0].grad.unsqueeze(0) if single else torch.stack([i.grad for i in members])
         side = projection_side(group["proj_type"], members[0].full_shape)
         shard = None if members[0].shard is None else sharding.BucketShard(members[0].shard, side)
-        left, right = subspace.stacked_projection(self, group, plan, members, states, side)
+        left, right = subspace.stacked_projection(group, plan, members, states, side)
         norms = [grad_norms.get(id(i.param)) for i in members]  # the non-finite check's ‖G‖ (rules reuse them)
         low = project(grads, left, right)
         if shard is not None and shard.columns_sharded:  # Σ_k P_kᵀ·G_k, this rank's columns

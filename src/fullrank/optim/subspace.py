@@ -247,7 +247,7 @@ def _install(group: dict, state: dict, item, left, right, seed) -> None:
         state[S.LAST_REFRESH] = state[S.STEP]
 
 
-def stacked_projection(optimizer, group: dict, plan, members, states, side: str):
+def stacked_projection(group: dict, plan, members, states, side: str):
     """(left, right) stacks of the bucket's projections (None for an unused side); APOLLO's Gaussian P
     regenerated from each matrix's seed into one buffer."""
     if not plan.seed_only:
