@@ -69,7 +69,8 @@ def build(package, method: str, layers: int, device: torch.device, rank: int = 2
     options = {}
     if device.type == "cpu":  # the GPU configuration, counted on the CPU: stacked buckets, foreach kernels
         options = {"foreach": True}
-        if "bucket_cap_mb" in inspect.signature(package.SubspaceAdamW).parameters:
+        declared = package.SubspaceAdamW.option_table() if hasattr(package.SubspaceAdamW, "option_table") else {}
+        if "bucket_cap_mb" in declared or "bucket_cap_mb" in inspect.signature(package.SubspaceAdamW).parameters:
             options["bucket_cap_mb"] = 256
     return package.make_optimizer(method, groups, lr=1e-3, **options)
 

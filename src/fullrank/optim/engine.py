@@ -655,16 +655,19 @@ class SubspaceAdamW(Optimizer):
         beta1, beta2 = group["betas"]
         store = moments.get_store(group["states"])
         exp_avgs, exp_avg_sqs = store.load(states)
-        inner_adam.update_moments_(exp_avgs, exp_avg_sqs, [r.to(m.dtype) for r, m in zip(low.unbind(0), exp_avgs)],
-                                   beta1=beta1, beta2=beta2, foreach=True, keep=keep)
+        lows = list(low.unbind(0))
+        mixed = any(m.dtype != low.dtype for m in exp_avgs)  # 8-bit moments are worked on in fp32
+        if mixed:
+            lows = [r if r.dtype == m.dtype else r.to(m.dtype) for r, m in zip(lows, exp_avgs)]
+        inner_adam.update_moments_(exp_avgs, exp_avg_sqs, lows, beta1=beta1, beta2=beta2, foreach=True, keep=keep)
         adam_steps = [s[S.ADAM_STEP] for s in states]
         convention = group["adam_convention"]
         directions = inner_adam.directions(exp_avgs, exp_avg_sqs, adam_steps, beta1=beta1, beta2=beta2,
                                            eps=group["eps"], foreach=True, convention=convention)
         store.save(states, exp_avgs, exp_avg_sqs, keep)
+        if mixed:
+            directions = [d.to(low.dtype) for d in directions]
         psi = directions[0].unsqueeze(0) if single else torch.stack(directions)
-        if psi.dtype != low.dtype:
-            psi = psi.to(low.dtype)
         previous = torch.stack([s[S.RESIDUAL_NORM] for s in states]) if plan.rule.has_residual else None
         lr = learning_rate(group)
         decay = 1.0 - lr * group["weight_decay"]
