@@ -91,7 +91,7 @@ def test_layerwise_copy_leaves_the_original_hooks_alone_and_keeps_remove():
     _train(model, opt, 1, first=1)
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
     opt.remove()
-    model3, opt3 = copy.deepcopy((model, opt))
+    model3, _ = copy.deepcopy((model, opt))
     _loss(model3, 5).backward()  # no hooks: gradients stay, nothing is updated
     assert all(p.grad is not None for p in model3.parameters())
 
@@ -213,7 +213,7 @@ def test_finetune_command_prints_no_bitsandbytes_kernels_warning(tmp_path):
     argv = ["finetune", "--model", str(model), "--data-dir", str(data), "--train", "keys", "--eval", "keys",
             "--out-dir", str(tmp_path / "run"), "--no-progress", "--max-steps", "1", "--batch-size", "4",
             "--micro-batch-size", "4", "--rank", "4", "--save-every", "0", "--threads", "1"]
-    run = subprocess.run([sys.executable, "-m", "fullrank", *argv], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "fullrank", *argv], check=False, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "kernels-community" not in run.stderr + run.stdout
     assert "Failed to load" not in run.stderr
