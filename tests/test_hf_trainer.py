@@ -51,13 +51,15 @@ def _dataset(n=96):
     return examples, tokenizer
 
 
-def _trainer(tmp_path, method, max_steps=12, save_steps=1000, seed=0):
+def _trainer(tmp_path, method, max_steps=12, save_steps=1000, seed=0, **optimizer_kwargs):
     examples, tokenizer = _dataset()
     model = tiny_llama(seed, vocab=len(tokenizer))
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=max_steps, learning_rate=3e-3,
                              lr_scheduler_type="linear", warmup_steps=2, logging_steps=1, save_steps=save_steps,
                              report_to="none", use_cpu=True, disable_tqdm=True, seed=seed, remove_unused_columns=False)
-    optimizer = hf.optimizer_cls_and_kwargs(model, method, rank=4, target_modules="all-linear", lr=3e-3, update_proj_gap=5)
+    optimizer_kwargs = optimizer_kwargs or {"lr": 3e-3}
+    optimizer = hf.optimizer_cls_and_kwargs(model, method, rank=4, target_modules="all-linear", update_proj_gap=5,
+                                            **optimizer_kwargs)
     return Trainer(model=model, args=args, train_dataset=examples, data_collator=PadCollator(tokenizer.pad_token_id),
                    optimizer_cls_and_kwargs=optimizer)
 
@@ -98,3 +100,36 @@ def test_trainer_checkpoint_resume_gives_identical_losses(tmp_path, method):
         for name, value in state.items():
             if isinstance(value, torch.Tensor):
                 torch.testing.assert_close(restored["state"][key][name], value, rtol=0, atol=0)
+
+
+def test_trainer_lr_and_weight_decay_come_from_the_training_arguments(tmp_path):
+    """Without ``lr=``, the optimizer trains at ``TrainingArguments.learning_rate`` (not a default of its own)."""
+    torch.set_num_threads(1)
+    examples, tokenizer = _dataset(16)
+    model = tiny_llama(vocab=len(tokenizer))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, learning_rate=7e-3,
+                             weight_decay=0.01, lr_scheduler_type="constant", report_to="none", use_cpu=True,
+                             disable_tqdm=True, remove_unused_columns=False, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=PadCollator(tokenizer.pad_token_id),
+                      optimizer_cls_and_kwargs=hf.optimizer_cls_and_kwargs(model, "fira", rank=4,
+                                                                             target_modules="all-linear"))
+    trainer.train()
+    optimizer = hf.unwrap_optimizer(trainer.optimizer)
+    assert isinstance(optimizer, fullrank.Fira) and optimizer.state
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(7e-3, 0.01)] * 2
+
+
+@pytest.mark.parametrize("given, argument", [({"lr": 1e-4}, "learning_rate=0.003"),
+                                             ({"lr": 3e-3, "weight_decay": 0.1}, "weight_decay=0.0")])
+def test_trainer_refuses_an_optimizer_setting_that_disagrees_with_the_training_arguments(tmp_path, given, argument):
+    trainer = _trainer(tmp_path, "fira", max_steps=1, **given)
+    name = "lr" if "weight_decay" not in given else "weight_decay"
+    with pytest.raises(ValueError, match=rf"{name}=.*disagrees with TrainingArguments\.{argument}"):
+        trainer.train()
+
+
+def test_optimizer_outside_a_trainer_needs_lr():
+    groups = hf.param_groups(tiny_llama(), rank=4, target_modules="all-linear")
+    with pytest.raises(ValueError, match="lr is required outside transformers.Trainer"):
+        hf.FullrankOptimizer(groups, method="fira")
+    assert hf.FullrankOptimizer(groups, method="fira", lr=2e-3).param_groups[0]["lr"] == 2e-3

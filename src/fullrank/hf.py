@@ -12,12 +12,19 @@ matched against the whole module name (or ``"all-linear"``: every ``nn.Linear`` 
 layer); a list matches a module when an entry is a substring of its name or fully matches it as a
 regular expression. The optimizer's ``state_dict`` holds tensors and plain values only, so the
 Trainer's checkpoints (``torch.load(weights_only=True)``) restore it exactly on
-``trainer.train(resume_from_checkpoint=...)``. The learning rate is the ``lr`` given here (the
-Trainer's schedule scales it); pass the same value as ``TrainingArguments.learning_rate``.
+``trainer.train(resume_from_checkpoint=...)``.
+
+Learning rate and weight decay: without ``lr`` (``weight_decay``) the optimizer takes
+``TrainingArguments.learning_rate`` (``weight_decay``) of the Trainer that builds it, as the
+Trainer's own optimizers do; the Trainer's schedule then scales it. A value given here that differs
+from the Trainer's raises ``ValueError`` when the Trainer builds the optimizer (at ``train()``), so
+the two can never silently disagree. The Trainer is found on the call stack of its
+``create_optimizer``; an optimizer built outside a Trainer needs ``lr``.
 """
 from __future__ import annotations
 
 import re
+import sys
 from typing import Iterable
 
 import torch
@@ -93,27 +100,68 @@ def trainable_group(model: nn.Module) -> list[dict]:
     return [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
 
 
+def _calling_trainer(depth: int = 8):
+    """The ``transformers.Trainer`` whose method is on the call stack (``create_optimizer``), or None."""
+    trainer_module = sys.modules.get("transformers.trainer")
+    if trainer_module is None:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, trainer_module.Trainer):
+            return candidate
+    return None
+
+
+def _resolve(name: str, given: float | None, trainer_value: float | None, argument: str) -> float | None:
+    """``given``, else the Trainer's value; ValueError when both exist and differ."""
+    if given is None:
+        return trainer_value
+    if trainer_value is not None and float(given) != float(trainer_value):
+        raise ValueError(
+            f"optimizer_cls_and_kwargs({name}={given!r}) disagrees with TrainingArguments.{argument}={trainer_value!r}: "
+            f"the optimizer would train with {name}={given!r}. Leave {name} out (it is then taken from the "
+            f"TrainingArguments) or pass the same value to both"
+        )
+    return given
+
+
 class FullrankOptimizer(torch.optim.Optimizer):
     """Stand-in class for the Trainer: ``FullrankOptimizer(groups, method=..., **kw)`` returns
     ``fullrank.make_optimizer(method, groups, **kw)`` (a ``torch.optim.Optimizer`` subclass, so the
-    Trainer calls it with the ``params`` given in the kwargs)."""
+    Trainer calls it with the ``params`` given in the kwargs). ``lr``/``weight_decay`` of None come
+    from the calling Trainer's ``TrainingArguments`` (see the module doc)."""
 
-    def __new__(cls, params, method: str = "fira", **kwargs):
+    def __new__(cls, params, method: str = "fira", lr: float | None = None, weight_decay: float | None = None,
+                **kwargs):
         import fullrank
 
-        return fullrank.make_optimizer(method, params, **kwargs)
+        trainer = _calling_trainer()
+        args = getattr(trainer, "args", None)
+        lr = _resolve("lr", lr, getattr(args, "learning_rate", None), "learning_rate")
+        weight_decay = _resolve("weight_decay", weight_decay, getattr(args, "weight_decay", None), "weight_decay")
+        if lr is None:
+            raise ValueError("FullrankOptimizer: lr is required outside transformers.Trainer (inside one it is "
+                             "TrainingArguments.learning_rate); pass lr=")
+        return fullrank.make_optimizer(method, params, lr=lr, weight_decay=0.0 if weight_decay is None else weight_decay,
+                                       **kwargs)
 
 
 def optimizer_cls_and_kwargs(model: nn.Module, method: str = "fira", *, rank: int = 32,
-                             target_modules: str | Iterable[str] = PAPER_TARGET_MODULES, lr: float = 1e-4,
-                             weight_decay: float = 0.0, update_proj_gap: int = 200, scale: float | None = None,
+                             target_modules: str | Iterable[str] = PAPER_TARGET_MODULES, lr: float | None = None,
+                             weight_decay: float | None = None, update_proj_gap: int = 200, scale: float | None = None,
                              proj_type: str = "std", layerwise: bool = False, **options) -> tuple[type, dict]:
     """``(cls, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)`` with a fullrank optimizer.
 
     ``method`` is any of ``fullrank.optimizer_methods()``; ``"adamw"`` trains every trainable
-    parameter with AdamW (use it for a LoRA/peft model). Other ``options`` go to the engine
-    (e.g. ``betas``, ``eps``, ``seed``). Bad options raise ``ValueError`` here, not in the Trainer.
-    Use the tuple for one Trainer (the Trainer removes ``params`` from it).
+    parameter with AdamW (use it for a LoRA/peft model). ``lr`` and ``weight_decay`` default to the
+    Trainer's ``TrainingArguments.learning_rate`` and ``weight_decay``; a value given here must equal
+    them (else ``ValueError`` at ``train()``). Other ``options`` go to the engine (e.g. ``betas``,
+    ``eps``, ``seed``). Bad options raise ``ValueError`` here, not in the Trainer. Use the tuple for
+    one Trainer (the Trainer removes ``params`` from it).
     """
     import fullrank
 
@@ -129,7 +177,8 @@ def optimizer_cls_and_kwargs(model: nn.Module, method: str = "fira", *, rank: in
     else:
         groups = param_groups(model, rank, target_modules, update_proj_gap, scale, proj_type)
     kwargs = {"method": method, "lr": lr, "weight_decay": weight_decay, **options}
-    fullrank.make_optimizer(method, groups, **{k: v for k, v in kwargs.items() if k != "method"})  # checks options now
+    check = {**options, "lr": 1e-3 if lr is None else lr, "weight_decay": 0.0 if weight_decay is None else weight_decay}
+    fullrank.make_optimizer(method, groups, **check)  # checks the options now
     return FullrankOptimizer, {"params": groups, **kwargs}
 
 

@@ -18,6 +18,8 @@ def param_groups(
     update_proj_gap: int = 200,
     scale: float | None = None,
     proj_type: str = "std",
+    *,
+    names: bool = True,
     **options,
 ) -> list[dict]:
     """Param groups for ``SubspaceAdamW`` and its presets.
@@ -26,7 +28,12 @@ def param_groups(
     (GaLore's substring rule) go into a projected group carrying ``rank``, ``update_proj_gap``,
     ``proj_type``, ``scale`` (when given; else the optimizer's default) and any extra engine
     ``options``. Every other trainable parameter (embeddings, norms, biases, ``lm_head`` unless
-    named) goes into a plain AdamW group. Both groups carry ``param_names``.
+    named) goes into a plain AdamW group.
+
+    ``names=True``: both groups carry ``param_names`` (errors and state dicts name the parameters).
+    torch then requires names in every group added later (``add_param_group``): pass ``param_names``
+    with it (e.g. from ``named_parameters()``), or build the groups with ``names=False``.
+    ``LayerwiseOptimizer.add_param_group`` names such a group's parameters ``param <k>`` itself.
     """
     targets = tuple(target_modules)
     if not targets:
@@ -62,6 +69,9 @@ def param_groups(
     groups = [group]
     if plain_params:
         groups.append(dict(params=plain_params, param_names=plain_names))
+    if not names:
+        for g in groups:
+            del g["param_names"]
     logger.info(
         "param_groups: %d projected matrices (%d parameters) at rank %s, %d plain tensors (%d parameters)",
         len(proj_params), sum(p.numel() for p in proj_params), rank,

@@ -17,9 +17,18 @@ cannot be atomic: the parameters whose gradients arrived before a non-finite one
 
 Under DDP the gradients are averaged by the reducer after the hooks would fire, so the mode refuses
 a model wrapped in ``DistributedDataParallel``, and for the same reason an FSDP2-sharded one.
+
+torch.optim conventions: ``add_param_group`` validates the group through the inner optimizer and
+hooks its parameters (unfreeze a layer, set ``requires_grad``, add its group); the state-dict and
+load-state-dict hooks registered on the wrapper fire; step pre- and post-hooks run around
+``step()``, i.e. after the updates made in backward (a pre-hook sees no gradients). ``copy.deepcopy``
+and pickle give a wrapper whose hooks are on the *copied* parameters: copy the model and the
+optimizer in one call (``copy.deepcopy((model, opt))``, one ``pickle.dump`` of both) so that the
+copy trains the copied model; the original keeps its own hooks.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -27,7 +36,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import host, sharding
-from .engine import NonFiniteGradientError, SubspaceAdamW
+from .engine import NonFiniteGradientError, SubspaceAdamW, parameter_names
 from .options import check_range
 
 _PASSES_KEY = "layerwise_backward_passes"
@@ -55,14 +64,77 @@ class LayerwiseOptimizer(Optimizer):
         if missing:
             raise ValueError(f"layerwise: {missing} trainable parameters of model are in no group")
         self.optimizer = optimizer
+        self._adopting = True  # Optimizer.__init__ calls add_param_group for the groups the optimizer has already
         super().__init__(optimizer.param_groups, optimizer.defaults)
+        del self._adopting
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
         self.accumulation_steps = accumulation_steps
         self._backward_passes = {p: 0 for p in params}
         self._pending: list[tuple[torch.Tensor, torch.Tensor, dict | None]] = []
         self._flagged: set[int] = set()
+        self._hooked = True  # False after remove()
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the inner optimizer (which validates it) and hook its parameters, e.g. for
+        layers unfrozen during training (each must require grad). A group without ``param_names``
+        added to groups that have them gets positional names ``param <k>``."""
+        if self.__dict__.get("_adopting"):
+            return
+        groups = self.optimizer.param_groups
+        if isinstance(param_group, dict) and "param_names" not in param_group and any("param_names" in g for g in groups):
+            # torch refuses a group without names once the others have them (fullrank.param_groups names them)
+            params = param_group.get("params")
+            params = [params] if isinstance(params, torch.Tensor) else params
+            if isinstance(params, (list, tuple)) and all(isinstance(q, torch.Tensor) for q in params):
+                offset = sum(len(g["params"]) for g in groups)
+                param_group = {**param_group, "param_names": [f"param {offset + k}" for k in range(len(params))]}
+        self.optimizer.add_param_group(param_group)
+        params = groups[-1]["params"]
+        try:
+            names = parameter_names(groups[-1], sum(len(g["params"]) for g in groups[:-1]))
+            for param, name in zip(params, names):
+                if not param.requires_grad or not param.is_leaf:
+                    raise ValueError(f"add_param_group: parameter {name!r} does not require grad (or is not a leaf "
+                                     "tensor); a layer-wise step runs from its gradient hook: set requires_grad=True "
+                                     "on it before adding its group")
+                if sharding.is_distributed_tensor(param):
+                    raise ValueError(f"add_param_group: parameter {name!r} is FSDP2-sharded; the layer-wise mode "
+                                     "does not support FSDP2")
+        except ValueError:
+            groups.pop()
+            raise
+        for param in params:
+            self._backward_passes[param] = 0
+            if self._hooked:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._hook))
+
+    def register_step_pre_hook(self, hook):
+        """As ``Optimizer.register_step_pre_hook``, with a warning: in layer-wise mode the hook runs
+        when ``step()`` is called, after the updates made in backward, and sees no gradients."""
+        warnings.warn("layer-wise: a step pre-hook runs at step(), after every parameter was updated in backward "
+                      "(the gradients are freed by then); to act on gradients, use the ordinary step", stacklevel=2)
+        return super().register_step_pre_hook(hook)
+
+    def __getstate__(self) -> dict:
+        """For ``copy.deepcopy`` and pickle: the inner optimizer and the wrapper's counters (the hooks
+        are registered again on the copied parameters by :meth:`__setstate__`)."""
+        return {"defaults": self.defaults, "optimizer": self.optimizer, "accumulation_steps": self.accumulation_steps,
+                "backward_passes": list(self._backward_passes.items()), "pending": self._pending,
+                "flagged": [p for p in self._backward_passes if id(p) in self._flagged], "hooked": self._hooked}
+
+    def __setstate__(self, state: dict) -> None:
+        optimizer = state["optimizer"]
+        super().__setstate__({"defaults": state["defaults"], "optimizer": optimizer,
+                              "param_groups": optimizer.param_groups, "state": optimizer.state,
+                              "accumulation_steps": state["accumulation_steps"]})
+        self._backward_passes = dict(state["backward_passes"])
+        self._pending = list(state["pending"])
+        self._flagged = {id(p) for p in state["flagged"]}
+        self._hooked = state["hooked"]
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._backward_passes
+                         if self._hooked]
 
     def _hook(self, param: torch.Tensor) -> None:
         self._backward_passes[param] += 1
@@ -80,6 +152,11 @@ class LayerwiseOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        hooked = sum(len(g["params"]) for g in self.param_groups)
+        if hooked != len(self._backward_passes):
+            raise RuntimeError(f"layer-wise: the groups hold {hooked} parameters but {len(self._backward_passes)} "
+                               "have backward hooks; add groups with LayerwiseOptimizer.add_param_group, not "
+                               "through the inner optimizer")
         pending, self._pending = self._pending, []
         converged = self._converged_flags()
         flags = [finite for _, finite, _ in pending] + [flag for _, flag in converged]
@@ -128,12 +205,26 @@ class LayerwiseOptimizer(Optimizer):
         return self.optimizer.current_ranks()
 
     def state_dict(self) -> dict:
+        """The inner optimizer's state dict and the backward-pass counters; the state-dict hooks
+        registered on this wrapper fire (those of the inner optimizer too)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = self.optimizer.state_dict()
         state[_PASSES_KEY] = list(self._backward_passes.values())
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state of :meth:`state_dict` (or of engine v1's layer-wise mode); the load-state-dict
+        hooks registered on this wrapper fire."""
         state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         passes = state_dict.pop(_PASSES_KEY, None)
         if "optimizers" in state_dict:  # saved by the per-parameter layer-wise mode of engine v1
             state_dict, passes = _from_per_parameter(state_dict, self.optimizer), state_dict["backward_passes"]
@@ -144,12 +235,15 @@ class LayerwiseOptimizer(Optimizer):
         self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state  # new objects
         for param, count in zip(self._backward_passes, passes or []):
             self._backward_passes[param] = int(count)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def remove(self) -> None:
         """Unregister the hooks (the model goes back to ordinary backward)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._hooked = False
 
 
 def _from_per_parameter(saved: dict, optimizer: SubspaceAdamW) -> dict:

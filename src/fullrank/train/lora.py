@@ -7,14 +7,15 @@ them, prunes their optimizer moments and re-warms the learning rate (see ``sched
 """
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
 
+from .._quiet import quiet_optional_kernels
+
 # peft imports bitsandbytes, whose CPU backend logs a warning about an optional 4-bit kernel package
-# (`kernels`) at import; fullrank never quantizes, so only its errors are shown
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# (`kernels`) at import; fullrank never quantizes, so that one message is dropped
+quiet_optional_kernels()
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
