@@ -205,7 +205,7 @@ def test_layerwise_add_param_group_without_names_after_param_groups():
 def test_finetune_command_prints_no_bitsandbytes_kernels_warning(tmp_path):
     """``fullrank finetune`` imports transformers.Trainer, which imports peft and bitsandbytes."""
     pytest.importorskip("bitsandbytes")  # (it logs the message on CPUs with AVX512-BF16)
-    from test_finetune_fixtures import tiny_model_dir, write_task
+    from finetune_fixtures import tiny_model_dir, write_task
 
     model, data = tiny_model_dir(tmp_path / "model"), write_task(tmp_path / "data", "keys", n_train=16, n_test=4)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),

@@ -213,6 +213,17 @@ class SubspaceAdamW(Optimizer):
 
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict) -> None:
+        """torch's, validated like the constructor's groups (a bad group is not kept). A group without
+        ``param_names`` added to named groups (``fullrank.param_groups`` names them) is named
+        ``param <k>``, k its parameters' positions, instead of torch's refusal."""
+        named = [g for g in self.param_groups if "param_names" in g]
+        if named and len(named) == len(self.param_groups) and isinstance(param_group, dict) \
+                and "param_names" not in param_group:
+            params = param_group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            offset = sum(len(g["params"]) for g in self.param_groups)
+            param_group = {**param_group, "params": params,
+                           "param_names": [f"param {offset + k}" for k in range(len(params))]}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         offset = sum(len(g["params"]) for g in self.param_groups[:-1])
