@@ -7,7 +7,8 @@ vocab 32000; ``--layers`` 2 by default) built with ``transformers``, at the same
 
 * torch AdamW (foreach, and the for-loop that is torch's CPU default),
 * our GaLore and Fira (``fullrank``), and our APOLLO when the engine has it,
-* ``fira`` FiraAdamW, ``galore-torch`` GaLoreAdamW, ``apollo-torch`` APOLLOAdamW.
+* ``fira`` FiraAdamW, ``galore-torch`` GaLoreAdamW, ``apollo-torch`` APOLLOAdamW,
+* ``pytorch-optimizer``'s GaLore and Fira (4.x; how their updates differ from ours: docs/benchmarks.md).
 
 A package that is not installed is a "not installed" row, not an error.
 
@@ -42,7 +43,8 @@ import _timing as tm  # noqa: E402
 import fullrank  # noqa: E402
 from fullrank.memory import optimizer_state_bytes  # noqa: E402
 
-PEER_PACKAGES = {"fira": "fira", "galore_torch": "galore-torch", "apollo_torch": "apollo-torch"}
+PEER_PACKAGES = {"fira": "fira", "galore_torch": "galore-torch", "apollo_torch": "apollo-torch",
+                 "pytorch_optimizer": "pytorch-optimizer"}
 GALORE_SCALE = 0.25  # GaLore/Fira's α for models under 1B (both papers)
 APOLLO_SCALE = 1.0   # APOLLO (rank 256, channel-wise) uses scale 1; APOLLO-Mini 128
 TARGET_MODULES = ("self_attn", "mlp")
@@ -104,9 +106,18 @@ def make_optimizers(model, args) -> dict:
 
         return APOLLOAdamW(galore_style(scale=APOLLO_SCALE, proj="random", scale_type="channel"), lr=lr)
 
+    def pytorch_optimizer_pkg(name):
+        def make():  # pytorch-optimizer 4.x: galore-style groups with "projection_type" (see docs/benchmarks.md)
+            import pytorch_optimizer
+
+            return getattr(pytorch_optimizer, name)(galore_style(scale=GALORE_SCALE, projection_type="std"), lr=lr)
+        return make
+
     rows["FiraAdamW (fira)"] = fira_pkg
     rows["GaLoreAdamW (galore-torch)"] = galore_pkg
     rows["APOLLOAdamW (apollo-torch)"] = apollo_pkg
+    rows["GaLore (pytorch-optimizer)"] = pytorch_optimizer_pkg("GaLore")
+    rows["Fira (pytorch-optimizer)"] = pytorch_optimizer_pkg("Fira")
 
     built = {}
     for name, make in rows.items():

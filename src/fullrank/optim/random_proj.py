@@ -48,7 +48,7 @@ def gaussian_projection(
     m, n = shape
     generator = _generator(seed, device)
     draw = lambda size: (  # noqa: E731
-        torch.randn(size, generator=generator, device=device, dtype=torch.float32) / math.sqrt(rank)
+        torch.randn(size, generator=generator, device=device, dtype=torch.float32).div_(math.sqrt(rank))
     ).to(dtype)
     left = draw((m, rank)) if side in ("left", "both") else None
     right = draw((rank, n)) if side in ("right", "both") else None
