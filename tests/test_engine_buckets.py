@@ -116,12 +116,15 @@ def test_a_rule_and_a_limiter_registered_from_outside_the_engine():
         fullrank.SubspaceAdamW([{"params": [torch.nn.Parameter(W0.clone())], "rank": 2}], residual="half_residual")
 
 
+@pytest.mark.parametrize("saved_by", ["engine_v1", "engine_v2"])
 @pytest.mark.parametrize("method", ["fira", "galore", "adarankgrad", "apollo"])
-def test_checkpoints_saved_by_engine_v1_load_and_continue(method):
-    """tests/data/engine_v1_checkpoints.pt was written by engine v1 (commit 573c892): its optimizer
-    state after 5 steps, and the weights it reached after 8. Engine v2 loads the state and takes
-    steps 6–8 to the same weights (to fp32 rounding: v2 orders the update's operations differently)."""
-    saved = torch.load(DATA / "engine_v1_checkpoints.pt", weights_only=True)[method]
+def test_checkpoints_saved_by_earlier_engines_load_and_continue(method, saved_by):
+    """tests/data/engine_v1_checkpoints.pt was written by engine v1 (commit 573c892), and
+    engine_v2_checkpoints.pt by the engine before its units declared their options (commit 851c590):
+    the optimizer state after 5 steps, and the weights reached after 8. Today's engine loads the state
+    and takes steps 6–8 to the same weights (to fp32 rounding: v2 orders the update's operations
+    differently from v1)."""
+    saved = torch.load(DATA / f"{saved_by}_checkpoints.pt", weights_only=True)[method]
     shapes = [(24, 16), (16, 24), (24, 16), (8,)]
     params = [torch.nn.Parameter(w.clone()) for w in saved["weights_at_5"]]
     extra = {"max_rank": 6} if method == "adarankgrad" else {}
