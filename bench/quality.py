@@ -12,7 +12,7 @@ ablations), ``rank_sweep`` (Figure 6: Fira vs GaLore at ranks 4, 16, d/4, d/2, A
 ``gamma`` (rebuttal Table r1), ``convention`` (exact G − P·R vs the official package's G − α·P·R),
 ``lr`` (Fira, GaLore and AdamW at lr 1e-2, 3e-3, 1e-3), ``adaptive`` (AdaRankGrad, FiraAdaptive beside GaLore
 and Fira, with their ranks over steps), ``methods`` (APOLLO, FRUGAL, LDAdam, SCALE and 8-bit Fira, set beside
-table2's Fira, GaLore and AdamW in docs/RESULTS.md). Runs shared between tables are
+table lr's Fira, GaLore and AdamW in docs/RESULTS.md). Runs shared between tables are
 trained once (keyed by their full configuration). Run directories go to ``runs/bench/`` (ignored
 by git); the results to ``bench/results/quality_<profile>.json`` and plots to ``docs/img/``.
 
@@ -86,7 +86,7 @@ def rows_of(table: str, hidden: int) -> list[tuple[str, dict]]:
         return [galore, fira, ("AdaRankGrad", dict(method="adarankgrad")),
                 ("FiraAdaptive", dict(method="fira_adaptive"))]
     if table == "methods":  # issue 18: the methods users compare against, at their papers' learning rates
-        # (Fira, GaLore and AdamW at these settings are rows of table2: the docs set them side by side)
+        # (Fira, GaLore and AdamW at these settings are rows of table lr: the docs set them side by side)
         return [("APOLLO", dict(method="apollo")),
                 ("FRUGAL lr=0.001", dict(method="frugal", lr=1e-3)), ("LDAdam lr=0.001", dict(method="ldadam", lr=1e-3)),
                 ("SCALE lr=0.001", dict(method="scale", lr=1e-3)),
