@@ -1,4 +1,4 @@
-"""The ``fullrank`` command line: ``fullrank pretrain`` and ``fullrank plot``.
+"""The ``fullrank`` command line: ``fullrank pretrain``, ``finetune``, ``memory`` and ``plot``.
 
 Every field of ``fullrank.train.config.TrainConfig`` is a flag of ``pretrain``; a YAML file given
 with ``--config`` sets the same keys and flags override it. Bad input ends with one line on
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ._quiet import quiet_optional_kernels
 from .finetune.cli import register as register_finetune
+from .memory.cli import register as register_memory
 from .train import config as C
 from .train.errors import ConfigError, TrainingError
 
@@ -110,7 +111,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="fullrank", description="Memory-efficient full-rank LLM training (Fira, GaLore).")
     parser.add_argument("--version", action="version", version=f"fullrank {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{pretrain,finetune,plot}", parser_class=OneLineParser)
+    sub = parser.add_subparsers(dest="command", metavar="{pretrain,finetune,memory,plot}", parser_class=OneLineParser)
     sub.required = True
     pre = sub.add_parser("pretrain", help="pre-train a LLaMA model", description=PRETRAIN_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,6 +120,7 @@ def build_parser() -> OneLineParser:
     pre.add_argument("--help-optim", action=HelpOptim, help="list the --optim-arg keys of every method and exit")
     _add_config_flags(pre)
     register_finetune(sub)
+    register_memory(sub)
     plot = sub.add_parser("plot", help="overlay the loss curves of run directories",
                           description="Plot train (smoothed) and validation loss of one or more run directories in one PNG.")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             from .train.loop import pretrain
 
             pretrain(overrides_from_args(args))
-        elif args.command == "finetune":
+        elif args.command in ("finetune", "memory"):
             args.handler(args)
         elif args.command == "plot":
             from .train.plot import plot_ranks, plot_runs

@@ -17,13 +17,16 @@ import yaml
 from .errors import ConfigError
 
 LORA_METHODS = ("lora", "relora")
+WEIGHT_PRECISIONS = ("fp32", "bf16", "bf16-sr")
+STATE_PRECISIONS = ("32bit", "8bit")
 
 
 def engine_methods() -> tuple[str, ...]:
     """The optimizer methods of the engine (``fullrank.OPTIMIZER_METHODS``)."""
     import fullrank
 
-    return tuple(fullrank.OPTIMIZER_METHODS)
+    methods = tuple(fullrank.OPTIMIZER_METHODS)
+    return methods if "adamw8bit" in methods else (*methods, "adamw8bit")  # make_optimizer's bitsandbytes AdamW8bit
 
 
 def all_methods() -> tuple[str, ...]:
@@ -68,6 +71,9 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.1, "cosine decay ends at this fraction of the peak lr")
     grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 disables)")
     layerwise: bool = _f(False, "update each weight during backward and free its gradient at once (GaLore's layer-wise mode): one gradient alive at a time; needs --grad-clip 0 and one process (not DDP)")
+    weights: str = _f("fp32", "weight precision: fp32 (fp32 master weights, bf16 autocast on CUDA), bf16 (pure bf16 weights, no fp32 copy) or bf16-sr (pure bf16, the update written with stochastic rounding)")
+    states: str = _f("32bit", "optimizer-state precision: 32bit or 8bit (blockwise 8-bit Adam moments, projected and plain groups)")
+    activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations during backward (transformers' gradient checkpointing): less activation memory, about a third more compute")
     fsdp: bool = _f(False, "shard the model, its gradients and the optimizer state over the processes with FSDP2 (run under torchrun; checkpoints through torch.distributed.checkpoint, resumable on another number of processes at the same global batch); full-parameter methods only, not --layerwise or --probe")
     max_steps: int = _f(10000, "optimizer steps (paper: 10K for 60M, 20K for 130M, 60K for 350M, 100K for 1B); a resumed run may be given more steps to extend it")
     schedule_steps: int | None = _f(None, "steps of the warm-up + cosine lr schedule; default max_steps. A run extended with --resume RUN --max-steps N keeps its original schedule (the added steps run at the floor min_lr_ratio x lr); --schedule-steps N there re-plans it")
@@ -100,7 +106,7 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Fields that may differ between a run and its resumption: they change no trained number.
-RESUME_FREE = ("probe", "probe_ranks", "resume", "overwrite", "out_dir", "eval_every", "save_every", "keep_checkpoints", "device", "threads",
+RESUME_FREE = ("activation_checkpointing", "probe", "probe_ranks", "resume", "overwrite", "out_dir", "eval_every", "save_every", "keep_checkpoints", "device", "threads",
                "progress", "tensorboard", "recipe", "max_steps", "schedule_steps")
 RECIPES = {  # batch_size, grad_accum, eval_tokens
     "paper": (64, 8, 10_000_000),
@@ -296,7 +302,8 @@ def method_options(method: str) -> dict[str, Any]:
 
 # engine options that have their own flag
 OWN_FLAG_OPTIONS = {"betas": "beta1", "rank": "rank", "update_proj_gap": "update_proj_gap", "scale": "scale",
-                    "proj_type": "proj_type", "lr": "lr", "weight_decay": "weight_decay", "eps": "eps"}
+                    "proj_type": "proj_type", "lr": "lr", "weight_decay": "weight_decay", "eps": "eps",
+                    "states": "states", "stochastic_rounding": "weights"}
 
 
 def optim_help() -> str:
@@ -329,6 +336,10 @@ def validate_ranges(cfg: TrainConfig) -> None:
         _range("lr", cfg.lr, 0.0, low_open=True)
     if cfg.scale is not None:
         _range("scale", cfg.scale, 0.0, low_open=True)
+    if cfg.weights not in WEIGHT_PRECISIONS:
+        raise ConfigError(f"--weights: unknown weight precision '{cfg.weights}'; allowed: {', '.join(WEIGHT_PRECISIONS)}")
+    if cfg.states not in STATE_PRECISIONS:
+        raise ConfigError(f"--states: unknown state precision '{cfg.states}'; allowed: {', '.join(STATE_PRECISIONS)}")
     if cfg.recipe not in ("auto", *RECIPES):
         raise ConfigError(f"--recipe: unknown recipe '{cfg.recipe}'{did_you_mean(cfg.recipe, ('auto', *RECIPES))}; allowed: auto, {', '.join(RECIPES)}")
     for name in ("update_proj_gap", "max_steps", "batch_size", "grad_accum", "relora_every", "keep_checkpoints",

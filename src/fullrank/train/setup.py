@@ -159,6 +159,38 @@ def prepare_run_dir(cfg: C.TrainConfig) -> Path:
     return run_dir
 
 
+def prepare_model(model: torch.nn.Module, cfg: C.TrainConfig) -> torch.nn.Module:
+    """``--weights`` (bf16 casts the weights: no fp32 copy) and ``--activation-checkpointing``
+    (transformers' gradient checkpointing, non-reentrant) applied to a freshly built model."""
+    if cfg.weights in ("bf16", "bf16-sr") and any(p.dtype != torch.bfloat16 for p in model.parameters()):
+        model.to(torch.bfloat16)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def precision_options(cfg: C.TrainConfig) -> dict:
+    """The engine options of ``--states`` and ``--weights`` (none at their defaults)."""
+    options = {}
+    if cfg.states != "32bit":
+        options["states"] = cfg.states
+    if cfg.weights == "bf16-sr":
+        options["stochastic_rounding"] = True
+    return options
+
+
+def _refused(cfg: C.TrainConfig, err: Exception) -> ConfigError:
+    """The optimizer's refusal as one line naming the flag that asked for it."""
+    lines = str(err).strip().splitlines()
+    reason = lines[0] if lines else type(err).__name__
+    flags = [f"--states {cfg.states}"] if cfg.states != "32bit" else []
+    flags += ["--weights bf16-sr"] if cfg.weights == "bf16-sr" else []
+    if flags and any(key in reason for key in ("states", "stochastic_rounding", "unexpected keyword")):
+        return ConfigError(f"{' '.join(flags)}: optimizer '{cfg.method}' cannot run with it ({reason}); "
+                           "use --states 32bit / --weights bf16, or a method that supports it")
+    return ConfigError(f"optimizer '{cfg.method}': {reason}")
+
+
 def make_optimizer(cfg: C.TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The engine's optimizer for ``cfg.method`` (AdamW on the trainable parameters for LoRA/ReLoRA),
     stepped per parameter during backward with ``--layerwise``."""
@@ -167,7 +199,10 @@ def make_optimizer(cfg: C.TrainConfig, model: torch.nn.Module) -> torch.optim.Op
     optimizer = _engine_optimizer(cfg, model)
     if not cfg.layerwise:
         return optimizer
-    layerwise = fullrank.optim.LayerwiseOptimizer(model, optimizer, accumulation_steps=cfg.grad_accum)
+    try:
+        layerwise = fullrank.optim.LayerwiseOptimizer(model, optimizer, accumulation_steps=cfg.grad_accum)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"--layerwise: method '{cfg.method}' cannot run layer-wise: {str(err).splitlines()[0]}") from None
     if next(model.parameters()).device.type == "meta":  # the option check of check_inputs: no hooks left on a throw-away model
         layerwise.remove()
     return layerwise
@@ -179,24 +214,25 @@ def _engine_optimizer(cfg: C.TrainConfig, model: torch.nn.Module) -> torch.optim
     hyper = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     plain = [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
-    options = dict(cfg.optim_args)
+    options = {**cfg.optim_args, **precision_options(cfg)}
     # layer-wise mode needs the engine; on groups without a rank it is torch.optim.AdamW's update
     adamw = (lambda groups, **kw: fullrank.SubspaceAdamW(groups, **kw)) if cfg.layerwise else (
         lambda groups, **kw: fullrank.make_optimizer("adamw", groups, **kw))
     try:
         if cfg.method in C.LORA_METHODS:
-            return adamw(plain, **hyper)
+            return adamw(plain, **hyper, **precision_options(cfg))
         if cfg.method == "adamw":
             return adamw(plain, **hyper, **options)
+        if cfg.method not in fullrank.PRESETS:  # adamw8bit and other plain optimizers of make_optimizer
+            return fullrank.make_optimizer(cfg.method, plain, **hyper, **options)
         groups = fullrank.param_groups(
             model, rank=cfg.rank, target_modules=tuple(cfg.target_modules),
             update_proj_gap=cfg.update_proj_gap, scale=cfg.scale, proj_type=cfg.proj_type,
         )
         options.setdefault("seed", cfg.seed)
         return fullrank.make_optimizer(cfg.method, groups, **hyper, **options)
-    except (ValueError, TypeError) as err:
-        lines = str(err).strip().splitlines()
-        raise ConfigError(f"optimizer '{cfg.method}': {lines[0] if lines else type(err).__name__}") from None
+    except (ValueError, TypeError, ImportError, NotImplementedError) as err:
+        raise _refused(cfg, err) from None
 
 
 def check_global_batch(state: dict, cfg: C.TrainConfig, env: DistEnv) -> None:
@@ -219,7 +255,7 @@ def build_run(cfg: C.TrainConfig, env: DistEnv, ckpt_path: Path | None) -> Run:
         if env.main:
             prepare_run_dir(cfg)
 
-    model = build_model(mconfig, cfg.seed)
+    model = prepare_model(build_model(mconfig, cfg.seed), cfg)
     if cfg.method in C.LORA_METHODS:
         from .lora import (
             apply_lora,  # peft is imported only when needed (it is slow to import)

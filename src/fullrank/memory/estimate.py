@@ -46,7 +46,7 @@ def optimizer_state_bytes(optimizer, params=None) -> int:
     """Bytes held in the optimizer's state tensors (moments, projections, limiter norms, steps),
     each storage counted once and in full (a view keeps its whole storage alive); only the state of
     ``params`` when given. Of DTensor state (torch optimizers under FSDP2): this process's shards."""
-    from .optim.sharding import local
+    from ..optim.sharding import local
 
     keep = None if params is None else {id(p) for p in params}
     seen, total = set(), 0
@@ -66,7 +66,7 @@ def optimizer_state_bytes(optimizer, params=None) -> int:
 def projected_state_bytes(optimizer) -> int:
     """``optimizer_state_bytes`` of the projected matrices alone (the groups with a ``rank``): the
     part that GaLore, Fira and the adaptive methods shrink, without the plain AdamW group's."""
-    from .optim.engine import is_projected
+    from ..optim.engine import is_projected
 
     return optimizer_state_bytes(optimizer, [p for g in optimizer.param_groups if is_projected(g) for p in g["params"]])
 
@@ -121,7 +121,7 @@ def estimate(model_config, method: str, rank: int | None = None, *, bytes_per_el
 
 def paper_comparison(**convention) -> list[dict]:
     """Our estimate beside paper Table 2's memory figures, for AdamW and GaLore/Fira."""
-    from .train.models import model_config
+    from ..train.models import model_config
 
     options = {**PAPER_CONVENTION, **convention}
     rows = []
