@@ -128,11 +128,6 @@ def trace(model="llama_7b", method="fira", *, rank=None, batch_size=1, seq_len=2
     Raises ``fullrank.train.errors.ConfigError`` (one line) on a bad setting.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import LlamaForCausalLM
-
-    from ..train import config as C
-    from ..train.models import model_config, projected_linears
-    from ..train.setup import make_optimizer, prepare_model
 
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         from ..train.errors import ConfigError
@@ -142,38 +137,28 @@ def trace(model="llama_7b", method="fira", *, rank=None, batch_size=1, seq_len=2
     cfg = trace_config(model, method, rank=rank, batch_size=batch_size, seq_len=seq_len, weights=weights,
                        states=states, layerwise=layerwise, activation_checkpointing=activation_checkpointing,
                        target_modules=target_modules, optim_args=optim_args)
-    mconfig = model_config(cfg.model)
     start = time.perf_counter()
     Tracker, ref = _tracker_class()
-    with FakeTensorMode(), torch.device(device):
-        net = _build(LlamaForCausalLM, mconfig, torch.float32 if cfg.weights == "fp32" else torch.bfloat16)
-        C.validate_against_model(cfg, mconfig, projected_linears(net, cfg.target_modules))
-        net = prepare_model(net, cfg)
-        net.train()
-        optimizer = make_optimizer(cfg, net)
+    peaks = []
+    with FakeTensorMode():
+        net, optimizer = build_step(cfg, device)
         tracker = Tracker()
         tracker.track_external(net, optimizer)
-        autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if cfg.weights == "fp32" \
-            else contextlib.nullcontext
-        peaks = []
+
+        def mark(phase: str) -> None:
+            tracker.phase = phase
+
+        def before(iteration: int) -> None:
+            if iteration > 1:
+                tracker.reset_mod_stats()  # MemTracker's module stats are per iteration
+                _restart_peak(tracker)
+
+        def after(iteration: int) -> None:
+            snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()), {})
+            peaks.append((int(snapshot.get("Total", 0)), tracker.peak_phase, snapshot))
+
         with tracker:
-            for iteration in range(1, ITERATIONS + 1):
-                if iteration > 1:
-                    tracker.reset_mod_stats()  # MemTracker's module stats are per iteration
-                    _restart_peak(tracker)
-                tracker.phase = f"forward {iteration}"
-                x = torch.randint(0, mconfig.vocab_size, (cfg.batch_size, cfg.seq_len))
-                with autocast():
-                    loss = net(input_ids=x, labels=x).loss
-                tracker.phase = f"backward {iteration}"
-                loss.backward()
-                del loss, x
-                tracker.phase = f"optimizer step {iteration}"
-                optimizer.step()
-                tracker.phase = f"zero_grad {iteration}"
-                optimizer.zero_grad(set_to_none=True)
-                snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()), {})
-                peaks.append((int(snapshot.get("Total", 0)), tracker.peak_phase, snapshot))
+            training_iterations(net, optimizer, cfg, device, mark=mark, before=before, after=after)
             current = next(iter(tracker.get_tracker_snapshot("current").values()), {})
     peak, phase, snapshot = max(peaks, key=lambda p: p[0])  # ties: the first, iteration 1 (see restart)
     if len(peaks) > 1 and peaks[-1][0] == peak:
@@ -184,6 +169,48 @@ def trace(model="llama_7b", method="fira", *, rank=None, batch_size=1, seq_len=2
                     layerwise=cfg.layerwise, activation_checkpointing=cfg.activation_checkpointing, device=device)
     return MemoryTrace(settings, peak, _categories(snapshot, ref), phase,
                        {k: resident[k] for k in ("weights", "optimizer_state")}, time.perf_counter() - start)
+
+
+def build_step(cfg, device="cpu"):
+    """(model, optimizer) of a traced config, built as ``fullrank pretrain`` builds them (on fake
+    tensors when called under ``FakeTensorMode``; with real ones otherwise, for checks)."""
+    from transformers import LlamaForCausalLM
+
+    from ..train import config as C
+    from ..train.models import model_config, projected_linears
+    from ..train.setup import make_optimizer, prepare_model
+
+    mconfig = model_config(cfg.model)
+    with torch.device(device):
+        net = _build(LlamaForCausalLM, mconfig, torch.float32 if cfg.weights == "fp32" else torch.bfloat16)
+        C.validate_against_model(cfg, mconfig, projected_linears(net, cfg.target_modules))
+        net = prepare_model(net, cfg)
+        net.train()
+        return net, make_optimizer(cfg, net)
+
+
+def training_iterations(net, optimizer, cfg, device="cpu", *, mark=lambda phase: None, before=lambda i: None,
+                        after=lambda i: None) -> None:
+    """``ITERATIONS`` iterations of ``fullrank pretrain``'s step on random tokens: forward (bf16
+    autocast for fp32 weights), backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``."""
+    vocab = net.config.vocab_size
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if cfg.weights == "fp32" \
+        else contextlib.nullcontext
+    with torch.device(device):
+        for iteration in range(1, ITERATIONS + 1):
+            before(iteration)
+            mark(f"forward {iteration}")
+            x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len))
+            with autocast():
+                loss = net(input_ids=x, labels=x).loss
+            mark(f"backward {iteration}")
+            loss.backward()
+            del loss, x
+            mark(f"optimizer step {iteration}")
+            optimizer.step()
+            mark(f"zero_grad {iteration}")
+            optimizer.zero_grad(set_to_none=True)
+            after(iteration)
 
 
 def _build(model_class, mconfig, dtype):

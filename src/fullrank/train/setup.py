@@ -165,8 +165,19 @@ def prepare_model(model: torch.nn.Module, cfg: C.TrainConfig) -> torch.nn.Module
     if cfg.weights in ("bf16", "bf16-sr") and any(p.dtype != torch.bfloat16 for p in model.parameters()):
         model.to(torch.bfloat16)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' activation (gradient) checkpointing of every decoder layer, non-reentrant."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the older name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError(f"--activation-checkpointing: {type(model).__name__} is not a transformers model")
 
 
 def precision_options(cfg: C.TrainConfig) -> dict:
