@@ -21,7 +21,8 @@ import yaml
 
 from ..train.errors import ConfigError, TrainingError, first_line
 from ..train.metrics import MetricsLog, peak_memory
-from ..train.setup import remove_outputs
+from ..train.config import STATE_PRECISIONS, WEIGHT_PRECISIONS
+from ..train.setup import enable_activation_checkpointing, remove_outputs
 from . import data as D
 from .scoring import SCORINGS, accuracy, score_generations, score_likelihood
 
@@ -74,6 +75,9 @@ class FinetuneConfig:
     eval_batch_size: int = _f(16, "sequences per evaluation forward pass")
     dtype: str = _f("float32", "weight dtype: float32, bfloat16, float16")
     bf16: bool = _f(False, "bf16 autocast (mixed precision) on CUDA")
+    weights: str = _f("", "weight precision: fp32, bf16 (pure bf16) or bf16-sr (pure bf16, the update written with stochastic rounding); sets --dtype (default: --dtype's)")
+    states: str = _f("32bit", "optimizer-state precision: 32bit or 8bit (blockwise 8-bit Adam moments)")
+    activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations during backward (transformers' checkpointing): less memory, more compute")
     device: str = _f("auto", "auto (CUDA when available), cpu or cuda")
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
     seed: int = _f(42, "seed of the data order, subsets, LoRA init and random-init models")
@@ -87,7 +91,7 @@ class FinetuneConfig:
 
 FIELDS = {f.name: f for f in fields(FinetuneConfig)}
 LIST_FIELDS = ("target_modules", "train", "eval", "scoring")
-RESUME_FREE = ("threads", "progress", "device", "eval_batch_size")  # may change on --resume
+RESUME_FREE = ("threads", "progress", "device", "eval_batch_size", "activation_checkpointing")  # may change on --resume
 
 
 def _methods() -> tuple[str, ...]:
@@ -127,6 +131,15 @@ def validate(cfg: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(f"--scoring: allowed: {', '.join(SCORINGS)} (comma-separated), got {','.join(cfg.scoring) or 'nothing'}")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype: allowed: float32, bfloat16, float16, got '{cfg.dtype}'")
+    if cfg.weights not in ("", *WEIGHT_PRECISIONS):
+        raise ConfigError(f"--weights: unknown weight precision '{cfg.weights}'; allowed: {', '.join(WEIGHT_PRECISIONS)}")
+    if cfg.weights:
+        dtype = "float32" if cfg.weights == "fp32" else "bfloat16"
+        if cfg.dtype not in ("float32", dtype):
+            raise ConfigError(f"--weights {cfg.weights} loads {dtype} weights; drop --dtype {cfg.dtype} or give --dtype {dtype}")
+        cfg.dtype = dtype
+    if cfg.states not in STATE_PRECISIONS:
+        raise ConfigError(f"--states: unknown state precision '{cfg.states}'; allowed: {', '.join(STATE_PRECISIONS)}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: allowed: auto, cpu, cuda, got '{cfg.device}'")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -211,6 +224,10 @@ def prepare_model(cfg: FinetuneConfig):
     from .models import apply_lora, load_model
 
     model, tokenizer = load_model(cfg.model, cfg.tokenizer or None, cfg.seed, cfg.dtype, cfg.progress)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    precision = {**({"states": cfg.states} if cfg.states != "32bit" else {}),
+                 **({"stochastic_rounding": True} if cfg.weights == "bf16-sr" else {})}
     try:
         names = hf.target_module_names(model, _target_spec(cfg))
         if not names:
@@ -218,9 +235,10 @@ def prepare_model(cfg: FinetuneConfig):
         if cfg.method == LORA:
             torch.manual_seed(cfg.seed)
             model = apply_lora(model, names, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
-            optimizer = hf.optimizer_cls_and_kwargs(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, **cfg.optim_args)
+            optimizer = hf.optimizer_cls_and_kwargs(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                    **cfg.optim_args, **precision)
         else:
-            options = dict(cfg.optim_args)
+            options = {**cfg.optim_args, **precision}
             if cfg.method != "adamw":
                 options.setdefault("seed", cfg.seed)
             optimizer = hf.optimizer_cls_and_kwargs(
@@ -228,6 +246,10 @@ def prepare_model(cfg: FinetuneConfig):
                 update_proj_gap=cfg.update_proj_gap, scale=cfg.scale or None, proj_type=cfg.proj_type, **options)
     except (ValueError, TypeError) as err:
         message = first_line(err)
+        if precision and any(key in message for key in ("states", "stochastic_rounding", "unexpected keyword")):
+            flags = " ".join([f"--states {cfg.states}"] * ("states" in precision)
+                             + ["--weights bf16-sr"] * ("stochastic_rounding" in precision))
+            raise ConfigError(f"{flags}: method '{cfg.method}' cannot run with it ({message})") from None
         raise ConfigError(message if message.startswith("--") else f"--method {cfg.method}: {message}") from None
     return model, tokenizer, optimizer
 

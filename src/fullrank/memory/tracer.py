@@ -240,21 +240,35 @@ def adamw_settings(settings: dict) -> dict:
 def largest_batch(budget_bytes: float, first: MemoryTrace, **settings) -> dict:
     """The largest batch whose traced peak fits ``budget_bytes`` (0: not even one sequence).
 
-    Activations grow linearly with the batch: the peak at ``first``'s batch b and at 2b gives the
-    line, the line gives the candidate, and one more trace checks it (stepping down while it misses).
+    Activations grow linearly with the batch: the peaks at ``first``'s batch b and at 2b give a line,
+    the line gives the candidate, and one more trace checks it. At a small batch the peak can be
+    the optimizer step's, which does not grow: the line is then refitted through the two largest
+    batches traced, until a batch fits and the next one is known, or predicted, not to.
     """
     b1 = first.settings["batch_size"]
-    second = trace(**{**settings, "batch_size": 2 * b1})
-    per_sequence = max((second.peak_bytes - first.peak_bytes) / b1, 1.0)
-    fixed = first.peak_bytes - per_sequence * b1
-    known = {b1: first.peak_bytes, 2 * b1: second.peak_bytes}
-    candidate = max(0, int(math.floor((budget_bytes - fixed) / per_sequence)))
-    while candidate > 0:
-        if candidate not in known:
-            known[candidate] = trace(**{**settings, "batch_size": candidate}).peak_bytes
-        if known[candidate] <= budget_bytes:
+    known = {b1: first.peak_bytes, 2 * b1: trace(**{**settings, "batch_size": 2 * b1}).peak_bytes}
+
+    def line():
+        (ba, pa), (bb, pb) = sorted(known.items())[-2:]
+        slope = max((pb - pa) / (bb - ba), 1.0)
+        return slope, pb - slope * bb
+
+    for _ in range(8):
+        slope, fixed = line()
+        best = max((b for b, p in known.items() if p <= budget_bytes), default=0)
+        miss = min((b for b, p in known.items() if p > budget_bytes), default=math.inf)
+        if miss == best + 1 or (best and best == max(known) and fixed + slope * (best + 1) > budget_bytes):
             break
-        candidate -= max(1, math.ceil((known[candidate] - budget_bytes) / per_sequence))
-    candidate = max(candidate, 0)
-    return dict(largest_batch_size=candidate, peak_bytes_at_largest=known.get(candidate),
-                bytes_per_sequence=per_sequence, fixed_bytes=fixed, traces=len(known))
+        candidate = int(math.floor((budget_bytes - fixed) / slope))
+        candidate = min(max(candidate, best + 1), miss - 1) if miss < math.inf else max(candidate, best + 1)
+        if candidate in known:
+            if known[candidate] <= budget_bytes and fixed + slope * (candidate + 1) > budget_bytes:
+                break
+            candidate = (best + miss) // 2 if miss < math.inf else 2 * max(best, 1)
+        if candidate <= best:
+            break
+        known[candidate] = trace(**{**settings, "batch_size": candidate}).peak_bytes
+    best = max((b for b, p in known.items() if p <= budget_bytes), default=0)
+    slope, fixed = line()
+    return dict(largest_batch_size=best, peak_bytes_at_largest=known.get(best), bytes_per_sequence=slope,
+                fixed_bytes=fixed, traces=len(known))

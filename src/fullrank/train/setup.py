@@ -197,8 +197,9 @@ def _refused(cfg: C.TrainConfig, err: Exception) -> ConfigError:
     flags = [f"--states {cfg.states}"] if cfg.states != "32bit" else []
     flags += ["--weights bf16-sr"] if cfg.weights == "bf16-sr" else []
     if flags and any(key in reason for key in ("states", "stochastic_rounding", "unexpected keyword")):
+        instead = " or ".join(["--states 32bit"] * (cfg.states != "32bit") + ["--weights bf16"] * (cfg.weights == "bf16-sr"))
         return ConfigError(f"{' '.join(flags)}: optimizer '{cfg.method}' cannot run with it ({reason}); "
-                           "use --states 32bit / --weights bf16, or a method that supports it")
+                           f"use {instead}, or a method that supports it")
     return ConfigError(f"optimizer '{cfg.method}': {reason}")
 
 
