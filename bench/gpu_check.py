@@ -18,7 +18,11 @@ Prints and writes JSON (``$OUT/gpu_check.json`` when ``$OUT`` is set, else
    of the paper's Table r8;
 5. **FSDP2 on one GPU** (``bench/fsdp.py --processes 1``): the optimizer step of AdamW, Fira, GaLore
    and APOLLO at LLaMA-130M shapes on FSDP2-sharded weights (a mesh of one GPU: the DTensor path's
-   cost, no traffic) beside the same step on plain weights.
+   cost, no traffic) beside the same step on plain weights;
+6. **the memory tracer** (issue #17, ``memory_trace_check``): ``fullrank memory``'s traced peak (fake
+   CUDA tensors) against ``torch.cuda.max_memory_allocated`` of the same two iterations run for real,
+   llama_350m and llama_1b, batch 4 x 256, AdamW fp32 / Fira bf16 layer-wise / GaLore bf16 with
+   activation checkpointing (target: within 5%). Alone: ``--skip ops step refresh memory e2e fsdp``.
 
 Targets (issue): Fira's amortised step ≤ 2× AdamW (foreach) at LLaMA-130M shapes; the 84-matrix
 refresh ≤ 0.3 s; Fira's end-to-end throughput ≥ 97% of AdamW's at LLaMA-350M; ops ≤ 3× AdamW's.
@@ -61,7 +65,7 @@ from fullrank.optim.svd import exact_svd, randomized_svd, warm_subspace  # noqa:
 
 GAP = 200
 TARGETS = {"fira_amortised_vs_adamw_foreach_130m": 2.0, "refresh_84_matrices_s": 0.3,
-           "fira_throughput_vs_adamw_350m": 0.97, "ops_vs_adamw": 3.0}
+           "fira_throughput_vs_adamw_350m": 0.97, "ops_vs_adamw": 3.0, "memory_trace_max_abs_error": 0.05}
 SHAPES = {  # hidden, intermediate, layers, rank
     "llama_130m": (768, 2048, 12, 256),
     "llama_1b": (2048, 5461, 24, 512),
@@ -341,13 +345,69 @@ def fsdp_one_device(device, quick: bool, out_dir: Path) -> dict:
     return json.loads(target.read_text())
 
 
+# ------------------------------------------------------------- 6. the memory tracer (issue #17)
+TRACE_CASES = {  # name: settings of fullrank.memory.trace (and of the measured run)
+    "adamw_fp32": dict(method="adamw", weights="fp32"),
+    "fira_bf16_layerwise": dict(method="fira", weights="bf16", layerwise=True),
+    "galore_bf16_checkpointing": dict(method="galore", weights="bf16", activation_checkpointing=True),
+}
+TRACE_TOLERANCE = 0.05
+
+
+def measured_cuda_peak(model: str, batch_size: int, seq_len: int, device, **settings) -> int:
+    """``torch.cuda.max_memory_allocated`` over the traced iterations, run for real (bytes, from the
+    allocations alive before the model is built)."""
+    from fullrank.memory.tracer import build_step, trace_config, training_iterations
+
+    cfg = trace_config(model, batch_size=batch_size, seq_len=seq_len, **settings)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    net, optimizer = build_step(cfg, "cuda")
+    training_iterations(net, optimizer, cfg, "cuda")
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del net, optimizer
+    torch.cuda.empty_cache()
+    return peak
+
+
+def memory_trace_check(device, quick: bool) -> dict:
+    """The tracer (``fullrank memory``, fake tensors on the same device) against the real run's
+    ``torch.cuda.max_memory_allocated`` for llama_350m and llama_1b (target: within 5%). On a CPU
+    (``--device cpu --quick``) the measurement is bench/memory_check.py's profiler peak."""
+    from fullrank.memory import trace
+
+    models = ["llama_tiny"] if quick else ["llama_350m", "llama_1b"]
+    batch, seq = (2, 32) if quick else (4, 256)
+    rows = []
+    for model in models:
+        for case, settings in TRACE_CASES.items():
+            traced = trace(model, batch_size=batch, seq_len=seq, device=device.type, **settings)
+            if device.type == "cuda":
+                measured = measured_cuda_peak(model, batch, seq, device, **settings)
+            else:
+                import memory_check
+
+                measured = memory_check.profiled_peak(model, batch, seq, **settings)["peak_bytes"]
+            error = traced.peak_bytes / measured - 1
+            rows.append(dict(model=model, case=case, batch_size=batch, seq_len=seq, traced_bytes=traced.peak_bytes,
+                             measured_bytes=measured, relative_error=error, within=abs(error) <= TRACE_TOLERANCE,
+                             trace_seconds=traced.seconds, traced_by_category=traced.by_category))
+            print(f"  trace {model:11s} {case:26s} traced {traced.peak_bytes / 2**30:7.3f} GiB, measured "
+                  f"{measured / 2**30:7.3f} GiB ({error:+.2%})", flush=True)
+    return {"tolerance": TRACE_TOLERANCE, "rows": rows,
+            "max_abs_error": max(abs(r["relative_error"]) for r in rows)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--quick", action="store_true", help="toy sizes (a CPU dry run of every section)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16, help="end-to-end micro-batch (sequences of 256 tokens)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("ops", "step", "refresh", "memory", "e2e", "fsdp"))
+    parser.add_argument("--skip", nargs="*", default=[], choices=("ops", "step", "refresh", "memory", "e2e", "fsdp", "trace"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device (use --device cpu --quick for a dry run)")
@@ -368,7 +428,8 @@ def main(argv=None) -> int:
                 ("refresh", lambda: refresh_times(device, shapes["llama_130m"], 2 if args.quick else 5)),
                 ("memory", lambda: transient_memory(device, args.quick)),
                 ("e2e", lambda: end_to_end(device, args.quick, 3 if args.quick else 10, 2 if args.quick else args.batch)),
-                ("fsdp", lambda: fsdp_one_device(device, args.quick, out_dir))]
+                ("fsdp", lambda: fsdp_one_device(device, args.quick, out_dir)),
+                ("trace", lambda: memory_trace_check(device, args.quick))]
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else tm.RESULTS_DIR
     if args.quick and not os.environ.get("OUT"):
         out_dir = Path("/tmp")  # a dry run is not a result
@@ -393,6 +454,8 @@ def main(argv=None) -> int:
         checks["fira_throughput_vs_adamw_350m"] = result["e2e"]["methods"]["fira"]["throughput_vs_adamw"]
     if isinstance(result.get("ops"), list):
         checks["ops_vs_adamw"] = max(r["ratio"] for r in result["ops"] if r["method"] in ("fira", "galore"))
+    if isinstance(result.get("trace"), dict) and "max_abs_error" in result["trace"]:
+        checks["memory_trace_max_abs_error"] = result["trace"]["max_abs_error"]
     result["checks"] = {k: {"measured": v, "target": TARGETS[k],
                             "met": v >= TARGETS[k] if k == "fira_throughput_vs_adamw_350m" else v <= TARGETS[k]}
                         for k, v in checks.items()}
