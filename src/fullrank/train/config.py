@@ -25,8 +25,7 @@ def engine_methods() -> tuple[str, ...]:
     """The optimizer methods of the engine (``fullrank.OPTIMIZER_METHODS``)."""
     import fullrank
 
-    methods = tuple(fullrank.OPTIMIZER_METHODS)
-    return methods if "adamw8bit" in methods else (*methods, "adamw8bit")  # make_optimizer's bitsandbytes AdamW8bit
+    return tuple(fullrank.OPTIMIZER_METHODS)
 
 
 def all_methods() -> tuple[str, ...]:
