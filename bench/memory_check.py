@@ -32,6 +32,9 @@ CASES = {
     "galore_bf16_layerwise": dict(method="galore", weights="bf16", layerwise=True),
     "fira_bf16_checkpointing": dict(method="fira", weights="bf16", activation_checkpointing=True),
     "apollo_mini_bf16": dict(method="apollo_mini", weights="bf16"),
+    "fira_bf16sr_8bit_layerwise_checkpointing": dict(method="fira", weights="bf16-sr", states="8bit", layerwise=True,
+                                                     activation_checkpointing=True),
+    "adamw8bit_bf16": dict(method="adamw8bit", weights="bf16"),
 }
 TOLERANCE = 0.05
 
@@ -92,12 +95,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
-    print(f"{'model':<12}{'case':<26}{'traced MiB':>11}{'measured MiB':>13}{'error':>8}")
+    print(f"{'model':<12}{'case':<42}{'traced MiB':>11}{'measured MiB':>13}{'error':>8}")
     for model in args.models:
         for case in args.cases:
             row = compare(model, case, args.batch_size, args.seq_len)
             rows.append(row)
-            print(f"{model:<12}{case:<26}{row['traced_bytes'] / 2**20:>11.1f}{row['measured_bytes'] / 2**20:>13.1f}"
+            print(f"{model:<12}{case:<42}{row['traced_bytes'] / 2**20:>11.1f}{row['measured_bytes'] / 2**20:>13.1f}"
                   f"{row['relative_error']:>+8.2%}", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(dict(tolerance=TOLERANCE, gib=GIB, rows=rows), indent=2) + "\n")
