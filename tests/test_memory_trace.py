@@ -125,3 +125,46 @@ def test_an_option_the_method_cannot_run_with_is_an_error_not_a_silent_fallback(
     assert main(["memory", "--model", small_vocab, "--seq-len", "8", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--weights", "fp8"], ["--weights", "fp8", "bf16-sr"]),
+    (["--states", "16bit"], ["--states", "16bit", "32bit, 8bit"]),
+    (["--optim-arg", "states=8bit"], ["--optim-arg states", "--states"]),
+])
+def test_pretrain_precision_flags_are_checked_in_one_line(argv, words, capsys):
+    assert main(["pretrain", "--model", "llama_tiny", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_pretrain_prepares_bf16_weights_with_activation_checkpointing(small_vocab):
+    from fullrank.train import config as C
+    from fullrank.train.models import build_model, model_config
+    from fullrank.train.setup import make_optimizer, prepare_model
+
+    cfg = C.finalize(C.build(dict(model=small_vocab, method="fira", rank=4, weights="bf16-sr", states="8bit",
+                                  activation_checkpointing=True, layerwise=True)))
+    model = prepare_model(build_model(model_config(small_vocab), 0), cfg)
+    assert model.is_gradient_checkpointing and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    optimizer = make_optimizer(cfg, model)
+    group = optimizer.param_groups[0]
+    assert group["states"] == "8bit" and group["stochastic_rounding"] is True
+    x = torch.randint(0, 512, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()  # the layer-wise hooks step during backward
+    optimizer.step()
+    assert optimizer.state and all(p.grad is None for p in model.parameters())
+
+
+def test_finetune_weights_flag_sets_the_dtype_and_refuses_a_contradiction():
+    from fullrank.finetune.training import FinetuneConfig, validate
+
+    data = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense")
+    base = dict(model="llama_tiny", data_dir=data, train=["boolq"], eval=["boolq"])
+    if not Path(data).is_dir():
+        pytest.skip("no commonsense data")
+    assert validate(FinetuneConfig(**base, weights="bf16-sr", states="8bit")).dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="--weights bf16 loads bfloat16"):
+        validate(FinetuneConfig(**base, weights="bf16", dtype="float16"))
+    with pytest.raises(ConfigError, match="--states: unknown state precision '4bit'; allowed: 32bit, 8bit"):
+        validate(FinetuneConfig(**base, states="4bit"))
