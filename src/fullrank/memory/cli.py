@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from .estimate import GIB
-from .tracer import CATEGORIES, STATE_PRECISIONS, WEIGHT_PRECISIONS, adamw_settings, largest_batch, trace
+from ..train.config import STATE_PRECISIONS, WEIGHT_PRECISIONS
+from .tracer import CATEGORIES, adamw_settings, largest_batch, trace
 
 HELP = """\
 Trace the peak memory of two real training iterations (forward, backward, an optimizer step with a

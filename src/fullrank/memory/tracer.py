@@ -26,8 +26,6 @@ from pathlib import Path
 import torch
 
 CATEGORIES = ("weights", "gradients", "optimizer_state", "activations", "temporaries")
-WEIGHT_PRECISIONS = ("fp32", "bf16", "bf16-sr")
-STATE_PRECISIONS = ("32bit", "8bit")
 ITERATIONS = 2
 
 
