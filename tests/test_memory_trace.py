@@ -62,7 +62,7 @@ def test_trace_is_within_5_percent_of_a_real_cpu_run_measured_by_the_profiler(ca
 
 
 def test_largest_batch_fits_the_budget_and_one_more_does_not(small_vocab):
-    settings = dict(model=small_vocab, method="galore", rank=8, seq_len=64, weights="bf16")
+    settings = dict(model=small_vocab, method="galore", rank=8, seq_len=32, weights="bf16")
     first = trace(batch_size=1, **settings)
     budget = first.peak_bytes * 3
     found = largest_batch(budget, first, **settings)
@@ -75,13 +75,13 @@ def test_largest_batch_fits_the_budget_and_one_more_does_not(small_vocab):
 def test_cli_json_has_the_peak_the_categories_and_adamw(small_vocab, tmp_path, capsys):
     out = tmp_path / "m.json"
     assert main(["memory", "--model", small_vocab, "--method", "apollo_mini", "--seq-len", "16", "--weights", "bf16",
-                 "--budget", "1", "--json", str(out)]) == 0
+                 "--budget", "0.01", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {"peak_bytes", "by_category", "adamw_peak_bytes", "budget"} <= set(data)
     assert data["budget"]["fits"] and data["budget"]["largest_batch_size"] > 1
     assert data["saving_bytes"] == data["adamw_peak_bytes"] - data["peak_bytes"] > 0
     printed = capsys.readouterr().out
-    assert "apollo_mini" in printed and "adamw" in printed and "budget 1 GiB: fits" in printed
+    assert "apollo_mini" in printed and "adamw" in printed and "budget 0.01 GiB: fits" in printed
 
 
 def test_a_model_folder_reads_its_config_json(small_vocab):
@@ -146,7 +146,8 @@ def test_pretrain_prepares_bf16_weights_with_activation_checkpointing(small_voca
     cfg = C.finalize(C.build(dict(model=small_vocab, method="fira", rank=4, weights="bf16-sr", states="8bit",
                                   activation_checkpointing=True, layerwise=True)))
     model = prepare_model(build_model(model_config(small_vocab), 0), cfg)
-    assert model.is_gradient_checkpointing and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+    assert (model.is_gradient_checkpointing if checkpointing is None else checkpointing) and {p.dtype for p in model.parameters()} == {torch.bfloat16}
     optimizer = make_optimizer(cfg, model)
     group = optimizer.param_groups[0]
     assert group["states"] == "8bit" and group["stochastic_rounding"] is True
