@@ -71,8 +71,6 @@ def register(sub) -> argparse.ArgumentParser:
     return parser
 
 
-def _gib(n) -> str:
-    return f"{n / GIB:8.2f}"
 
 
 def describe(settings: dict) -> str:
@@ -88,25 +86,27 @@ def format_report(result: dict) -> str:
     """The table of one ``run`` result (method beside AdamW, GiB)."""
     ours, adamw = result["trace"], result["adamw"]
     name = ours["settings"]["method"]
+    unit, size = ("GiB", GIB) if max(ours["peak_bytes"], adamw["peak_bytes"]) >= GIB else ("MiB", 2**20)
     lines = [f"{ours['settings']['model']}: {describe(ours['settings'])}",
-             f"{'peak GiB, by category':<24}{name:>12}{'adamw':>12}"]
+             f"{'peak ' + unit + ', by category':<24}{name:>12}{'adamw':>12}"]
     for key in CATEGORIES:
-        lines.append(f"{key.replace('_', ' '):<24}{_gib(ours['by_category'][key]):>12}{_gib(adamw['by_category'][key]):>12}")
-    lines.append(f"{'peak':<24}{_gib(ours['peak_bytes']):>12}{_gib(adamw['peak_bytes']):>12}")
+        lines.append(f"{key.replace('_', ' '):<24}{ours['by_category'][key] / size:>12.2f}"
+                     f"{adamw['by_category'][key] / size:>12.2f}")
+    lines.append(f"{'peak':<24}{ours['peak_bytes'] / size:>12.2f}{adamw['peak_bytes'] / size:>12.2f}")
     lines.append(f"peak during: {ours['peak_phase']} ({name}), {adamw['peak_phase']} (adamw)")
     saving = adamw["peak_bytes"] - ours["peak_bytes"]
-    lines.append(f"saving vs AdamW ({describe(adamw['settings'])}): {saving / GIB:.2f} GiB "
+    lines.append(f"saving vs AdamW ({describe(adamw['settings'])}): {saving / size:.2f} {unit} "
                  f"({saving / adamw['peak_bytes']:.1%})")
     budget = result.get("budget")
     if budget:
         fits = ours["peak_bytes"] <= budget["bytes"]
         head = budget["bytes"] - ours["peak_bytes"]
         lines.append(f"budget {budget['gib']:g} GiB: {'fits' if fits else 'does not fit'}, "
-                     f"{'headroom' if fits else 'over by'} {abs(head) / GIB:.2f} GiB")
+                     f"{'headroom' if fits else 'over by'} {abs(head) / size:.2f} {unit}")
         if budget["largest_batch_size"]:
             lines.append(f"largest batch that fits: {budget['largest_batch_size']} "
-                         f"(traced peak {budget['peak_bytes_at_largest'] / GIB:.2f} GiB; "
-                         f"{budget['bytes_per_sequence'] / GIB:.3f} GiB per sequence)")
+                         f"(traced peak {budget['peak_bytes_at_largest'] / size:.2f} {unit}; "
+                         f"{budget['bytes_per_sequence'] / size:.3f} {unit} per sequence)")
         else:
             lines.append("largest batch that fits: none (not even one sequence)")
     lines.append(f"traced in {result['seconds']:.0f} s")
