@@ -100,7 +100,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.text(GALORE_MEASURED_GB * 1e9 / 2**30, len(shown) - 0.4, " GaLore measured 22.72 GB", color="gray", fontsize=8)
     ax.set_yticks(range(len(shown)), [r["label"] for r in shown], fontsize=9)
     ax.invert_yaxis()
-    ax.set_xlabel("traced peak memory, GiB (LLaMA-7B, batch 1 x seq 256; split at the peak)")
+    ax.set_xlabel("traced peak memory, GiB (LLaMA-7B, seq 256, batch 1 unless named; split at the peak)")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_xlim(0, max(r["peak_bytes"] for r in shown) / 2**30 * 1.15)
     fig.tight_layout()
