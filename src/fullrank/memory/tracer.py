@@ -158,9 +158,8 @@ def trace(model="llama_7b", method="fira", *, rank=None, batch_size=1, seq_len=2
         with tracker:
             training_iterations(net, optimizer, cfg, device, mark=mark, before=before, after=after)
             current = next(iter(tracker.get_tracker_snapshot("current").values()), {})
-    peak, phase, snapshot = max(peaks, key=lambda p: p[0])  # ties: the first, iteration 1 (see restart)
-    if len(peaks) > 1 and peaks[-1][0] == peak:
-        peak, phase, snapshot = peaks[-1]  # with the state in place, iteration 2 splits the categories right
+    # the larger iteration peak; on a tie the later one, whose split sees the optimizer state in place
+    peak, phase, snapshot = max(reversed(peaks), key=lambda p: p[0])
     resident = _categories(current, ref)
     settings = dict(model=str(model), method=cfg.method, rank=cfg.rank if cfg.method not in ("adamw", "adamw8bit") else None,
                     batch_size=cfg.batch_size, seq_len=cfg.seq_len, weights=cfg.weights, states=cfg.states,
