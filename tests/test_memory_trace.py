@@ -21,7 +21,7 @@ def small_vocab(tmp_path_factory) -> str:
     """A LLaMA config.json whose activations outweigh its weights (vocabulary 512)."""
     path = tmp_path_factory.mktemp("model") / "config.json"
     LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=4,
-                num_hidden_layers=4, max_position_embeddings=256, tie_word_embeddings=False).to_json_file(str(path))
+                num_hidden_layers=2, max_position_embeddings=256, tie_word_embeddings=False).to_json_file(str(path))
     return str(path)
 
 
