@@ -134,8 +134,8 @@ def force_projection_refresh(optimizer: torch.optim.Optimizer, gap: int) -> int:
 
     The next ``step()`` then recomputes the projection, as it does once every ``gap`` steps in
     training. Works for ``fullrank`` (``proj_left``/``proj_right``, or ``proj_seed`` for a seeded random
-    projection) and for GaLore-style packages (``projector`` in state); plain AdamW states are
-    untouched. Returns how many states moved.
+    projection), for GaLore-style packages (``projector`` in state) and for pytorch-optimizer (its
+    projectors count the group's ``step``); plain AdamW states are untouched. Returns how many states moved.
     """
     moved = 0
     for state in optimizer.state.values():
@@ -145,6 +145,11 @@ def force_projection_refresh(optimizer: torch.optim.Optimizer, gap: int) -> int:
             continue
         state["step"] = (state["step"] // gap + 1) * gap
         moved += 1
+    for group in optimizer.param_groups:  # pytorch-optimizer: one counter per group, incremented before use
+        if group.get("rank") is not None and isinstance(group.get("step"), int) and any(
+                "projector" in optimizer.state.get(p, {}) for p in group["params"]):
+            group["step"] = ((group["step"] + 1) // gap + 1) * gap - 1
+            moved += 1
     return moved
 
 
