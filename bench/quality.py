@@ -90,7 +90,7 @@ def rows_of(table: str, hidden: int) -> list[tuple[str, dict]]:
         return [("APOLLO", dict(method="apollo")),
                 ("FRUGAL lr=0.001", dict(method="frugal", lr=1e-3)), ("LDAdam lr=0.001", dict(method="ldadam", lr=1e-3)),
                 ("SCALE lr=0.001", dict(method="scale", lr=1e-3)),
-                ("Fira, 8-bit states", dict(method="fira", optim_args={"states": "8bit"}))]
+                ("Fira, 8-bit states", dict(method="fira", states="8bit"))]
     raise ValueError(f"table must be one of {TABLES} or 'all', got {table!r}")
 
 
@@ -370,7 +370,7 @@ STUDY_ROWS = (  # in the order they train: a call cut short by its budget leaves
     ("apollo", "APOLLO", dict(method="apollo")),
     ("apollo_mini", "APOLLO-Mini", dict(method="apollo_mini")),
     ("scale", "SCALE (lr: fullrank pretrain's default)", dict(method="scale", lr=None)),
-    ("fira_8bit", "Fira, 8-bit optimizer states", dict(method="fira", optim_args={"states": "8bit"})),
+    ("fira_8bit", "Fira, 8-bit optimizer states", dict(method="fira", states="8bit")),
 )
 STUDY_ROW_IDS = tuple(row_id for row_id, _, _ in STUDY_ROWS)
 
@@ -447,6 +447,8 @@ def unavailable_reason(options: dict) -> str | None:
     import fullrank
 
     method, extra = options["method"], dict(options.get("optim_args", {}))
+    if "states" in options:  # a pretrain flag of its own (--states), an engine option here
+        extra["states"] = options["states"]
     if method not in fullrank.optimizer_methods():
         return f"method '{method}' is not in this build (fullrank.optimizer_methods(): {', '.join(fullrank.optimizer_methods())})"
     model = torch.nn.ModuleDict({"mlp": torch.nn.Linear(8, 8, bias=False)})

@@ -231,7 +231,7 @@ def _adamw8bit(param_groups, lr, betas, eps, weight_decay, **options) -> Subspac
 
 
 # Presets that are not SubspaceAdamW keep their own state and take no ``states`` option.
-_OWN_STATE_METHODS = ("flora", "sgd", "scale")
+_OWN_STATE_METHODS = ("flora", "sgd")
 
 
 def optimizer_methods() -> tuple[str, ...]:
