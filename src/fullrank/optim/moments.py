@@ -202,5 +202,5 @@ def require_bitsandbytes(name: str) -> None:
     try:
         import bitsandbytes.functional  # noqa: F401
     except ImportError as err:
-        raise ValueError("states='8bit' needs the bitsandbytes package (pip install 'bitsandbytes>=0.45'): "
+        raise ValueError("states='8bit' needs the bitsandbytes package (pip install 'fullrank[lowbit]' or 'bitsandbytes>=0.50'): "
                          f"{err}") from None
