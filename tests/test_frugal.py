@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import fullrank
+from tiny_block import Tiny, tiny_data, train_tiny
 from fullrank.memory import optimizer_state_bytes
 from fullrank.optim.frugal import FRUGAL, frugal_rank
 
@@ -160,50 +161,14 @@ def test_update_is_full_rank_and_state_free_part_is_a_sign():
 
 
 # --------------------------------------------------------------------------- state, resume
-class Tiny(nn.Module):
-    """A micro block whose Linear names match ``param_groups``' targets (self_attn, mlp)."""
-
-    def __init__(self, width=16, hidden=24, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Linear(6, width)
-        self.self_attn = nn.Linear(width, width, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.Tanh(), nn.Linear(hidden, width, bias=False))
-        self.head = nn.Linear(width, 1)
-
-    def forward(self, x):
-        h = torch.tanh(self.embed(x))
-        h = h + self.self_attn(h)
-        h = h + self.mlp(h)
-        return self.head(h).sum(-1)
-
-
-def _data(seed=0, n=64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g)
-    return x, torch.sin(x @ torch.randn(6, generator=g))
-
-
-def _train(model, opt, steps, data):
-    x, y = data
-    losses = []
-    for _ in range(steps):
-        loss = (model(x) - y).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    return losses
-
-
 def test_state_is_frugal_fraction_of_adamw():
     model = Tiny()
     opt = fullrank.make_optimizer("frugal", fullrank.param_groups(model, rank=4), lr=1e-3)
     adamw_model = Tiny()
     adamw = torch.optim.AdamW(adamw_model.parameters(), lr=1e-3)
-    data = _data()
-    _train(model, opt, 2, data)
-    _train(adamw_model, adamw, 2, data)
+    data = tiny_data()
+    train_tiny(model, opt, 2, data)
+    train_tiny(adamw_model, adamw, 2, data)
     projected = opt.param_groups[0]["params"]
     frugal_bytes = optimizer_state_bytes(opt, projected)
     adamw_bytes = optimizer_state_bytes(adamw, [p for n, p in adamw_model.named_parameters()
@@ -214,7 +179,7 @@ def test_state_is_frugal_fraction_of_adamw():
 
 
 def test_resume_is_exact_through_torch_load_weights_only():
-    data = _data(1)
+    data = tiny_data(1)
     options = dict(rank=4, update_proj_gap=3)
 
     def build(model):
@@ -222,11 +187,11 @@ def test_resume_is_exact_through_torch_load_weights_only():
 
     straight = Tiny(seed=2)
     opt = build(straight)
-    _train(straight, opt, 7, data)
+    train_tiny(straight, opt, 7, data)
 
     first = Tiny(seed=2)
     opt1 = build(first)
-    _train(first, opt1, 4, data)  # past one refresh, and the next lands after the resume
+    train_tiny(first, opt1, 4, data)  # past one refresh, and the next lands after the resume
     buffer = io.BytesIO()
     torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buffer)
     buffer.seek(0)
@@ -235,7 +200,7 @@ def test_resume_is_exact_through_torch_load_weights_only():
     resumed.load_state_dict(saved["model"])
     opt2 = build(resumed)
     opt2.load_state_dict(saved["opt"])
-    _train(resumed, opt2, 3, data)
+    train_tiny(resumed, opt2, 3, data)
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
 
@@ -246,7 +211,7 @@ def test_preset_trains_a_tiny_model(options):
     model = Tiny(seed=3)
     opt = fullrank.make_optimizer("frugal", fullrank.param_groups(model, rank=4, update_proj_gap=10), lr=3e-3,
                                   **options)
-    losses = _train(model, opt, 40, _data(2))
+    losses = train_tiny(model, opt, 40, tiny_data(2))
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -286,7 +251,7 @@ def test_fsdp2_refuses_the_rule_clearly():
             fully_shard(model)
             opt = fullrank.make_optimizer("frugal", fullrank.param_groups(model, rank=4))
             before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
-            x, y = _data(3)
+            x, y = tiny_data(3)
             (model(x) - y).square().mean().backward()
             with pytest.raises(ValueError, match="residual='frugal' is not shard_aware"):
                 opt.step()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import fullrank
+from tiny_block import Tiny, tiny_data, train_tiny
 from fullrank.memory import optimizer_state_bytes
 from fullrank.optim.ldadam import LDAdam
 
@@ -159,51 +160,15 @@ def test_paper_reference_matches_official_ldadamw():
 
 
 # --------------------------------------------------------------------------- state, resume, training
-class Tiny(nn.Module):
-    """A micro block whose Linear names match ``param_groups``' targets (self_attn, mlp)."""
-
-    def __init__(self, width=16, hidden=24, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Linear(6, width)
-        self.self_attn = nn.Linear(width, width, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.Tanh(), nn.Linear(hidden, width, bias=False))
-        self.head = nn.Linear(width, 1)
-
-    def forward(self, x):
-        h = torch.tanh(self.embed(x))
-        h = h + self.self_attn(h)
-        h = h + self.mlp(h)
-        return self.head(h).sum(-1)
-
-
-def _data(seed=0, n=64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g)
-    return x, torch.sin(x @ torch.randn(6, generator=g))
-
-
-def _train(model, opt, steps, data):
-    x, y = data
-    losses = []
-    for _ in range(steps):
-        loss = (model(x) - y).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    return losses
-
-
 def test_state_bytes_against_adamw():
     """Moments at r·max(m, n), P, and error feedback's m×n buffer (the official code keeps that
     buffer in ``param.grad`` instead): less than AdamW's 2·m·n, more than GaLore's."""
     model, adamw_model = Tiny(), Tiny()
     opt = fullrank.make_optimizer("ldadam", fullrank.param_groups(model, rank=4), lr=1e-3)
     adamw = torch.optim.AdamW(adamw_model.parameters(), lr=1e-3)
-    data = _data()
-    _train(model, opt, 2, data)
-    _train(adamw_model, adamw, 2, data)
+    data = tiny_data()
+    train_tiny(model, opt, 2, data)
+    train_tiny(adamw_model, adamw, 2, data)
     projected, names = opt.param_groups[0]["params"], opt.param_groups[0]["param_names"]
     ldadam_bytes = optimizer_state_bytes(opt, projected)
     adamw_bytes = optimizer_state_bytes(adamw, [p for n, p in adamw_model.named_parameters() if n in names])
@@ -213,16 +178,16 @@ def test_state_bytes_against_adamw():
 
 
 def test_resume_is_exact_through_torch_load_weights_only():
-    data = _data(1)
+    data = tiny_data(1)
 
     def build(model):
         return fullrank.make_optimizer("ldadam", fullrank.param_groups(model, rank=4), lr=3e-3, weight_decay=0.01)
 
     straight = Tiny(seed=2)
-    _train(straight, build(straight), 6, data)
+    train_tiny(straight, build(straight), 6, data)
     first = Tiny(seed=2)
     opt1 = build(first)
-    _train(first, opt1, 3, data)
+    train_tiny(first, opt1, 3, data)
     buffer = io.BytesIO()
     torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buffer)
     buffer.seek(0)
@@ -232,7 +197,7 @@ def test_resume_is_exact_through_torch_load_weights_only():
     opt2 = build(resumed)
     opt2.load_state_dict(saved["opt"])
     assert any("error" in s for s in opt2.state.values())
-    _train(resumed, opt2, 3, data)
+    train_tiny(resumed, opt2, 3, data)
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
 
@@ -242,7 +207,7 @@ def test_preset_trains_a_tiny_model_at_a_per_step_subspace():
     groups = fullrank.param_groups(model, rank=4)  # update_proj_gap=200 in the group: the preset forces 1
     opt = fullrank.make_optimizer("ldadam", groups, lr=1e-2)
     assert [g.get("update_proj_gap") for g in opt.param_groups if g.get("rank")] == [1]
-    losses = _train(model, opt, 40, _data(2))
+    losses = train_tiny(model, opt, 40, tiny_data(2))
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -262,7 +227,7 @@ def test_fsdp2_refuses_error_feedback_clearly():
             fully_shard(model)
             opt = fullrank.make_optimizer("ldadam", fullrank.param_groups(model, rank=4))
             before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
-            x, y = _data(3)
+            x, y = tiny_data(3)
             (model(x) - y).square().mean().backward()
             with pytest.raises(ValueError, match="pre_projection='error_feedback' is not supported on FSDP2"):
                 opt.step()

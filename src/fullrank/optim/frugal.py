@@ -46,7 +46,7 @@ from . import state as S
 from .components import Option, check_range, number
 from .engine import SubspaceAdamW
 from .projector import projection_side
-from .projectors import PROJECTOR_REGISTRY, Projector
+from .projectors import PROJECTOR_REGISTRY, RandomProjector
 from .random_proj import projection_seed
 from .residual import Bucket, Contribution, Rule, norm_dtype, register_rule
 
@@ -94,21 +94,13 @@ def random_columns(shape: tuple[int, int], side: str, rank: int, seed: int, devi
     return left, right
 
 
-class RandomColumns(Projector):
+class RandomColumns(RandomProjector):
     """``projector="random_columns"``: FRUGAL's "randperm" projection — r random rows (left) or
     columns (right) of G are state-full, redrawn at every refresh from the group's ``seed``, the
     parameter's ordinal and the step (the same on every rank and after a resume)."""
 
     name = "random_columns"
     fitted = False
-
-    def validate(self, group):
-        if group.get("rank_energy") is not None:
-            raise ValueError("rank_energy (adaptive rank) reads the gradient's spectrum and needs projector='svd', "
-                             "got projector='random_columns'")
-        if group["refresh_threshold"] > 0:
-            raise ValueError("refresh_threshold > 0 (convergence-triggered refresh) needs projector='svd', got "
-                             "projector='random_columns'")
 
     def draw(self, group: dict, pairs, shape, side) -> list:
         out = []

@@ -30,10 +30,11 @@ class RandomProjector(Projector):
     def validate(self, group):
         if group.get("rank_energy") is not None:
             raise ValueError("rank_energy (adaptive rank) reads the gradient's spectrum and needs projector='svd', "
-                             "got projector='random'")
+                             f"got projector={self.name!r}")
         if group["refresh_threshold"] > 0:
             raise ValueError("refresh_threshold > 0 (convergence-triggered refresh) needs projector='svd': a random "
-                             "subspace captures a share of the gradient set by its dimensions, not by convergence")
+                             "subspace captures a share of the gradient set by its dimensions, not by convergence "
+                             f"(got projector={self.name!r})")
         if stores_seed_only(group) and group["on_switch"] == "reproject":
             raise ValueError("on_switch='reproject' needs an orthonormal projection; with projector='random' and "
                              "residual='only_scaling' P is APOLLO's Gaussian sketch: on_switch must be one of "
