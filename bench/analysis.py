@@ -4,7 +4,7 @@
     python bench/analysis.py runs --only probe_adamw,probe_galore
     python bench/analysis.py report                              # analyses -> bench/results/analysis_cpu.json, figures
 
-Every run uses ``fullrank.analysis.harness.run_experiment`` (the loop of ``fullrank pretrain`` with the
+Every run uses ``fullrank.train.experiment.run_experiment`` (the loop of ``fullrank pretrain`` with the
 probes' hooks): llama_tiny, 150 steps of 8 x 256 tokens, T = 50, seed 0, the cpu profile of
 bench/quality.py. Run directories go to runs/analysis/ (ignored by git).
 
@@ -59,7 +59,7 @@ def _one(name: str, threads: int) -> tuple[str, dict]:
     import torch
 
     torch.set_num_threads(threads)
-    from fullrank.analysis.harness import run_experiment
+    from fullrank.train.experiment import run_experiment
 
     spec = {**PROFILE, **RUNS_SPEC[name]}
     try:

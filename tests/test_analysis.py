@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fullrank.analysis import similarity as sim
 from fullrank.analysis import variance
-from fullrank.analysis.harness import make_probes, run_experiment, train_steps
+from fullrank.analysis.harness import make_probes, train_steps
+from fullrank.train.experiment import run_experiment
 from fullrank.analysis.scaling_probe import (
     PROBE_FILE,
     ScalingProbe,
@@ -270,12 +271,7 @@ def test_spike_logger_reads_the_engine_residual_stats(tmp_path):
 def test_loop_probes_from_a_config(tmp_path):
     from types import SimpleNamespace
 
-    from fullrank.analysis.harness import (
-        default_probe_ranks,
-        loop_probes,
-        parse_probe_names,
-        probe_summary,
-    )
+    from fullrank.train.probes import default_probe_ranks, loop_probes, parse_probe_names, probe_summary
 
     model = tiny_model()
     assert default_probe_ranks(model) == [2, 16]

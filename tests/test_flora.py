@@ -125,15 +125,15 @@ def test_sgd_preset_matches_reference_loop():
         SGDMomentum([p], momentum=1.5)
 
 
-def test_bench_harness_builds_the_baselines():
-    from fullrank.analysis.harness import build_optimizer
+def test_make_optimizer_builds_the_baselines():
     from fullrank.optim.groups import param_groups
 
     model = torch.nn.Sequential()
     model.add_module("mlp", torch.nn.Linear(8, 8))
     groups = param_groups(model, rank=2, target_modules=("mlp",), update_proj_gap=5)
-    assert isinstance(build_optimizer("flora", groups, 0.01, {}), Flora)
-    assert isinstance(build_optimizer("sgd", groups, 0.01, {"momentum": 0.5}), SGDMomentum)
+    assert isinstance(fullrank.make_optimizer("flora", groups, lr=0.01), Flora)
+    sgd = fullrank.make_optimizer("sgd", groups, lr=0.01, momentum=0.5)
+    assert isinstance(sgd, SGDMomentum) and sgd.param_groups[0]["momentum"] == 0.5
 
 
 def test_flora_absolute_step_by_default():

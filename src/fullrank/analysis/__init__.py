@@ -6,7 +6,7 @@ A training loop carries the probes through two hooks, ``before_step(step)`` (gra
 before ``optimizer.step()``) and ``after_step(step[, loss])``; ``python -m fullrank.analysis``
 analyses their records.
 """
-from .harness import Probes, make_probes, run_experiment, train_steps
+from .harness import Probes, make_probes, train_steps
 from .scaling_probe import PROBE_FILE, ScalingProbe, projected_weights, read_probe
 from .spikes import SPIKES_FILE, SpikeLogger, find_spikes, read_spikes, spike_summary
 
@@ -21,7 +21,6 @@ __all__ = [
            "projected_weights",
            "read_probe",
            "read_spikes",
-           "run_experiment",
            "spike_summary",
            "train_steps",
 ]

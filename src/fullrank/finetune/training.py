@@ -347,7 +347,8 @@ def finetune(values: dict, resume: str | None = None) -> dict:
 def train_and_evaluate(cfg, model, tokenizer, optimizer, examples, run_dir, log, checkpoint) -> dict:
     from transformers import PrinterCallback, Trainer
 
-    from .. import hf, memory
+    from .. import hf
+    from ..optim.state_bytes import optimizer_state_bytes
 
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_trainable = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)
@@ -380,7 +381,7 @@ def train_and_evaluate(cfg, model, tokenizer, optimizer, examples, run_dir, log,
         "parameters": n_params, "trainable_parameters": n_trainable, "train_tasks": cfg.train,
         "steps": state.global_step, "epochs": state.epoch, "tokens": state.num_input_tokens_seen,
         "final_train_loss": losses[-1] if losses else None, **scores,
-        "optimizer_state_bytes": memory.optimizer_state_bytes(opt),
+        "optimizer_state_bytes": optimizer_state_bytes(opt),
         "peak_memory_bytes": mem, "peak_memory_kind": kind,
         "tokens_per_s": session_tokens / runtime if runtime else None, "train_time_s": runtime,
         "device": str(next(model.parameters()).device), "run_dir": str(run_dir),

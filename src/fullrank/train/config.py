@@ -22,10 +22,10 @@ STATE_PRECISIONS = ("32bit", "8bit")
 
 
 def engine_methods() -> tuple[str, ...]:
-    """The optimizer methods of the engine (``fullrank.OPTIMIZER_METHODS``)."""
-    import fullrank
+    """The optimizer methods of the engine (``fullrank.optimizer_methods()``)."""
+    import fullrank.optim as fullrank  # (the optimizers alone: no import of fullrank.memory)
 
-    return tuple(fullrank.OPTIMIZER_METHODS)
+    return tuple(fullrank.optimizer_methods())
 
 
 def all_methods() -> tuple[str, ...]:
@@ -263,8 +263,8 @@ def method_options(method: str) -> dict[str, Any]:
 
     import torch
 
-    import fullrank
-    from fullrank.optim.presets import Preset
+    import fullrank.optim as fullrank  # (the optimizers alone: no import of fullrank.memory)
+    from ..optim.presets import Preset
 
     if method == "adamw":
         classes = [torch.optim.AdamW]

@@ -220,7 +220,7 @@ def train(run: Run) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc=cfg.method, unit="step",
                disable=not (cfg.progress and env.main), dynamic_ncols=True, file=sys.stderr)
     ranks = RankTracker(run.optimizer)
-    from ..analysis.harness import loop_probes, probe_summary  # issue 11 instruments (--probe)
+    from .probes import loop_probes, probe_summary  # issue 11 instruments (--probe)
     run.probes = loop_probes(cfg, run.model, run.optimizer, run.run_dir) if env.main else None
     session_tokens, session_time, session_steps = 0, 0.0, 0
     last_eval, stopped_early, done = None, False, run.start_step
@@ -307,15 +307,15 @@ def log_eval(run: Run, step: int, loss: float) -> None:
 
 
 def summarize(run: Run, step: int, val_loss: float, tokens_per_s: float, stopped_early: bool) -> dict:
-    import fullrank.memory
+    from ..optim.state_bytes import optimizer_state_bytes, projected_state_bytes
 
     mem, kind = peak_memory(run.env.device)
     return {
         "model": run.cfg.model, "method": run.cfg.method, "rank": run.cfg.rank,
         "parameters": run.n_params, "trainable_parameters": run.n_trainable,
         "steps": step, "tokens": run.tokens, "final_val_loss": val_loss, "final_val_ppl": ppl(val_loss),
-        "optimizer_state_bytes": fullrank.memory.optimizer_state_bytes(run.optimizer),
-        "projected_state_bytes": fullrank.memory.projected_state_bytes(run.optimizer),
+        "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
+        "projected_state_bytes": projected_state_bytes(run.optimizer),
         "memory": memory_comparison(run.model, run.optimizer, run.cfg.target_modules),
         "final_ranks": final_ranks(run.optimizer),
         "peak_memory_bytes": mem, "peak_memory_kind": kind, "tokens_per_s": tokens_per_s,

@@ -68,7 +68,7 @@ class RankTracker:
             return {}
         fields = {f"rank_{k}": summary[k] for k in ("min", "median", "max", "mean")}
         if summary["ranks"] != self.last_ranks:
-            from ..memory import optimizer_state_bytes, projected_state_bytes
+            from ..optim.state_bytes import optimizer_state_bytes, projected_state_bytes
 
             self.last_ranks = summary["ranks"]
             fields.update(ranks=summary["ranks"], optimizer_state_bytes=optimizer_state_bytes(self.optimizer),
@@ -111,7 +111,7 @@ def memory_comparison(model: torch.nn.Module, optimizer, target_modules) -> dict
     """The optimizer's state beside what full-rank AdamW would hold for the same model, for the whole
     model and for the projected matrices alone (the ``nn.Linear`` modules named by ``target_modules``;
     for LoRA: their frozen weights, whose adapters' state is the method's)."""
-    from ..memory import optimizer_state_bytes
+    from ..optim.state_bytes import optimizer_state_bytes
     from ..optim.sharding import is_distributed_tensor
 
     model = getattr(model, "module", model)

@@ -206,13 +206,13 @@ def _refused(cfg: C.TrainConfig, err: Exception) -> ConfigError:
 def make_optimizer(cfg: C.TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The engine's optimizer for ``cfg.method`` (AdamW on the trainable parameters for LoRA/ReLoRA),
     stepped per parameter during backward with ``--layerwise``."""
-    import fullrank
+    import fullrank.optim as fullrank  # (the optimizers alone: no import of fullrank.memory)
 
     optimizer = _engine_optimizer(cfg, model)
     if not cfg.layerwise:
         return optimizer
     try:
-        layerwise = fullrank.optim.LayerwiseOptimizer(model, optimizer, accumulation_steps=cfg.grad_accum)
+        layerwise = fullrank.LayerwiseOptimizer(model, optimizer, accumulation_steps=cfg.grad_accum)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"--layerwise: method '{cfg.method}' cannot run layer-wise: {str(err).splitlines()[0]}") from None
     if next(model.parameters()).device.type == "meta":  # the option check of check_inputs: no hooks left on a throw-away model
@@ -221,7 +221,7 @@ def make_optimizer(cfg: C.TrainConfig, model: torch.nn.Module) -> torch.optim.Op
 
 
 def _engine_optimizer(cfg: C.TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    import fullrank
+    import fullrank.optim as fullrank  # (the optimizers alone: no import of fullrank.memory)
 
     hyper = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
