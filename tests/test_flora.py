@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+
+import fullrank
 from transformers.optimization import Adafactor
 
 from fullrank.optim.flora import Flora, SGDMomentum

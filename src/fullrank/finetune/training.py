@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from ..train.errors import ConfigError, TrainingError, first_line
+from ..optim.components import check_range
 from ..train.metrics import MetricsLog, peak_memory
 from ..train.config import STATE_PRECISIONS, WEIGHT_PRECISIONS
 from ..train.setup import enable_activation_checkpointing, remove_outputs
@@ -100,11 +101,9 @@ def _methods() -> tuple[str, ...]:
     return (*fullrank.optimizer_methods(), LORA)
 
 
-def _range(name: str, value, low, high=None, integer=True) -> None:
-    flag = "--" + name.replace("_", "-")
-    if value < low or (high is not None and value > high):
-        span = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(f"{flag}: must be {'an integer' if integer else 'a number'} {span}, got {value}")
+def _range(name: str, value, low, high=math.inf, integer=True) -> None:
+    """``optim.components.check_range`` naming the flag, as a ConfigError."""
+    check_range("--" + name.replace("_", "-"), value, low, high, integer=integer, error=ConfigError)
 
 
 def validate(cfg: FinetuneConfig) -> FinetuneConfig:

@@ -35,15 +35,17 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_range(name: str, value, low: float, high: float, *, low_open=False, high_open=False, integer=False):
-    """Raise ValueError unless ``low (<|<=) value (<|<=) high``; the message states the range."""
+def check_range(name: str, value, low: float, high: float, *, low_open=False, high_open=False, integer=False,
+                error: type[Exception] = ValueError):
+    """Raise ``error`` (ValueError; the CLIs' ConfigError) unless ``low (<|<=) value (<|<=) high``; the
+    message names ``name`` and states the range. The project's one range checker."""
     ok = _is_int(value) if integer else _is_real(value)
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
         kind = "an integer" if integer else "a number"
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be {kind} in {interval}, got {value!r}")
+        raise error(f"{name} must be {kind} in {interval}, got {value!r}")
 
 
 Check = Callable[[str, Any], None]

@@ -317,11 +317,11 @@ def optim_help() -> str:
 
 
 def _range(name: str, value, low, high=math.inf, *, low_open=False, high_open=False, integer=False):
-    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {'inf' if high == math.inf else high}{')' if high_open or high == math.inf else ']'}"
-        flag = "--" + name.replace("_", "-")
-        raise ConfigError(f"{flag} must be {'an integer' if integer else 'a number'} in {interval}, got {value!r}")
+    """``optim.components.check_range`` naming the flag, as a ConfigError."""
+    from ..optim.components import check_range
+
+    check_range("--" + name.replace("_", "-"), value, low, high, low_open=low_open, high_open=high_open,
+                integer=integer, error=ConfigError)
 
 
 def validate_ranges(cfg: TrainConfig) -> None:
