@@ -19,22 +19,19 @@ Defaults: β = (0.908, 0.99), ρ = 0.908, rank 16 (pre-training scripts: rank 8)
 
 What this preset configures (:class:`LDAdam`): ``svd="warm"`` with ``warm_iters=1`` (one round
 P_t = QR(G·Gᵀ·P_{t−1}); exact SVD at the first step), ``update_proj_gap=1`` (forced on every
-projected group: a per-step subspace is the method), ``on_switch="reproject"`` (M̃ = Q·M,
-V ← (Q∘Q)·V clamped at 0), ``pre_projection="error_feedback"`` (A = G + E, E ← A − P·R),
+projected group: a per-step subspace is the method), ``on_switch="ldadam"`` (M̃ = Q·M and the
+paper's projection-aware second moment, ``switch.py``), ``pre_projection="error_feedback"`` (A = G + E, E ← A − P·R),
 ``residual="discard"`` (update P·ψ, α = 1), no limiter.
 
-It differs from Algorithm 1 in three places, each a seam the engine lacks (``tests/test_ldadam.py``
-checks the preset against a reference with these three choices, and that each of them is a real
-difference):
+It differs from Algorithm 1 in two places, each a seam the engine lacks (``tests/test_ldadam.py``
+checks the preset against a reference with these choices, and that each of them is a real
+difference; the second moment's transfer, a third until ``on_switch="ldadam"`` existed, is the paper's):
 
 1. **The power iteration's matrix.** The engine refines P from the corrected gradient G_t + E_{t−1}
    (the refresh sees the pre-projection transform's G̃); LDAdam from
    B_t = ρ·P_{t−1}·M̂_{t−1} + (1 − ρ)·(G_t + E_{t−1}). An SVD backend's ``refine`` does not see the
    moments.
-2. **The second moment's transfer.** ``reproject`` rotates V with Q∘Q; LDAdam rotates the variance
-   V/b₂ − M̂² with Q∘Q and adds back the square of the rotated mean (Q·M̂)², then |·|. The two agree
-   only when Q is a signed permutation. This is an ``on_switch`` policy of its own (``switch.py``).
-3. **The generalized error feedback.** The engine's E keeps the gradient's compression error
+2. **The generalized error feedback.** The engine's E keeps the gradient's compression error
    A − P·R only; LDAdam adds the momentum's, β₁/(1 − β₁)·(I − P_t·P_tᵀ)·P_{t−1}·M_{t−1} — it needs
    P_{t−1} and M_{t−1} at the switch, which the transform does not see.
 
@@ -72,7 +69,7 @@ class LDAdam(SubspaceAdamW):
                       else g for g in params]
         options.setdefault("svd", "warm")
         options.setdefault("warm_iters", 1)
-        options.setdefault("on_switch", "reproject")
+        options.setdefault("on_switch", "ldadam")
         options.setdefault("pre_projection", "error_feedback")
         options.setdefault("residual", "discard")
         options.setdefault("limiter", "none")

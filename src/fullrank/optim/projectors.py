@@ -35,8 +35,8 @@ class RandomProjector(Projector):
             raise ValueError("refresh_threshold > 0 (convergence-triggered refresh) needs projector='svd': a random "
                              "subspace captures a share of the gradient set by its dimensions, not by convergence "
                              f"(got projector={self.name!r})")
-        if stores_seed_only(group) and group["on_switch"] == "reproject":
-            raise ValueError("on_switch='reproject' needs an orthonormal projection; with projector='random' and "
+        if stores_seed_only(group) and group["on_switch"] in ("reproject", "ldadam"):
+            raise ValueError(f"on_switch={group['on_switch']!r} needs an orthonormal projection; with projector='random' and "
                              "residual='only_scaling' P is APOLLO's Gaussian sketch: on_switch must be one of "
                              "('keep', 'reset')")
 

@@ -227,7 +227,7 @@ def _install(group: dict, state: dict, item, left, right, seed) -> None:
             if left is not None:
                 left = sharding.local_rows(left, shard)
                 old = state.get(S.PROJ_LEFT)
-                if group["on_switch"] == "reproject" and old is not None:  # P_newᵀ·P_old = Σ_k over rows
+                if group["on_switch"] in ("reproject", "ldadam") and old is not None:  # P_newᵀ·P_old = Σ_k over rows
                     rotations = (sharding.all_reduce_(left.T @ old, shard.group), None)
         else:
             low_shape = torch.Size((shard.rows, low_shape[1]))
@@ -235,7 +235,8 @@ def _install(group: dict, state: dict, item, left, right, seed) -> None:
     if S.EXP_AVG not in state:
         store.zeros(state, low_shape, item.grad)
     else:
-        switch_moments_(state, group["on_switch"], left, right, low_shape, rotations, store, item.grad)
+        switch_moments_(state, group["on_switch"], left, right, low_shape, rotations, store, item.grad,
+                        group["betas"])
         if group["reset_limiter_on_switch"]:
             state[S.RESIDUAL_NORM] = torch.zeros_like(state[S.RESIDUAL_NORM])
     for key, value in ((S.PROJ_LEFT, left), (S.PROJ_RIGHT, right), (S.PROJ_SEED, seed)):

@@ -21,6 +21,13 @@
                  the total Σ_i V_i of each column under any rotation (Q's columns are unit
                  vectors), and it never invents curvature outside what the old subspace had seen:
                  directions new to the subspace start at M = V = 0, as Adam starts any coordinate.
+* ``ldadam``     LDAdam's projection-aware transfer (Robert et al., arXiv 2410.16103, Algorithm 1):
+                 M_new = Q·M as ``reproject``, and the second moment carried as a variance around the
+                 rotated mean, with M̂ = M/b₁, b₁ = 1 − β₁^s, b₂ = 1 − β₂^s (s Adam steps so far)::
+
+                     V_new = b₂·|(Q∘Q)·(V/b₂ − M̂²) + (Q·M̂)²|
+
+                 equal to ``reproject`` when Q is a signed permutation (``tests/test_ldadam.py``).
 * ``reset``      zero moments and restart Adam's bias correction.
 
 The switch allocates new tensors at the new shape (the matmuls do), so no moment is a view of a
@@ -35,7 +42,7 @@ from .components import Option, declare, choice, flag
 from .moments import MomentStore
 from .moments import low_shape as low_shape_of
 
-ON_SWITCH = ("keep", "reproject", "reset")
+ON_SWITCH = ("keep", "reproject", "ldadam", "reset")
 OPTIONS = declare({
     "on_switch": Option("keep", choice(*ON_SWITCH), "Adam's moments when P changes: keep, reproject or reset"),
     "reset_limiter_on_switch": Option(False, flag, "forget the limiter's previous norm when P changes"),
@@ -71,15 +78,30 @@ def switch_moments_(
     rotations: tuple | None = None,
     store: MomentStore | None = None,
     like: torch.Tensor | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> None:
     """Carry ``state``'s moments from its current projection to (new_left, new_right); ``rotations``:
     (Q_left, Q_right) when the caller computed them (a sharded P: the sum over the ranks' rows);
     ``store``: where the moments live (``moments.py``, default full precision); ``like``: a tensor of
-    the parameter's dtype and device (new moments), default the moments'."""
+    the parameter's dtype and device (new moments), default the moments'; ``betas``: Adam's (``ldadam``)."""
     if policy not in ON_SWITCH:
         raise ValueError(f"on_switch must be one of {ON_SWITCH}, got {policy!r}")
     store = store or MomentStore()
-    if policy == "reproject":
+    if policy == "ldadam" and state.get(S.ADAM_STEP, 0) > 0:
+        (exp_avg,), (exp_avg_sq,) = store.load([state])
+        q_left, q_right = rotations or _rotations(state.get(S.PROJ_LEFT), state.get(S.PROJ_RIGHT), new_left, new_right)
+        if exp_avg.dtype != (q_left if q_left is not None else q_right).dtype:
+            q_left, q_right = (None if q is None else q.to(exp_avg.dtype) for q in (q_left, q_right))
+        beta1, beta2 = betas
+        steps = state[S.ADAM_STEP]
+        bc1, bc2 = 1.0 - beta1**steps, 1.0 - beta2**steps
+        mean = exp_avg / bc1
+        squares = (lambda q: None if q is None else q.square())  # noqa: E731
+        rotated_mean = _apply(mean, q_left, q_right)
+        variance = _apply(exp_avg_sq / bc2 - mean.square(), squares(q_left), squares(q_right))
+        store.replace(state, _apply(exp_avg, q_left, q_right), (variance + rotated_mean.square()).abs_().mul_(bc2))
+        return
+    if policy in ("reproject", "ldadam"):
         (exp_avg,), (exp_avg_sq,) = store.load([state])
         q_left, q_right = rotations or _rotations(state.get(S.PROJ_LEFT), state.get(S.PROJ_RIGHT), new_left, new_right)
         if exp_avg.dtype != (q_left if q_left is not None else q_right).dtype:
