@@ -1,6 +1,7 @@
 """LDAdam (Robert et al., ICLR 2025, arXiv 2410.16103) from the engine's units: the preset against a
-reference written from the paper's Algorithm 1, with the three places where the engine's units
-differ from it made explicit (two: the second moment now follows the paper) (``fullrank/optim/ldadam.py``), state size, resume, training, FSDP2.
+reference written from the paper's Algorithm 1, with a switch for each of three places where the
+engine's units could differ from it (two do; the second moment follows the paper,
+``fullrank/optim/ldadam.py``), state size, resume, training, FSDP2.
 
 ``ldadam_reference`` implements Algorithm 1 with a switch for each of those three places:
 
