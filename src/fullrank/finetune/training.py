@@ -103,7 +103,8 @@ def _methods() -> tuple[str, ...]:
 
 def _range(name: str, value, low, high=math.inf, integer=True) -> None:
     """``optim.components.check_range`` naming the flag, as a ConfigError."""
-    check_range("--" + name.replace("_", "-"), value, low, high, integer=integer, error=ConfigError)
+    check_range("--" + name.replace("_", "-"), value, low, high, high_open=high == math.inf, integer=integer,
+                error=ConfigError)  # (a flag is finite)
 
 
 def validate(cfg: FinetuneConfig) -> FinetuneConfig:

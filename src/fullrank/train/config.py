@@ -320,8 +320,8 @@ def _range(name: str, value, low, high=math.inf, *, low_open=False, high_open=Fa
     """``optim.components.check_range`` naming the flag, as a ConfigError."""
     from ..optim.components import check_range
 
-    check_range("--" + name.replace("_", "-"), value, low, high, low_open=low_open, high_open=high_open,
-                integer=integer, error=ConfigError)
+    check_range("--" + name.replace("_", "-"), value, low, high, low_open=low_open,
+                high_open=high_open or high == math.inf, integer=integer, error=ConfigError)  # (a flag is finite)
 
 
 def validate_ranges(cfg: TrainConfig) -> None:
