@@ -1,4 +1,4 @@
-"""Instruments for the Fira paper's evidence (issue 11): the scaling-factor probe and its
+"""Instruments for the Fira paper's evidence: the scaling-factor probe and its
 analyses (Fig. 3, Tables 7/8, rebuttal r1/r2/r6/r7), loss-spike records (Figs. 2, 4, 9, 10) and
 the early-training variance of φ (Appendix A.1, Theorem 1, Fig. 8).
 

@@ -21,14 +21,16 @@ memory of a step is at most that cap (or one matrix, if larger) for the gradient
 bucket's low-rank temporaries (R, ψ, moments: ≈ 3·r/min(m, n) of it), e.g. 256 MiB against the
 13 GiB of bf16 gradients of LLaMA-7B (2%). On the CPU the default bucket is one matrix: there the
 step is bound by memory traffic, not launches, and a one-matrix bucket is a view of its gradient whose
-update goes straight into the weight (one ``addmm_`` and one ``addcmul_``, engine v1's two passes). The optimizer state stays per parameter, exactly
+update goes straight into the weight (one ``addmm_`` and one ``addcmul_``, two passes over W). The optimizer state stays per parameter, exactly
 2·r·max(m, n) + r·min(m, n) elements per matrix (``state.py`` owns the schema).
 
-The parts are units with one owner each: ``residual.py`` (update rules, a registry), ``limiter.py``
-(limiters, a registry), ``inner_adam.py`` (Adam), ``subspace.py`` (when and how P is recomputed:
-exact / randomized / warm-started SVD, random, adaptive rank, staggering, moment carry-over),
-``state.py`` (state keys and their checks), ``options.py`` (validation). The engine has no branch
-per rule or limiter.
+The parts are units with one owner each, each declaring its options and state (``components.py``):
+``residual.py`` (update rules), ``limiter.py`` (limiters), ``moments.py`` (where Adam's moments live:
+32-bit, 8-bit), ``transforms.py`` (what acts on G before projection), ``inner_adam.py`` (Adam),
+``subspace.py`` (when and how P is recomputed: ``svd.py``'s backends, ``projectors.py``, adaptive rank,
+staggering, moment carry-over), ``update.py`` (the update's assembly and its writers), ``weights.py``
+(stochastic rounding), ``state.py`` (state keys and their checks), ``options.py`` (the merged options
+and their validation). The engine has no branch per rule, limiter, store or transform.
 
 **FSDP2.** Parameters sharded by ``fully_shard`` (DTensors, ``Shard(0)``) are stepped on this
 process's rows with the projection of the whole matrix: ``sharding.py`` owns the collectives (a

@@ -205,7 +205,7 @@ PRESETS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "apollo_mini": APOLLO_Mini,
     "flora": Flora,  # rebuttal Tables r6/r7 baseline (Hao et al. 2024)
     "sgd": SGDMomentum,  # paper Fig. 15 baseline
-    "scale": SCALE,  # Glentis et al. 2025 (arXiv 2506.16659), issue #18
+    "scale": SCALE,  # Glentis et al. 2025 (arXiv 2506.16659)
     "frugal": FRUGAL,  # Zmushko et al. 2025 (frugal.py)
     "ldadam": LDAdam,  # Robert et al. 2025, from the engine's units (ldadam.py)
 }

@@ -90,7 +90,7 @@ def residual_base(contribution: Contribution, grads: torch.Tensor) -> torch.Tens
 def write_matrix_(param: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor | None, term: torch.Tensor | None,
                   a: float, left, right, step_size: float, decay: float) -> None:
     """W ← W·decay − η·(a·back(term) + coef∘G) for one matrix, in two passes over W: one ``addmm_``
-    (with the decay as its β) and one ``addcmul_`` — no m×n temporary (engine v1's arithmetic)."""
+    (with the decay as its β) and one ``addcmul_`` — no m×n temporary."""
     left = None if left is None else left[0]
     right = None if right is None else right[0]
     if term is not None:

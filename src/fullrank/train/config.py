@@ -98,7 +98,7 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     threads: int = _f(0, "CPU threads of PyTorch (torch.set_num_threads); 0 = auto: 1 when other work keeps the CPU busy (1-minute load average >= 1), else PyTorch's default (one per core)")
     progress: bool = _f(True, "show the tqdm progress bar")
-    probe: str = _f("", "instruments to carry (issue 11), comma-separated: scaling (scaling-factor probe: scaling_probe.jsonl), spikes (loss, gradient and residual norms per step: spikes.jsonl, spike metric in summary.json); empty: none")
+    probe: str = _f("", "instruments to carry, comma-separated: scaling (scaling-factor probe: scaling_probe.jsonl), spikes (loss, gradient and residual norms per step: spikes.jsonl, spike metric in summary.json); empty: none")
     probe_ranks: list = _f([], "ranks of the scaling probe's shadow low-rank Adam, comma-separated (default: d/16 and d/2 of the projected matrices)")
     tensorboard: bool | None = _f(None, "write TensorBoard event files to RUN_DIR/tensorboard (needs the 'tensorboard' package: pip install fullrank[tensorboard]); default: on when it is installed")
 

@@ -191,7 +191,7 @@ def optimizer_step(run: Run, params: list[torch.Tensor], step: int) -> tuple[flo
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if cfg.grad_clip > 0 else None
     lr = opt.param_groups[0]["lr"]
     probes = getattr(run, "probes", None)
-    if probes is not None:  # issue 11 instruments (--probe): the gradients are final here
+    if probes is not None:  # the --probe instruments: the gradients are final here
         probes.before_step(step)
     try:
         opt.step()
@@ -220,7 +220,7 @@ def train(run: Run) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc=cfg.method, unit="step",
                disable=not (cfg.progress and env.main), dynamic_ncols=True, file=sys.stderr)
     ranks = RankTracker(run.optimizer)
-    from .probes import loop_probes, probe_summary  # issue 11 instruments (--probe)
+    from .probes import loop_probes, probe_summary  # the --probe instruments
     run.probes = loop_probes(cfg, run.model, run.optimizer, run.run_dir) if env.main else None
     session_tokens, session_time, session_steps = 0, 0.0, 0
     last_eval, stopped_early, done = None, False, run.start_step
