@@ -108,3 +108,18 @@ def reference_run(W0, grads, *, rank, update_proj_gap, scale, lr, betas=(0.9, 0.
         W = W * (1 - lr * weight_decay) - lr * update
         history.append(W.clone())
     return history, s_norms
+
+
+def engine_run(W0, grads, optimizer=None, **options):
+    """Weights after each step of ``optimizer`` (a SubspaceAdamW class) on one matrix, and the optimizer."""
+    import fullrank
+
+    optimizer = optimizer or fullrank.SubspaceAdamW
+    W = torch.nn.Parameter(W0.clone())
+    opt = optimizer([{"params": [W], "rank": options.pop("rank")}], **options)
+    history = []
+    for G in grads:
+        W.grad = G.clone()
+        opt.step()
+        history.append(W.detach().clone())
+    return history, opt

@@ -4,8 +4,7 @@ import itertools
 import pytest
 import torch
 
-import fullrank
-from reference import reference_run
+from reference import engine_run, reference_run
 
 RULES = ("discard", "add", "scale_matrix", "scale_column", "only_scaling")
 LIMITERS = ("none", "norm_growth", "clip", "gradient_shrink", "tensor_scaling")
@@ -17,17 +16,6 @@ def gradient_sequence(shape, steps, seed):
     g = torch.Generator().manual_seed(seed)
     scales = [1.0, 1.5, 0.7, 2.5, 2.6, 0.5, 3.0, 1.0]
     return [torch.randn(shape, generator=g, dtype=torch.float64) * scales[k % len(scales)] for k in range(steps)]
-
-
-def engine_run(W0, grads, **options):
-    W = torch.nn.Parameter(W0.clone())
-    opt = fullrank.SubspaceAdamW([{"params": [W], "rank": options.pop("rank")}], **options)
-    history = []
-    for G in grads:
-        W.grad = G.clone()
-        opt.step()
-        history.append(W.detach().clone())
-    return history, opt
 
 
 @pytest.mark.parametrize("rule,limiter", list(itertools.product(RULES, LIMITERS)))

@@ -9,14 +9,13 @@ choice (learning rates η·α and η·α·s, moments and step count reset at eve
 from __future__ import annotations
 
 import io
-import tempfile
 
 import pytest
 import torch
 from torch import nn
 
 import fullrank
-from tiny_block import Tiny, tiny_data, train_tiny
+from tiny_block import Tiny, assert_step_refused_on_fsdp2, tiny_data, train_tiny
 from fullrank.memory import optimizer_state_bytes
 from fullrank.optim.frugal import FRUGAL, frugal_rank
 
@@ -237,24 +236,6 @@ def test_options_are_checked():
 
 # --------------------------------------------------------------------------- FSDP2
 def test_fsdp2_refuses_the_rule_clearly():
-    """The sign residual is not shard_aware: on FSDP2 shards (a 1-process gloo group) the step
-    raises a ValueError naming the rule, and nothing is changed."""
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is needed")
-    from torch.distributed.fsdp import fully_shard
-
-    with tempfile.NamedTemporaryFile() as init:
-        dist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
-        try:
-            model = Tiny(seed=4)
-            fully_shard(model)
-            opt = fullrank.make_optimizer("frugal", fullrank.param_groups(model, rank=4))
-            before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
-            x, y = tiny_data(3)
-            (model(x) - y).square().mean().backward()
-            with pytest.raises(ValueError, match="residual='frugal' is not shard_aware"):
-                opt.step()
-            assert all(torch.equal(p.full_tensor(), before[n]) for n, p in model.named_parameters())
-        finally:
-            dist.destroy_process_group()
+    """The sign residual is not shard_aware: on FSDP2 shards the step raises a ValueError naming the rule,
+    and nothing is changed."""
+    assert_step_refused_on_fsdp2("frugal", "residual='frugal' is not shard_aware")

@@ -19,14 +19,14 @@ only where it is installed.
 from __future__ import annotations
 
 import io
-import tempfile
 
 import pytest
 import torch
 from torch import nn
 
 import fullrank
-from tiny_block import Tiny, tiny_data, train_tiny
+from reference import engine_run
+from tiny_block import Tiny, assert_step_refused_on_fsdp2, tiny_data, train_tiny
 from fullrank.memory import optimizer_state_bytes
 from fullrank.optim.ldadam import LDAdam
 
@@ -97,14 +97,7 @@ def _gradients(shape, steps, seed):
 
 
 def _engine_run(W0, grads, **options):
-    W = nn.Parameter(W0.clone())
-    opt = LDAdam([{"params": [W], "rank": options.pop("rank")}], **options)
-    history = []
-    for G in grads:
-        W.grad = G.clone()
-        opt.step()
-        history.append(W.detach().clone())
-    return history, opt
+    return engine_run(W0, grads, optimizer=LDAdam, **options)
 
 
 COMMON = dict(rank=3, lr=0.02, weight_decay=0.1)
@@ -214,24 +207,6 @@ def test_preset_trains_a_tiny_model_at_a_per_step_subspace():
 
 # --------------------------------------------------------------------------- FSDP2
 def test_fsdp2_refuses_error_feedback_clearly():
-    """The engine refuses pre-projection transforms on FSDP2 shards: LDAdam's step on a sharded
-    model (a 1-process gloo group) raises a ValueError naming the option, and changes nothing."""
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is needed")
-    from torch.distributed.fsdp import fully_shard
-
-    with tempfile.NamedTemporaryFile() as init:
-        dist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
-        try:
-            model = Tiny(seed=4)
-            fully_shard(model)
-            opt = fullrank.make_optimizer("ldadam", fullrank.param_groups(model, rank=4))
-            before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
-            x, y = tiny_data(3)
-            (model(x) - y).square().mean().backward()
-            with pytest.raises(ValueError, match="pre_projection='error_feedback' is not supported on FSDP2"):
-                opt.step()
-            assert all(torch.equal(p.full_tensor(), before[n]) for n, p in model.named_parameters())
-        finally:
-            dist.destroy_process_group()
+    """The engine refuses pre-projection transforms on FSDP2 shards: LDAdam's step raises a ValueError
+    naming the option, and changes nothing."""
+    assert_step_refused_on_fsdp2("ldadam", "pre_projection='error_feedback' is not supported on FSDP2")

@@ -2,6 +2,9 @@
 ``fullrank.param_groups``' default targets (self_attn, mlp), a regression task and a training loop."""
 from __future__ import annotations
 
+import tempfile
+
+import pytest
 import torch
 from torch import nn
 
@@ -41,3 +44,29 @@ def train_tiny(model, opt, steps, data):
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return losses
+
+
+def assert_step_refused_on_fsdp2(method: str, match: str) -> None:
+    """``method``'s step on a ``fully_shard``-ed Tiny (a 1-process gloo group) raises a ValueError
+    matching ``match`` and changes no weight."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    from torch.distributed.fsdp import fully_shard
+
+    import fullrank
+
+    with tempfile.NamedTemporaryFile() as init:
+        dist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
+        try:
+            model = Tiny(seed=4)
+            fully_shard(model)
+            opt = fullrank.make_optimizer(method, fullrank.param_groups(model, rank=4))
+            before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+            x, y = tiny_data(3)
+            (model(x) - y).square().mean().backward()
+            with pytest.raises(ValueError, match=match):
+                opt.step()
+            assert all(torch.equal(p.full_tensor(), before[n]) for n, p in model.named_parameters())
+        finally:
+            dist.destroy_process_group()

@@ -522,13 +522,13 @@ class SubspaceAdamW(Optimizer):
                 state[S.STEP] = 0
                 store.zeros(state, item.weight.shape, item.weight)
             state[S.STEP] += 1
-        chunked = [item for item in items if isinstance(store, moments.Blockwise8bit)
-                   and self.state[item.param][S.EXP_AVG].dtype == torch.uint8
-                   or weights.uses_stochastic_rounding(group, item.weight)]
-        for item in chunked:
-            self._plain_step_chunked(group, item, store, keep)
-        if chunked:
-            items = [item for item in items if all(item is not c for c in chunked)]
+        chunked = [self.state[item.param][S.EXP_AVG].dtype == torch.uint8
+                   or weights.uses_stochastic_rounding(group, item.weight) for item in items]
+        if any(chunked):  # 8-bit moments or stochastic rounding: chunk by chunk
+            for item, by_chunks in zip(items, chunked):
+                if by_chunks:
+                    self._plain_step_chunked(group, item, store, keep)
+            items = [item for item, by_chunks in zip(items, chunked) if not by_chunks]
             if not items:
                 return
         if keep is not None:
