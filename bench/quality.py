@@ -87,7 +87,7 @@ def rows_of(table: str, hidden: int) -> list[tuple[str, dict]]:
                 ("FiraAdaptive", dict(method="fira_adaptive"))]
     if table == "methods":  # issue 18: the methods users compare against, at their papers' learning rates
         # (Fira, GaLore and AdamW at these settings are rows of table lr: the docs set them side by side)
-        return [("APOLLO", dict(method="apollo")),
+        return [("Fira (32-bit states, retrained beside the others)", dict(method="fira")), ("APOLLO", dict(method="apollo")),
                 ("FRUGAL lr=0.001", dict(method="frugal", lr=1e-3)), ("LDAdam lr=0.001", dict(method="ldadam", lr=1e-3)),
                 ("SCALE lr=0.001", dict(method="scale", lr=1e-3)),
                 ("Fira, 8-bit states", dict(method="fira", states="8bit"))]
