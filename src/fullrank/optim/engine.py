@@ -44,12 +44,14 @@ one more. The optimizer state holds tensors and plain numbers only.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.adamw import adamw as torch_adamw
 
 from . import host, inner_adam, moments, sharding, subspace, weights
 from . import state as S
@@ -58,11 +60,10 @@ from .options import engine_options, unit_state_keys, validate_common, validate_
 from .projector import project, projection_side
 from .random_proj import stores_seed_only
 from .rank import current_rank, is_adaptive, summarize
-from .refresh import record_energy_, stacked_energy, uses_trigger
+from .refresh import record_energy_, refresh_possible, stacked_energy, stagger_offset, uses_trigger
 from .residual import Rule, get_rule, norm_dtype
 from .transforms import TRANSFORM_REGISTRY, Transform
-from .update import (low_rank_term, residual_base, residual_coefficients, residual_update, write_matrix_,
-                     write_stacked_)
+from .update import AdamOptions, bucket_update_
 
 MIB = 2**20
 # bucket_cap_mb=None: one matrix per bucket on the CPU (launches are cheap there and memory traffic is
@@ -90,7 +91,8 @@ def parameter_names(group: dict, offset: int = 0) -> list[str]:
 
 # The group options a plan is built from; with the options its rule and limiter declare (and α), which
 # it fixes, so that a compiled bucket step treats them as constants.
-_PLAN_KEYS = ("residual", "limiter", "refresh_threshold", "projector", "pre_projection", "compile")
+_PLAN_KEYS = ("residual", "limiter", "refresh_threshold", "projector", "pre_projection", "compile", "betas", "eps",
+              "weight_decay", "adam_convention")
 
 
 @dataclass(frozen=True)
@@ -103,13 +105,15 @@ class GroupPlan:
     seed_only: bool  # APOLLO: P regenerated from a stored seed
     transform: Transform  # the pre-projection transform
     options: dict  # α and the options the rule and the limiter declare
-    compiled: dict  # (side, compile) → residual_update, compiled on first use when asked
+    adam: AdamOptions
+    compiled: dict  # (side, compile) → bucket_update_, compiled on first use when asked
 
-    def residual_update(self, side: str, compile: bool):
-        """:func:`residual_update` with this plan's units bound, compiled when ``compile``."""
+    def bucket_update(self, side: str, compile: bool):
+        """:func:`update.bucket_update_` with this plan's units bound, compiled (``fullgraph=True``)
+        when ``compile``."""
         key = (side, compile)
         if key not in self.compiled:
-            fn = functools.partial(residual_update, self.rule, self.limiter, self.options, side)
+            fn = functools.partial(bucket_update_, self.rule, self.limiter, self.options, side, self.adam)
             self.compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
         return self.compiled[key]
 
@@ -140,6 +144,28 @@ def _check_dense(grad: torch.Tensor, name: str) -> None:
         raise ValueError(f"parameter {name!r} has a sparse gradient; SubspaceAdamW needs dense gradients")
 
 
+def _advance_counters(states: list[dict], keys: tuple[str, ...], keep: torch.Tensor | None) -> None:
+    """Count a step: +1 on int counters; on 0-d device counters (``capturable=True``) +keep, so that a
+    skipped step is not counted."""
+    for key in keys:
+        counters = [s[key] for s in states]
+        if isinstance(counters[0], torch.Tensor):
+            torch._foreach_add_(counters, [keep.to(counters[0].dtype)] * len(counters))
+        else:
+            for state in states:
+                state[key] += 1
+
+
+def _as_device_scalars(steps: list, lr, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Step counts and η as 0-d fp32 tensors on ``device`` (a compiled step sees them as inputs, not
+    constants: it is not recompiled when they change)."""
+    if not inner_adam.on_device(steps):
+        steps = list(torch.tensor(steps, dtype=torch.float32).to(device, non_blocking=True).unbind(0))
+    if not isinstance(lr, torch.Tensor):
+        lr = torch.tensor(lr, dtype=torch.float32).to(device, non_blocking=True)
+    return steps, lr
+
+
 def learning_rate(group: dict) -> float:
     """The group's η as a float (a 0-d tensor ``lr``, as torch optimizers accept, is read here)."""
     lr = group["lr"]
@@ -150,6 +176,9 @@ def _refuse_on_shards(group: dict, items: list[Item]) -> None:
     """8-bit moments, stochastic rounding and pre-projection transforms are refused on FSDP2 shards
     (with the option named)."""
     if any(item.shard is not None for item in items):
+        if group["capturable"]:
+            raise ValueError(f"capturable=True is not supported on FSDP2-sharded parameters ({items[0].name!r}); "
+                             "train with capturable=False under --fsdp")
         if is_projected(group) and group["pre_projection"] != "none":
             raise ValueError(f"pre_projection={group['pre_projection']!r} is not supported on FSDP2-sharded "
                              f"parameters ({items[0].name!r}); train without --fsdp")
@@ -205,7 +234,9 @@ class SubspaceAdamW(Optimizer):
             raise ValueError(f"maximize must be True or False, got {maximize!r}")
         defaults = {name: option.default for name, option in declared.items()}
         defaults.update(options, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
-        self.skipped_steps = 0
+        self._skipped = 0
+        self._skipped_on_device: torch.Tensor | None = None
+        self._schedule: dict[int, list[int]] = {}
         self.record_residual_stats = False
         self._residual_stats: dict | None = None
         self._plans: dict[int, tuple[tuple, GroupPlan]] = {}
@@ -231,6 +262,9 @@ class SubspaceAdamW(Optimizer):
         offset = sum(len(g["params"]) for g in self.param_groups[:-1])
         try:
             self._validate_group(group, offset)
+            if group["capturable"] != self.param_groups[0]["capturable"]:
+                raise ValueError(f"capturable must be the same in every param group: the new group has "
+                                 f"capturable={group['capturable']}, the first {self.param_groups[0]['capturable']}")
         except ValueError:
             self.param_groups.pop()
             raise
@@ -250,7 +284,8 @@ class SubspaceAdamW(Optimizer):
         if cached is not None and cached[0] == signature:
             return cached[1]
         plan = GroupPlan(rule=rule, limiter=limiter, trigger=uses_trigger(group), seed_only=stores_seed_only(group),
-                         transform=TRANSFORM_REGISTRY.get(group["pre_projection"]), options=options, compiled={})
+                         transform=TRANSFORM_REGISTRY.get(group["pre_projection"]), options=options,
+                         adam=AdamOptions.of(group), compiled={})
         self._plans[id(group)] = (signature, plan)
         return plan
 
@@ -284,6 +319,7 @@ class SubspaceAdamW(Optimizer):
         self.skipped_steps = skipped
         self._plans.clear()
         self._index_of = None
+        self._schedule = {}
 
     def _check_loaded(self, saved_ids: list, saved_state: dict, configured: list) -> None:
         """Restore the state tensors that keep their own dtype, validate every group and projected state,
@@ -315,8 +351,12 @@ class SubspaceAdamW(Optimizer):
         for group in self.param_groups:
             store = moments.get_store(group["states"])
             for param in group["params"]:
-                if self.state.get(param):
-                    store.adopt(self.state[param], param)
+                state = self.state.get(param)
+                if state:
+                    store.adopt(state, param)
+                    for key in S.COUNTER_KEYS:  # a capturable run's device counters, read once here
+                        if isinstance(state.get(key), torch.Tensor) and not group["capturable"]:
+                            state[key] = int(state[key].item())
 
     def forget_caches(self) -> None:
         """Drop what the engine derived from the groups and the state (plans, parameter positions):
@@ -327,17 +367,33 @@ class SubspaceAdamW(Optimizer):
     def __getstate__(self):
         """torch keeps defaults, state and param_groups; the engine's counters come along (deepcopy, pickle)."""
         state = super().__getstate__()
-        state.update(skipped_steps=self.skipped_steps, record_residual_stats=self.record_residual_stats)
+        state.update(_skipped=self._skipped, _skipped_on_device=self.__dict__.get("_skipped_on_device"),
+                     record_residual_stats=self.record_residual_stats)
         return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        skipped = state.pop("skipped_steps", None)  # (pickles of earlier versions)
         super().__setstate__(state)
-        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_skipped", 0 if skipped is None else skipped)
+        self.__dict__.setdefault("_skipped_on_device", None)
         self.__dict__.setdefault("record_residual_stats", False)
         self._residual_stats = None
         self._plans = {}
         self._index_of = None
+        self._schedule = {}
         self.__dict__.pop("_shards", None)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (``nonfinite="skip"``). With ``capturable=True`` the
+        count of masked steps lives on the device: reading it synchronises."""
+        on_device = self._skipped_on_device
+        return self._skipped + (0 if on_device is None else int(on_device.item()))
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped, self._skipped_on_device = int(value), None
 
     # ------------------------------------------------------------------ ranks and statistics
     def current_ranks(self) -> dict[str, int]:
@@ -386,10 +442,21 @@ class SubspaceAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._gather()
+        if not self.param_groups[0]["capturable"]:
+            self._synchronized_step(work)
+        elif self._steady(work):
+            self._capturable_step(work)
+        else:
+            with self._counters_on_host(work):
+                self._synchronized_step(work)
+        return loss
+
+    def _synchronized_step(self, work) -> None:
+        """The step with its one host read (finiteness, convergence flags): refreshes, raises or skips."""
         finite, flagged, grad_norms = self._synchronize(work)
         if not finite:
             self.skipped_steps += 1
-            return loss
+            return
         self._residual_stats = {"count": 0} if self.record_residual_stats else None
         for group, items in work:
             if not items:
@@ -398,7 +465,113 @@ class SubspaceAdamW(Optimizer):
                 self._projected_step(group, items, flagged, grad_norms)
             else:
                 self._plain_step(group, items)
-        return loss
+
+    # ------------------------------------------------------------------ capturable=True
+    def _steady(self, work) -> bool:
+        """Whether no parameter of this step can need the host: every one has been stepped since the
+        last synchronised step, and no refresh can be due at any step count its matrix may have
+        reached (the host knows the count only within [known, known + calls])."""
+        if not any(items for _, items in work):
+            return False
+        for group, items in work:
+            for item in items:
+                known = self._schedule.get(id(item.param))
+                if known is None:
+                    return False
+                if is_projected(group) and refresh_possible(group, self.state[item.param], known[0], sum(known),
+                                                            stagger_offset(group, item.index)):
+                    return False
+        return True
+
+    @contextlib.contextmanager
+    def _counters_on_host(self, work):
+        """Around a synchronised step of ``capturable=True``: the device counters of the step's
+        parameters read as ints (one transfer per device), written back in place afterwards."""
+        states = [(item, self.state[item.param]) for _, items in work for item in items]
+        held, by_device = {}, {}
+        for _, state in states:
+            for key in S.COUNTER_KEYS:
+                value = state.get(key)
+                if isinstance(value, torch.Tensor):
+                    held[id(state), key] = value
+                    by_device.setdefault(value.device, []).append((state, key, value))
+        for entries in by_device.values():
+            values = host.read(torch.stack([value for *_, value in entries]), [0] * len(entries))
+            for (state, key, _), value in zip(entries, values):
+                state[key] = int(value)
+        try:
+            yield
+        finally:
+            for item, state in states:
+                if isinstance(state.get(S.STEP), int):
+                    self._schedule[id(item.param)] = [state[S.STEP], 0]
+                for key in S.COUNTER_KEYS:
+                    value = state.get(key)
+                    if value is None or isinstance(value, torch.Tensor):
+                        continue
+                    counter = held.get((id(state), key))
+                    if counter is None:
+                        counter = torch.zeros((), dtype=torch.float32, device=item.weight.device)
+                    state[key] = counter.fill_(value)
+            if self._skipped_on_device is None and states:  # (made here: a compiled steady step only adds to it)
+                self._skipped_on_device = torch.zeros((), dtype=torch.int64, device=states[0][0].weight.device)
+
+    def _capturable_step(self, work) -> None:
+        """A steady step without a host read: the finiteness flag stays on the device and masks the
+        whole step (nothing changes when a gradient is non-finite, and the step is not counted)."""
+        keep, grad_norms = self._finite_on_device(work)
+        self._skipped_on_device.add_(keep.logical_not().to(self._skipped_on_device.device))
+        self._residual_stats = {"count": 0} if self.record_residual_stats else None
+        for group, items in work:
+            if not items:
+                continue
+            if is_projected(group):
+                self._projected_step(group, items, set(), grad_norms, keep=keep, refresh=False)
+            else:
+                self._plain_fused(group, items, keep)
+            for item in items:
+                self._schedule[id(item.param)][1] += 1
+
+    def _finite_on_device(self, work) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(every gradient finite, as a 0-d bool on the first gradient's device; ‖G‖ per parameter id,
+        0 where the step is masked): one ``_foreach_norm`` per device, nothing read."""
+        by_device: dict[torch.device, list[Item]] = {}
+        for _, items in work:
+            for item in items:
+                by_device.setdefault(item.grad.device, []).append(item)
+        norms = {device: torch.stack(torch._foreach_norm([i.grad for i in items], 2))
+                 for device, items in by_device.items()}
+        flags = [torch.isfinite(n).all() for n in norms.values()]
+        keep = flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
+        grad_norms = {}
+        for device, items in by_device.items():
+            here = keep if keep.device == device else keep.to(device, non_blocking=True)
+            grad_norms.update(zip((id(i.param) for i in items), torch.where(here, norms[device], 0).unbind(0)))
+        return keep, grad_norms
+
+    def _plain_fused(self, group: dict, items: list[Item], keep: torch.Tensor) -> None:
+        """The plain groups under ``capturable=True``, masked by ``keep``: torch's functional AdamW,
+        fused, with ``found_inf`` (eager); under ``torch.compile`` (which does not trace the fused
+        kernel) :func:`inner_adam.adamw_` masked, the gradients zeroed in the graph."""
+        beta1, beta2 = group["betas"]
+        by_kind: dict[tuple, list[Item]] = {}
+        for item in items:
+            by_kind.setdefault((item.weight.device, item.weight.dtype), []).append(item)
+        for (device, _), members in by_kind.items():
+            states = [self.state[i.param] for i in members]
+            params, grads = [i.weight for i in members], [i.grad for i in members]
+            exp_avgs, exp_avg_sqs = [s[S.EXP_AVG] for s in states], [s[S.EXP_AVG_SQ] for s in states]
+            steps = [s[S.STEP] for s in states]
+            here = keep if keep.device == device else keep.to(device, non_blocking=True)
+            if torch.compiler.is_compiling():
+                _advance_counters(states, (S.STEP,), here)
+                inner_adam.adamw_(params, [torch.where(here, g, 0) for g in grads], exp_avgs, exp_avg_sqs,
+                                  [s[S.STEP] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2,
+                                  eps=group["eps"], weight_decay=group["weight_decay"], foreach=True, keep=here)
+                continue
+            torch_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True,
+                        found_inf=here.logical_not().to(torch.float32), amsgrad=False, beta1=beta1, beta2=beta2,
+                        lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
     def _gather(self) -> list[tuple[dict, list[Item]]]:
         """(group, items) for every parameter that has a gradient. The ordinal (which seeds random
@@ -597,8 +770,10 @@ class SubspaceAdamW(Optimizer):
 
     # ------------------------------------------------------------------ projected step
     def _projected_step(self, group: dict, items: list[Item], flagged: set[int],
-                        grad_norms: dict[int, torch.Tensor], keep: torch.Tensor | None = None) -> set[int]:
-        """Refresh what is due, then step every bucket; returns the ids of the refreshed parameters."""
+                        grad_norms: dict[int, torch.Tensor], keep: torch.Tensor | None = None,
+                        refresh: bool = True) -> set[int]:
+        """Refresh what is due, then step every bucket; returns the ids of the refreshed parameters.
+        ``refresh=False``: a steady step of ``capturable=True`` (nothing is due; ``keep`` masks it)."""
         plan = self._plan(group)
         _refuse_on_shards(group, items)
         if not plan.rule.shard_aware and any(item.shard is not None for item in items):
@@ -612,10 +787,10 @@ class SubspaceAdamW(Optimizer):
             for item in items:
                 item.grad = plan.transform.before(item.grad.unsqueeze(0), [self.state[item.param]], group)[0]
                 grad_norms.pop(id(item.param), None)  # the rules see G̃: its norm is taken anew
-        refreshed = subspace.refresh_(self, group, items, flagged)
+        refreshed = subspace.refresh_(self, group, items, flagged) if refresh else set()
         captured = [] if plan.trigger else None
         for members in self._buckets(group, items):
-            self._bucket_step(group, plan, members, grad_norms, keep, captured)
+            self._bucket_step(group, plan, members, grad_norms, keep, captured, sanitize=not refresh)
         if captured:
             self._record_energy(group, captured, grad_norms, refreshed, keep)
         return refreshed
@@ -641,78 +816,52 @@ class SubspaceAdamW(Optimizer):
         return buckets
 
     def _bucket_step(self, group: dict, plan: GroupPlan, members: list[Item], grad_norms: dict[int, torch.Tensor],
-                     keep: torch.Tensor | None = None, captured: list | None = None) -> None:
-        """One step of a bucket. ``keep`` (layer-wise mode, one matrix, its gradient already zeroed
-        where non-finite): a 0-d bool on the device; when false nothing of the matrix changes.
-        ``captured`` collects (members, ‖R‖ per matrix) for the convergence trigger."""
+                     keep: torch.Tensor | None = None, captured: list | None = None, sanitize: bool = False) -> None:
+        """One step of a bucket (:func:`update.bucket_update_`). ``keep`` (a 0-d bool on the device):
+        when false nothing of the bucket changes — the layer-wise mode (one matrix, its gradient
+        already zeroed where non-finite) and ``capturable=True`` (``sanitize``: the gradients are
+        zeroed here). ``captured`` collects (members, ‖R‖ per matrix) for the convergence trigger."""
         states = [self.state[i.param] for i in members]
-        for state in states:
-            state[S.STEP] += 1
-            state[S.ADAM_STEP] += 1
+        _advance_counters(states, (S.STEP, S.ADAM_STEP), keep)
         params = [i.weight for i in members]
         single = len(members) == 1  # a view, no copy: the stack of one matrix
         grads = members[0].grad.unsqueeze(0) if single else torch.stack([i.grad for i in members])
+        if sanitize:  # (the view of one matrix is the caller's gradient: copied, never written)
+            grads = torch.where(keep, grads, 0) if single else grads.masked_fill_(keep.logical_not(), 0)
         side = projection_side(group["proj_type"], members[0].full_shape)
         shard = None if members[0].shard is None else sharding.BucketShard(members[0].shard, side)
         left, right = subspace.stacked_projection(group, plan, members, states, side)
         norms = [grad_norms.get(id(i.param)) for i in members]  # the non-finite check's ‖G‖ (rules reuse them)
-        low = project(grads, left, right)
-        if shard is not None and shard.columns_sharded:  # Σ_k P_kᵀ·G_k, this rank's columns
-            low = shard.reduce_scatter_columns(low)
-        if plan.transform.active:
-            plan.transform.after(grads, low, left, right, states, group, keep)
-        if captured is not None:
-            low_norms = (torch.linalg.vector_norm(low, dim=(-2, -1), dtype=norm_dtype(low.dtype)) if shard is None
-                         else shard.matrix_norms(low).view(-1))
-            captured.append((members, low_norms))
-        beta1, beta2 = group["betas"]
+        after_projection = None
+        if plan.transform.active or captured is not None:
+            def after_projection(low):
+                if plan.transform.active:
+                    plan.transform.after(grads, low, left, right, states, group, keep)
+                if captured is not None:
+                    low_norms = (torch.linalg.vector_norm(low, dim=(-2, -1), dtype=norm_dtype(low.dtype))
+                                 if shard is None else shard.matrix_norms(low).view(-1))
+                    captured.append((members, low_norms))
         store = moments.get_store(group["states"])
         exp_avgs, exp_avg_sqs = store.load(states)
-        lows = list(low.unbind(0))
-        mixed = any(m.dtype != low.dtype for m in exp_avgs)  # 8-bit moments are worked on in fp32
-        if mixed:
-            lows = [r if r.dtype == m.dtype else r.to(m.dtype) for r, m in zip(lows, exp_avgs)]
-        inner_adam.update_moments_(exp_avgs, exp_avg_sqs, lows, beta1=beta1, beta2=beta2, foreach=True, keep=keep)
-        adam_steps = [s[S.ADAM_STEP] for s in states]
-        convention = group["adam_convention"]
-        directions = inner_adam.directions(exp_avgs, exp_avg_sqs, adam_steps, beta1=beta1, beta2=beta2,
-                                           eps=group["eps"], foreach=True, convention=convention)
-        store.save(states, exp_avgs, exp_avg_sqs, keep)
-        if mixed:
-            directions = [d.to(low.dtype) for d in directions]
-        psi = directions[0].unsqueeze(0) if single else torch.stack(directions)
         previous = torch.stack([s[S.RESIDUAL_NORM] for s in states]) if plan.rule.has_residual else None
-        lr = learning_rate(group)
-        decay = 1.0 - lr * group["weight_decay"]
-        # transformers' order W ← (W − η·c·u)·decay, written as W·decay − η·c·decay·u
-        late_decay = decay if convention == "transformers" else 1.0
-        step_sizes = [lr * c * late_decay for c in inner_adam.step_factors(adam_steps, beta1, beta2, convention)]
         rounding = weights.uses_stochastic_rounding(group, params[0])
-        unit_state = self._unit_state(plan.rule, members, states)
-        if single and keep is None and not rounding:  # one matrix: its update goes straight into the weight
-            contribution, coef, kept, factors = residual_coefficients(
-                plan.rule, plan.limiter, plan.options, side, grads, low, psi, norms, previous, shard, left, right,
-                unit_state)
-            self._keep_norms(states, kept, previous, keep, contribution.residual_sq, factors)
-            self._keep_unit_state(states, contribution.state, keep)
-            term, a = low_rank_term(contribution, coef, low, psi)
-            if shard is not None:
-                term, coef = shard.gather_terms(term, coef, plan.rule.uses_columns(plan.options))
-            write_matrix_(params[0], residual_base(contribution, grads)[0], None if coef is None else coef[0],
-                          None if term is None else term[0], a, left, right, step_sizes[0], decay)
-            return
-        if shard is not None:  # collectives run eagerly
-            update, kept, factors, residual_sq, new_state = residual_update(
-                plan.rule, plan.limiter, plan.options, side, grads, low, psi, norms, previous, left, right, unit_state,
-                shard)
-        else:
-            update, kept, factors, residual_sq, new_state = plan.residual_update(
-                side, group["compile"] and keep is None)(grads, low, psi, norms, previous, left, right, unit_state)
-        self._keep_norms(states, kept, previous, keep, residual_sq, factors)
-        self._keep_unit_state(states, new_state, keep)
         generators = ([weights.rounding_generator(group, i.ordinal, s[S.STEP], i.weight.device)
                        for i, s in zip(members, states)] if rounding else None)
-        write_stacked_(params, update, step_sizes, decay, keep, generators)
+        unit_state = self._unit_state(plan.rule, members, states)
+        adam_steps, lr = [s[S.ADAM_STEP] for s in states], group["lr"]
+        compiled = (group["compile"] and shard is None and after_projection is None and not rounding
+                    and (keep is None or sanitize))
+        if compiled:  # what changes from step to step enters as tensors: no recompilation
+            adam_steps, lr = _as_device_scalars(adam_steps, lr, grads.device)
+        elif isinstance(lr, torch.Tensor) and not sanitize:
+            lr = learning_rate(group)
+        step = plan.bucket_update(side, compiled)
+        kept, factors, residual_sq, new_state = step(
+            params, grads, left, right, exp_avgs, exp_avg_sqs, adam_steps, norms, previous, unit_state, lr, keep,
+            shard=shard, after_projection=after_projection, generators=generators)
+        store.save(states, exp_avgs, exp_avg_sqs, keep)
+        self._keep_norms(states, kept, previous, keep, residual_sq, factors)
+        self._keep_unit_state(states, new_state, keep)
 
     @staticmethod
     def _unit_state(rule: Rule, members: list[Item], states: list[dict]) -> dict[str, torch.Tensor]:

@@ -19,6 +19,8 @@ steps c_t ≈ 1 and the two coincide.
 
 Every function takes lists of tensors and uses the ``torch._foreach_*`` kernels when ``foreach`` is
 true (one launch per op for the whole list instead of one per tensor), like ``torch/optim/adamw.py``.
+Step counts are ints, or 0-d tensors on the device (``capturable=True``, as torch's capturable AdamW
+keeps them): the bias corrections are then computed on the device, without a host read.
 """
 from __future__ import annotations
 
@@ -30,15 +32,25 @@ import torch
 ADAM_CONVENTIONS = ("torch", "transformers")
 
 
-def _bias_corrections(steps: list[int], beta1: float, beta2: float) -> tuple[list[float], list[float]]:
+def on_device(steps: list) -> bool:
+    """Whether the step counts are 0-d tensors on the device (``capturable=True``)."""
+    return bool(steps) and isinstance(steps[0], torch.Tensor)
+
+
+def _bias_corrections(steps: list, beta1: float, beta2: float) -> tuple[list, list]:
+    """(1 − β1ᵗ, √(1 − β2ᵗ)) per step count: floats, or 0-d tensors computed on the device."""
+    if on_device(steps):
+        t = torch.stack(steps)
+        return list((1.0 - torch.pow(beta1, t)).unbind(0)), list((1.0 - torch.pow(beta2, t)).sqrt_().unbind(0))
     return [1.0 - beta1**t for t in steps], [math.sqrt(1.0 - beta2**t) for t in steps]
 
 
-def step_factors(steps: list[int], beta1: float, beta2: float, convention: str) -> list[float]:
+def step_factors(steps: list, beta1: float, beta2: float, convention: str) -> list:
     """c_t = √(1 − β2ᵗ) / (1 − β1ᵗ) for the ``transformers`` convention, 1 for ``torch``."""
     if convention == "torch":
         return [1.0] * len(steps)
-    return [math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) for t in steps]
+    bc1, sqrt_bc2 = _bias_corrections(steps, beta1, beta2)
+    return [c2 / c1 for c1, c2 in zip(bc1, sqrt_bc2)]
 
 
 def update_moments_(
@@ -51,13 +63,15 @@ def update_moments_(
     foreach: bool,
     keep: torch.Tensor | None = None,
 ) -> None:
-    """M ← β1·M + (1 − β1)·R and V ← β2·V + (1 − β2)·R², in place (``keep``: one tensor, see
-    :func:`stacked_moments_`)."""
+    """M ← β1·M + (1 − β1)·R and V ← β2·V + (1 − β2)·R², in place (``keep``: a 0-d bool, R zero
+    where it is false: the moments then stay as they are)."""
     if not grads:
         return
     if keep is not None:
-        (m,), (v,), (g,) = exp_avgs, exp_avg_sqs, grads
-        stacked_moments_(m, v, g, beta1=beta1, beta2=beta2, keep=keep)
+        weight = (keep * (1.0 - beta1)).to(exp_avgs[0].dtype)  # (a list: no overload that reads it on the host)
+        torch._foreach_lerp_(exp_avgs, grads, [weight] * len(exp_avgs))
+        torch._foreach_mul_(exp_avg_sqs, torch.where(keep, beta2, 1.0))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
         return
     if foreach:
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -124,10 +138,17 @@ def adamw_(
     weight_decay: float,
     foreach: bool,
     convention: str = "torch",
+    keep: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step on plain parameters, as ``torch.optim.AdamW`` does it (decoupled decay first),
-    or as ``transformers``' AdamW with ``convention="transformers"`` (decay after the update)."""
+    or as ``transformers``' AdamW with ``convention="transformers"`` (decay after the update).
+    ``keep`` (a 0-d bool; the gradients zero where it is false; ``convention="torch"``, foreach, the
+    steps 0-d tensors): when false nothing changes — the compiled step of ``capturable=True``."""
     if not params:
+        return
+    if keep is not None:
+        _masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay, keep=keep)
         return
     if convention == "transformers":
         update_moments_(exp_avgs, exp_avg_sqs, grads, beta1=beta1, beta2=beta2, foreach=foreach)
@@ -160,28 +181,30 @@ def adamw_(
         p.addcdiv_(m, d, value=s)
 
 
-def per_matrix(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
+def _masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, keep) -> None:
+    """:func:`adamw_` masked by ``keep`` (see there), without a host read."""
+    if weight_decay != 0.0:
+        torch._foreach_mul_(params, torch.where(keep, 1.0 - lr * weight_decay, 1.0))
+    update_moments_(exp_avgs, exp_avg_sqs, grads, beta1=beta1, beta2=beta2, foreach=True, keep=keep)
+    bc1, sqrt_bc2 = _bias_corrections(steps, beta1, beta2)
+    denom = denominators(exp_avg_sqs, sqrt_bc2, eps, foreach=True)
+    updates = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(updates, [-lr * keep / c for c in bc1])
+    torch._foreach_add_(params, updates)
+
+
+def per_matrix(values: list, like: torch.Tensor) -> float | torch.Tensor:
     """A Python float when every matrix of a stack shares the value, else a B×1×1 tensor on the
-    stack's device (copied from pinned memory without a host synchronisation)."""
+    stack's device (copied from pinned memory without a host synchronisation; stacked when the
+    values are 0-d device tensors already)."""
+    if isinstance(values[0], torch.Tensor):
+        return torch.stack(values).view(-1, *([1] * (like.dim() - 1)))
     if all(v == values[0] for v in values):
         return values[0]
     column = torch.tensor(values, dtype=torch.float32).view(-1, *([1] * (like.dim() - 1)))
     if like.is_cuda:
         column = column.pin_memory().to(like.device, non_blocking=True)
     return column.to(like.device)
-
-
-def stacked_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, low: torch.Tensor, *, beta1: float,
-                     beta2: float, keep: torch.Tensor | None = None) -> None:
-    """M ← β1·M + (1 − β1)·R and V ← β2·V + (1 − β2)·R² on stacks of B matrices, in place.
-
-    ``keep`` (0-d bool, R zero where it is false): when false the moments stay as they are."""
-    if keep is None:
-        exp_avg.lerp_(low, 1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-        return
-    exp_avg.lerp_(low, (keep * (1.0 - beta1)).to(exp_avg.dtype))
-    exp_avg_sq.mul_(torch.where(keep, beta2, 1.0)).addcmul_(low, low, value=1.0 - beta2)
 
 
 def masked_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -193,7 +216,7 @@ def masked_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     decay = torch.where(keep, 1.0 - lr * weight_decay, 1.0)
     if convention == "torch" and weight_decay != 0.0:
         param.mul_(decay)
-    stacked_moments_(exp_avg, exp_avg_sq, grad, beta1=beta1, beta2=beta2, keep=keep)
+    update_moments_([exp_avg], [exp_avg_sq], [grad], beta1=beta1, beta2=beta2, foreach=True, keep=keep)
     if convention == "transformers":
         denom = exp_avg_sq.sqrt().add_(eps)
         size = lr * step_factors([step], beta1, beta2, convention)[0]

@@ -56,6 +56,9 @@ class LayerwiseOptimizer(Optimizer):
             raise TypeError(f"layerwise needs a fullrank SubspaceAdamW (any preset; for AdamW use "
                             f"fullrank.SubspaceAdamW on groups without 'rank'), got {type(optimizer).__name__}")
         check_range("accumulation_steps", accumulation_steps, 1, float("inf"), integer=True)
+        if optimizer.param_groups[0]["capturable"]:
+            raise ValueError("layerwise: capturable=True is not supported (the layer-wise mode masks each "
+                             "parameter's step on the device already); build the optimizer with capturable=False")
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if any(id(p) not in trainable for p in params):

@@ -62,6 +62,8 @@ COMMON = declare({
     "seed": Option(0, integer(0), "seeds random projections, randomized SVDs and stochastic rounding"),
     "foreach": Option(None, optional(flag), "torch._foreach_* kernels for the plain groups (default on)"),
     "bucket_cap_mb": Option(None, optional(number(0.0)), "most stacked gradient per bucket, MiB (engine.py)"),
+    "capturable": Option(False, flag, "no host read in a steady step: finiteness and step counts stay on the "
+                                      "device, a non-finite step is masked (needs nonfinite='skip')"),
 })
 # Options of projected groups, beside those of the units.
 PROJECTED = declare({
@@ -73,7 +75,7 @@ PROJECTED = declare({
     "svd": Option("exact", _selects(SVD_REGISTRY), "how a fitted P is computed (svd.py)"),
     "projector": Option("svd", _selects(PROJECTOR_REGISTRY), "fitted (svd) or random P (projectors.py)"),
     "pre_projection": Option("none", _selects(TRANSFORM_REGISTRY), "a transform of G before projection (transforms.py)"),
-    "compile": Option(False, flag, "run the bucket's steady update through torch.compile"),
+    "compile": Option(False, flag, "run each bucket's step through torch.compile(fullgraph=True)"),
 })
 
 
@@ -102,6 +104,30 @@ def validate_common(group: dict) -> None:
     """Options every group has (plain AdamW ones included)."""
     _check(group, COMMON)
     require_bitsandbytes(group["states"])
+    if group.get("capturable"):
+        _validate_capturable(group)
+
+
+def _validate_capturable(group: dict) -> None:
+    """capturable=True refuses what it cannot do without reading the host, and what it does not mask."""
+    projected = group.get("rank") is not None
+    refused = (
+        (group.get("nonfinite") == "raise", "nonfinite='raise'",
+         "a step cannot raise on a NaN/inf gradient without reading it on the host; pass nonfinite='skip' "
+         "(the step is then masked on the device and counted in skipped_steps)"),
+        (group.get("stochastic_rounding"), "stochastic_rounding=True", "its draws are seeded from the host's step count"),
+        (group.get("states") == "8bit", "states='8bit'", "8-bit moments are quantized outside the masked step; "
+                                                          "use states='32bit'"),
+        (not projected and group.get("adam_convention") == "transformers",
+         "adam_convention='transformers' in a plain group", "plain groups are stepped by torch's fused AdamW"),
+        (projected and group.get("refresh_threshold", 0.0) > 0, "refresh_threshold > 0",
+         "the convergence trigger reads its flags on the host every step"),
+        (projected and group.get("pre_projection", "none") != "none",
+         f"pre_projection={group.get('pre_projection')!r}", "pre-projection transforms are not masked on the device"),
+    )
+    for hit, what, why in refused:
+        if hit:
+            raise ValueError(f"capturable=True does not support {what}: {why}")
 
 
 def check_choice(name: str, value) -> None:

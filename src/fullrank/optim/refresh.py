@@ -69,6 +69,15 @@ def refresh_due(group: dict, state: dict, flagged: bool, offset: int = 0) -> boo
     return flagged or (state[STEP] - offset) % group["update_proj_gap"] == 0
 
 
+def refresh_possible(group: dict, state: dict, low: int, high: int, offset: int = 0) -> bool:
+    """Whether :func:`refresh_due` can hold at a step count in [``low``, ``high``] (the fixed schedule;
+    ``capturable=True`` knows a matrix's count only within these bounds without reading the device)."""
+    if EXP_AVG not in state:
+        return True
+    gap = group["update_proj_gap"]
+    return (high - offset) // gap > (low - 1 - offset) // gap
+
+
 def converged_flag(group: dict, state: dict) -> torch.Tensor | None:
     """0-d bool ``ē < τ`` on the device, or None when the trigger is off or has no average yet."""
     energy = state.get(CAPTURED_ENERGY)

@@ -4,8 +4,8 @@ through these names.
 
 Projected matrix (m×n at rank r, side from ``proj_type``)::
 
-    step             int     optimizer steps taken on this matrix
-    adam_step        int     steps since Adam's moments were last reset (bias correction)
+    step             int     optimizer steps taken on this matrix (``capturable=True``: 0-d fp32 on the device)
+    adam_step        int     steps since Adam's moments were last reset (bias correction; likewise)
     exp_avg          r×n, m×r or r×r, param dtype      Adam's first moment of R
     exp_avg_sq       same                              Adam's second moment of R
     proj_left        m×r, param dtype   P (left and two-sided projections)
@@ -15,7 +15,8 @@ Projected matrix (m×n at rank r, side from ``proj_type``)::
     captured_energy  0-d, ≥ fp32   moving average of ‖R‖²/‖G‖² (convergence trigger, ``refresh.py``)
     last_refresh     int     step of the last refresh (convergence trigger)
 
-Plain parameter: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` (param's shape and dtype; 8-bit as above).
+Plain parameter: ``step`` (int, or 0-d fp32 on the device as torch's capturable AdamW keeps it),
+``exp_avg``, ``exp_avg_sq`` (param's shape and dtype; 8-bit as above).
 
 Memory per projected matrix: 2·r·max(m, n) + r·min(m, n) elements for ``std`` (moments on the
 larger side, P on the smaller), two scalars, and no more.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 
 STEP, ADAM_STEP = "step", "adam_step"
+COUNTER_KEYS = (STEP, ADAM_STEP)  # ints, or 0-d device tensors under capturable=True
 EXP_AVG, EXP_AVG_SQ = "exp_avg", "exp_avg_sq"
 EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX = "exp_avg_absmax", "exp_avg_sq_absmax"  # 8-bit moments (``moments.py``)
 PROJ_LEFT, PROJ_RIGHT, PROJ_SEED = "proj_left", "proj_right", "proj_seed"

@@ -5,6 +5,9 @@
   residual E), with coef = w·c·φ: :func:`residual_coefficients`, :func:`low_rank_term`, and
   :func:`residual_update`, which builds the whole update in the gradient stack (a pure function of
   tensors: it compiles with ``fullgraph=True``).
+* **The bucket's step after the refresh**, :func:`bucket_update_`: R = PᵀG, Adam on R (eq. 4–5), the
+  assembly and the write. With ``capturable=True`` every input that changes from step to step is a
+  tensor (step counts, lr, the finiteness flag ``keep``): it compiles with ``fullgraph=True``.
 * **Writing**, W ← W·(1 − ηλ) − η·update: :func:`write_matrix_` for a lone matrix (two passes over W,
   no m×n temporary), :func:`write_stacked_` for everything else — a stack of matrices, the layer-wise
   mode's masked matrix (``keep``), and bf16 weights written by stochastic rounding (``weights.py``).
@@ -13,10 +16,79 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from . import inner_adam, sharding, weights
 from .limiter import Limiter
-from .projector import add_back_, add_projected_back_, project_back
+from .projector import add_back_, add_projected_back_, project, project_back
 from .residual import Bucket, Contribution, Rule
+
+
+@dataclass(frozen=True)
+class AdamOptions:
+    """A group's Adam hyperparameters (constants of a compiled bucket step)."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    convention: str
+
+    @classmethod
+    def of(cls, group: dict) -> "AdamOptions":
+        beta1, beta2 = group["betas"]
+        return cls(beta1, beta2, group["eps"], group["weight_decay"], group["adam_convention"])
+
+
+def bucket_update_(rule: Rule, limiter: Limiter, options: dict, side: str, adam: AdamOptions,
+                   params: list[torch.Tensor], grads: torch.Tensor, left, right, exp_avgs: list, exp_avg_sqs: list,
+                   adam_steps: list, norms: list, previous, unit_state: dict, lr, keep=None, *,
+                   shard: sharding.BucketShard | None = None, after_projection=None, generators=None):
+    """One bucket's step once its subspace is set: R = Pᵀ·G, Adam's moments and ψ (eq. 4–5), the
+    rule and the limiter (eq. 7–12), and W ← W·decay − η·update, in place.
+
+    ``exp_avgs``/``exp_avg_sqs`` are the store's working moments (updated in place); ``adam_steps``
+    ints or 0-d device tensors; ``lr`` a float or a 0-d tensor; ``keep`` (0-d bool, G zero where it
+    is false): when false nothing changes. ``after_projection(low)`` sees R first (FSDP2's column
+    reduce-scatter is done before; pre-projection transforms, the convergence trigger's norms).
+    ``generators``: stochastic rounding. Returns (kept norms, factors, ‖S‖², the rule's new state),
+    each None where the rule has none."""
+    single = grads.shape[0] == 1
+    low = project(grads, left, right)
+    if shard is not None and shard.columns_sharded:  # Σ_k P_kᵀ·G_k, this rank's columns
+        low = shard.reduce_scatter_columns(low)
+    if after_projection is not None:
+        after_projection(low)
+    lows = list(low.unbind(0))
+    mixed = exp_avgs[0].dtype != low.dtype  # 8-bit moments are worked on in fp32
+    if mixed:
+        lows = [r.to(exp_avgs[0].dtype) for r in lows]
+    inner_adam.update_moments_(exp_avgs, exp_avg_sqs, lows, beta1=adam.beta1, beta2=adam.beta2, foreach=True,
+                               keep=keep)
+    directions = inner_adam.directions(exp_avgs, exp_avg_sqs, adam_steps, beta1=adam.beta1, beta2=adam.beta2,
+                                       eps=adam.eps, foreach=True, convention=adam.convention)
+    if mixed:
+        directions = [d.to(low.dtype) for d in directions]
+    psi = directions[0].unsqueeze(0) if single else torch.stack(directions)
+    decay = 1.0 - lr * adam.weight_decay
+    # transformers' order W ← (W − η·c·u)·decay, written as W·decay − η·c·decay·u
+    late_decay = decay if adam.convention == "transformers" else 1.0
+    step_sizes = [lr * c * late_decay
+                  for c in inner_adam.step_factors(adam_steps, adam.beta1, adam.beta2, adam.convention)]
+    scalars = not isinstance(lr, torch.Tensor) and not inner_adam.on_device(adam_steps)
+    if single and keep is None and generators is None and scalars:  # one matrix: straight into the weight
+        contribution, coef, kept, factors = residual_coefficients(
+            rule, limiter, options, side, grads, low, psi, norms, previous, shard, left, right, unit_state)
+        term, a = low_rank_term(contribution, coef, low, psi)
+        if shard is not None:
+            term, coef = shard.gather_terms(term, coef, rule.uses_columns(options))
+        write_matrix_(params[0], residual_base(contribution, grads)[0], None if coef is None else coef[0],
+                      None if term is None else term[0], a, left, right, step_sizes[0], decay)
+        return kept, factors, contribution.residual_sq, contribution.state
+    update, kept, factors, residual_sq, new_state = residual_update(
+        rule, limiter, options, side, grads, low, psi, norms, previous, left, right, unit_state, shard)
+    write_stacked_(params, update, step_sizes, decay, keep, generators)
+    return kept, factors, residual_sq, new_state
 
 
 def residual_coefficients(rule: Rule, limiter: Limiter, options: dict, side: str, grads: torch.Tensor,
@@ -101,26 +173,24 @@ def write_matrix_(param: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor | 
         param.addcmul_(grad, coef, value=-step_size)
 
 
-def write_stacked_(params: list[torch.Tensor], update: torch.Tensor, step_sizes: list[float], decay: float,
+def write_stacked_(params: list[torch.Tensor], update: torch.Tensor, step_sizes: list, decay,
                    keep: torch.Tensor | None = None, generators: list | None = None) -> None:
-    """W_b ← W_b·decay − η_b·update_b for every matrix of the stack. ``keep`` (a 0-d bool, one matrix:
-    the layer-wise mode): when false W stays as it was. ``generators``: the weights are bf16 written
-    by stochastic rounding (fp32 copies updated, then rounded back, one generator per matrix)."""
+    """W_b ← W_b·decay − η_b·update_b for every matrix of the stack. ``step_sizes`` are floats or 0-d
+    device tensors, ``decay`` a float or a 0-d tensor (a tensor ``lr``). ``keep`` (a 0-d bool on the
+    device: the layer-wise mode and ``capturable=True``; the update finite): when false every W stays
+    as it was. ``generators``: the weights are bf16 written by stochastic rounding (fp32 copies
+    updated, then rounded back, one generator per matrix)."""
     step_size = inner_adam.per_matrix(step_sizes, update)
-    if isinstance(step_size, torch.Tensor):
-        update.mul_(step_size)
+    if isinstance(step_size, torch.Tensor):  # B×1×1: the product is taken in fp32 and above
+        update.mul_(step_size if keep is None else step_size * keep)
         step_size = 1.0
+    elif keep is not None:
+        update.mul_(keep)
     targets = params
     if generators is not None:
         params = weights.fp32_copies(params)
-    if keep is not None:
-        update.mul_(keep)
-        if decay != 1.0:
-            params[0].mul_(torch.where(keep, decay, 1.0))
-        params[0].add_(update[0], alpha=-step_size)
-    else:
-        if decay != 1.0:
-            torch._foreach_mul_(params, decay)
-        torch._foreach_add_(params, list(update.unbind(0)), alpha=-step_size)
+    if isinstance(decay, torch.Tensor) or decay != 1.0:
+        torch._foreach_mul_(params, decay if keep is None else torch.where(keep, decay, 1.0))
+    torch._foreach_add_(params, list(update.unbind(0)), alpha=-step_size)
     if generators is not None:
         weights.write_back_(targets, params, generators)
