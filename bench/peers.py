@@ -5,8 +5,8 @@ it compares, on a LLaMA model of LLaMA-130M's widths (hidden 768, intermediate 2
 vocab 32000; ``--layers`` 2 by default) built with ``transformers``, at the same batch, rank
 (256) and T (200):
 
-* torch AdamW (foreach, and the for-loop that is torch's CPU default),
-* our GaLore and Fira (``fullrank``), and our APOLLO when the engine has it,
+* torch AdamW (foreach, the for-loop that is torch's CPU default, and fused),
+* our GaLore and Fira (``fullrank``), also with ``capturable=True``, and our APOLLO,
 * ``fira`` FiraAdamW, ``galore-torch`` GaLoreAdamW, ``apollo-torch`` APOLLOAdamW,
 * ``pytorch-optimizer``'s GaLore and Fira (4.x; how their updates differ from ours: docs/benchmarks.md).
 
@@ -86,8 +86,12 @@ def make_optimizers(model, args) -> dict:
     rows: dict = {}
     rows["adamw_foreach"] = lambda: torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
     rows["adamw_forloop"] = lambda: torch.optim.AdamW(model.parameters(), lr=lr, foreach=False)
+    rows["adamw_fused"] = lambda: torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
     rows["galore (ours)"] = lambda: fullrank.GaLore(ours_groups(), lr=lr, scale=GALORE_SCALE)
     rows["fira (ours)"] = lambda: fullrank.Fira(ours_groups(), lr=lr, scale=GALORE_SCALE)
+    capturable = dict(capturable=True, nonfinite="skip")  # no host read in a steady step (issue #20)
+    rows["galore (ours, capturable)"] = lambda: fullrank.GaLore(ours_groups(), lr=lr, scale=GALORE_SCALE, **capturable)
+    rows["fira (ours, capturable)"] = lambda: fullrank.Fira(ours_groups(), lr=lr, scale=GALORE_SCALE, **capturable)
     if "apollo" in fullrank.optimizer_methods():
         rows["apollo (ours)"] = lambda: fullrank.make_optimizer("apollo", ours_groups(), lr=lr)
 

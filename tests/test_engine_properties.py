@@ -140,16 +140,23 @@ def test_plain_group_is_torch_adamw():
     torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+# (our options, torch.optim.AdamW's): the default is torch's fused kernel
+KERNEL_PATHS = {"default": ({}, dict(fused=True)), "fused": (dict(fused=True), dict(fused=True)),
+                "foreach": (dict(foreach=True), dict(foreach=True)), "loop": (dict(foreach=False), dict(foreach=False))}
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_plain_groups_are_torch_adamw_on_both_kernel_paths(foreach, weight_decay):
-    """The plain group's foreach and per-tensor paths against torch.optim.AdamW on the same path."""
+def test_plain_groups_are_torch_adamw_on_every_kernel_path(path, weight_decay):
+    """The plain group's fused (default), foreach and per-tensor paths against torch.optim.AdamW on
+    the same path."""
+    ours_options, torch_options = KERNEL_PATHS[path]
     g = torch.Generator().manual_seed(0)
     shapes = [(8, 5), (5, 8), (7,)]
     ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    opt = fullrank.SubspaceAdamW(ours, lr=0.01, weight_decay=weight_decay, foreach=foreach)
-    ref = torch.optim.AdamW(theirs, lr=0.01, weight_decay=weight_decay, foreach=foreach)
+    opt = fullrank.SubspaceAdamW(ours, lr=0.01, weight_decay=weight_decay, **ours_options)
+    ref = torch.optim.AdamW(theirs, lr=0.01, weight_decay=weight_decay, **torch_options)
     for _ in range(5):
         for p, q in zip(ours, theirs):
             p.grad = torch.randn(p.shape, generator=g)
@@ -157,7 +164,17 @@ def test_plain_groups_are_torch_adamw_on_both_kernel_paths(foreach, weight_decay
         opt.step()
         ref.step()
     for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], rtol=0, atol=0)
+    assert all(opt.state[p]["step"] == 5 for p in ours)
+
+
+def test_fused_is_refused_where_torch_refuses_it():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="fused=True and foreach=True cannot both be set"):
+        fullrank.SubspaceAdamW([p], fused=True, foreach=True)
+    with pytest.raises(ValueError, match="adam_convention='transformers'"):
+        fullrank.SubspaceAdamW([p], fused=True, adam_convention="transformers")
 
 
 def test_parameters_without_gradient_are_skipped():

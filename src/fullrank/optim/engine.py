@@ -8,8 +8,9 @@ A param group with a ``rank`` key is *projected*; its 2-D weights get (paper eq.
     update = P·(a·ψ) + w·c·φ∘(G − κ·P·R)                                  (update rule × limiter, eq. 7–12)
     W ← W·(1 − η·λ) − η·update                                            (decoupled decay)
 
-Every other group is plain AdamW (``torch._foreach_*`` kernels per device and dtype, like
-``torch/optim/adamw.py``).
+Every other group is plain AdamW: torch's own fused kernel (``torch.optim.adamw.adamw(fused=True)``)
+where its convention applies, else ``torch._foreach_*`` kernels per device and dtype, like
+``torch/optim/adamw.py``.
 
 **Work per bucket, not per matrix.** The projected matrices of a group that share device, dtype,
 shape, projection side and rank form a bucket (LLaMA has three weight shapes: ~3 buckets per group);
@@ -51,7 +52,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.optim import Optimizer
-from torch.optim.adamw import adamw as torch_adamw
 
 from . import host, inner_adam, moments, sharding, subspace, weights
 from . import state as S
@@ -300,15 +300,16 @@ class SubspaceAdamW(Optimizer):
 
         Atomic: a state that does not fit (another number of groups or parameters, another model's
         shapes, a rank the group refuses) raises ValueError and leaves this optimizer as it was. As
-        in torch, the groups' options come from the checkpoint, except ``states`` (where the moments
-        live is this optimizer's choice: loaded moments are converted); a checkpoint whose rank
+        in torch, the groups' options come from the checkpoint, except ``states`` and ``capturable``
+        (where the moments and the step counters live is this optimizer's choice: they are
+        converted); a checkpoint whose rank
         differs from the configured one continues at the checkpoint's rank, with a warning naming both."""
         state_dict = dict(state_dict)
         skipped = int(state_dict.pop("skipped_steps", 0))
         state_dict["param_groups"] = [{**self.defaults, **group} for group in state_dict["param_groups"]]  # new options
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_state = state_dict["state"]
-        configured = [(group.get("rank"), group["states"]) for group in self.param_groups]
+        configured = [(group.get("rank"), group["states"], group["capturable"]) for group in self.param_groups]
         before = (self.state, self.param_groups)
         super().load_state_dict(state_dict)
         try:
@@ -324,8 +325,8 @@ class SubspaceAdamW(Optimizer):
     def _check_loaded(self, saved_ids: list, saved_state: dict, configured: list) -> None:
         """Restore the state tensors that keep their own dtype, validate every group and projected state,
         then convert the moments to this optimizer's ``states``."""
-        for group, (rank, states) in zip(self.param_groups, configured):
-            group["states"] = states
+        for group, (rank, states, capturable) in zip(self.param_groups, configured):
+            group["states"], group["capturable"] = states, capturable
             if is_projected(group) and rank is not None and group["rank"] != rank and not is_adaptive(group):
                 warnings.warn(f"load_state_dict: the checkpoint's projected group was saved at rank {group['rank']}, "
                               f"this optimizer was configured with rank {rank}; training continues at rank "
@@ -354,9 +355,12 @@ class SubspaceAdamW(Optimizer):
                 state = self.state.get(param)
                 if state:
                     store.adopt(state, param)
-                    for key in S.COUNTER_KEYS:  # a capturable run's device counters, read once here
-                        if isinstance(state.get(key), torch.Tensor) and not group["capturable"]:
-                            state[key] = int(state[key].item())
+                    for key in S.COUNTER_KEYS:  # ints, or device tensors under capturable=True
+                        value = state.get(key)
+                        if isinstance(value, torch.Tensor) and not group["capturable"]:
+                            state[key] = int(value.item())
+                        elif value is not None and group["capturable"]:
+                            state[key] = torch.as_tensor(value, dtype=torch.float32).to(sharding.local(param).device)
 
     def forget_caches(self) -> None:
         """Drop what the engine derived from the groups and the state (plans, parameter positions):
@@ -564,14 +568,14 @@ class SubspaceAdamW(Optimizer):
             steps = [s[S.STEP] for s in states]
             here = keep if keep.device == device else keep.to(device, non_blocking=True)
             if torch.compiler.is_compiling():
-                _advance_counters(states, (S.STEP,), here)
+                _advance_counters(states, (S.STEP,), here)  # (in place: ``steps`` holds the new counts)
                 inner_adam.adamw_(params, [torch.where(here, g, 0) for g in grads], exp_avgs, exp_avg_sqs,
-                                  [s[S.STEP] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2,
+                                  steps, lr=group["lr"], beta1=beta1, beta2=beta2,
                                   eps=group["eps"], weight_decay=group["weight_decay"], foreach=True, keep=here)
                 continue
-            torch_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True,
-                        found_inf=here.logical_not().to(torch.float32), amsgrad=False, beta1=beta1, beta2=beta2,
-                        lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            inner_adam.fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1,
+                                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                                    found_inf=here.logical_not().to(torch.float32))
 
     def _gather(self) -> list[tuple[dict, list[Item]]]:
         """(group, items) for every parameter that has a gradient. The ordinal (which seeds random
@@ -716,8 +720,16 @@ class SubspaceAdamW(Optimizer):
             buckets.setdefault((item.weight.device, item.weight.dtype), []).append(item)
         beta1, beta2 = group["betas"]
         foreach = group["foreach"] is not False
-        for members in buckets.values():
+        fused = group["fused"] or (group["fused"] is None and group["foreach"] is None)
+        for (device, _), members in buckets.items():
             states = [self.state[i.param] for i in members]
+            if fused and inner_adam.fused_applies(members[0].weight, group["adam_convention"]):
+                steps = torch.tensor([s[S.STEP] - 1 for s in states], dtype=torch.float32).to(device)  # (torch adds 1)
+                inner_adam.fused_adamw_(
+                    [i.weight for i in members], [i.grad for i in members], [s[S.EXP_AVG] for s in states],
+                    [s[S.EXP_AVG_SQ] for s in states], list(steps.unbind(0)), lr=learning_rate(group), beta1=beta1,
+                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+                continue
             inner_adam.adamw_(
                 [i.weight for i in members], [i.grad for i in members], [s[S.EXP_AVG] for s in states],
                 [s[S.EXP_AVG_SQ] for s in states], [s[S.STEP] for s in states], lr=learning_rate(group), beta1=beta1,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim.adamw import adamw as torch_functional_adamw
 
 
 ADAM_CONVENTIONS = ("torch", "transformers")
@@ -191,6 +192,26 @@ def _masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, be
     updates = torch._foreach_div(exp_avgs, denom)
     torch._foreach_mul_(updates, [-lr * keep / c for c in bc1])
     torch._foreach_add_(params, updates)
+
+
+FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def fused_applies(param: torch.Tensor, convention: str) -> bool:
+    """torch's fused AdamW kernel can step ``param`` in this convention (torch's own, a floating-point
+    parameter on a device the kernel supports)."""
+    return convention == "torch" and param.is_floating_point() and param.device.type in FUSED_DEVICES
+
+
+def fused_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                 exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], *, lr, beta1: float, beta2: float,
+                 eps: float, weight_decay: float, found_inf: torch.Tensor | None = None) -> None:
+    """torch's functional AdamW with ``fused=True`` (one kernel per device and dtype: on the CPU 4–5×
+    faster than the foreach path). ``steps``: 0-d fp32 tensors on the parameters' device, which torch
+    advances by one (and takes back where ``found_inf`` is 1: the step is then skipped)."""
+    torch_functional_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True, found_inf=found_inf,
+                           amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+                           maximize=False)
 
 
 def per_matrix(values: list, like: torch.Tensor) -> float | torch.Tensor:

@@ -60,7 +60,9 @@ COMMON = declare({
     "states": Option("32bit", _selects(STORE_REGISTRY), "where Adam's moments live (moments.py)"),
     "stochastic_rounding": Option(False, flag, "write bf16 weights by stochastic rounding (weights.py)"),
     "seed": Option(0, integer(0), "seeds random projections, randomized SVDs and stochastic rounding"),
-    "foreach": Option(None, optional(flag), "torch._foreach_* kernels for the plain groups (default on)"),
+    "foreach": Option(None, optional(flag), "torch._foreach_* kernels for the plain groups (False: a loop)"),
+    "fused": Option(None, optional(flag), "torch's fused AdamW for the plain groups (default: where it applies: "
+                                          "adam_convention='torch', 32-bit moments, unless foreach is set)"),
     "bucket_cap_mb": Option(None, optional(number(0.0)), "most stacked gradient per bucket, MiB (engine.py)"),
     "capturable": Option(False, flag, "no host read in a steady step: finiteness and step counts stay on the "
                                       "device, a non-finite step is masked (needs nonfinite='skip')"),
@@ -104,6 +106,11 @@ def validate_common(group: dict) -> None:
     """Options every group has (plain AdamW ones included)."""
     _check(group, COMMON)
     require_bitsandbytes(group["states"])
+    if group.get("fused") and group.get("foreach"):
+        raise ValueError("fused=True and foreach=True cannot both be set (as in torch.optim.AdamW)")
+    if group.get("fused") and group.get("adam_convention") == "transformers":
+        raise ValueError("fused=True steps with torch's AdamW kernel, whose convention is adam_convention='torch'; "
+                         "this group has adam_convention='transformers'")
     if group.get("capturable"):
         _validate_capturable(group)
 
