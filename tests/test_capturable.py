@@ -211,3 +211,27 @@ def test_checkpoints_cross_between_capturable_and_default():
         twin.step()
     for x, y in zip(params, twin_params):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)  # (the copy's next step synchronises)
+
+
+def test_compiled_buckets_beyond_dynamos_default_limit(monkeypatch):
+    """compile=True with more bucket signatures than Dynamo's default recompile limit (8 graphs per
+    code object: every bucket shares ``bucket_update_``): each gets its graph, and the run equals the
+    eager one. (Dynamo's eager backend: the graphs are counted the same, without inductor's time.)"""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    shapes = [(12 + k, 10) for k in range(10)]
+
+    def run(compile: bool):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        opt = fullrank.Fira([{"params": params, "rank": 3, "update_proj_gap": 4}], lr=1e-2, nonfinite="skip",
+                            capturable=True, compile=compile)
+        for t in range(3):
+            set_gradients(params, t, {})
+            opt.step()
+        return params
+
+    for x, y in zip(run(False), run(True)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

@@ -114,8 +114,26 @@ class GroupPlan:
         key = (side, compile)
         if key not in self.compiled:
             fn = functools.partial(bucket_update_, self.rule, self.limiter, self.options, side, self.adam)
-            self.compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
+            self.compiled[key] = _compiled_per_bucket(fn) if compile else fn
         return self.compiled[key]
+
+
+# Graphs one compiled bucket step may hold: one per bucket signature (shapes, bucket size, dtype). Every
+# bucket shares the code of ``bucket_update_``, whose graphs Dynamo counts together, and its default
+# limit (8) is below the bucket signatures of a large model.
+BUCKET_GRAPHS = 256
+
+
+def _compiled_per_bucket(fn):
+    """``torch.compile(fn, fullgraph=True, dynamic=False)``, allowed a graph per bucket signature."""
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():  # inside the caller's own torch.compile(opt.step): inlined
+            return compiled(*args, **kwargs)
+        with torch._dynamo.config.patch(recompile_limit=BUCKET_GRAPHS):
+            return compiled(*args, **kwargs)
+    return run
 
 
 @dataclass
