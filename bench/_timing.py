@@ -139,11 +139,16 @@ def force_projection_refresh(optimizer: torch.optim.Optimizer, gap: int) -> int:
     """
     moved = 0
     for state in optimizer.state.values():
-        if "step" not in state or not isinstance(state["step"], int):
+        step = state.get("step")
+        if not isinstance(step, int) and not (isinstance(step, torch.Tensor) and step.dim() == 0):
             continue
         if not ({"proj_left", "proj_right", "proj_seed", "projector"} & state.keys()):
             continue
-        state["step"] = (state["step"] // gap + 1) * gap
+        if isinstance(step, torch.Tensor):  # capturable=True: a device counter, which the host re-reads
+            step.fill_((int(step) // gap + 1) * gap)
+            optimizer.forget_caches()
+        else:
+            state["step"] = (step // gap + 1) * gap
         moved += 1
     for group in optimizer.param_groups:  # pytorch-optimizer: one counter per group, incremented before use
         if group.get("rank") is not None and isinstance(group.get("step"), int) and any(

@@ -382,9 +382,11 @@ class SubspaceAdamW(Optimizer):
 
     def forget_caches(self) -> None:
         """Drop what the engine derived from the groups and the state (plans, parameter positions):
-        call after replacing them from outside (``sharded_state.load_distributed_state_dict``)."""
+        call after replacing them from outside (``sharded_state.load_distributed_state_dict``, or a
+        step counter changed by hand: ``capturable=True`` then reads the counters at the next step)."""
         self._plans.clear()
         self._index_of = None
+        self._schedule = {}
 
     def __getstate__(self):
         """torch keeps defaults, state and param_groups; the engine's counters come along (deepcopy, pickle)."""
