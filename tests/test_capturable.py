@@ -64,13 +64,15 @@ def assert_same_run(a, b, rtol=1e-5, atol=1e-6):
     assert opt_a.skipped_steps == opt_b.skipped_steps == len(BAD)
 
 
-@pytest.mark.parametrize("preset", [fullrank.Fira, fullrank.GaLore, fullrank.APOLLO],
-                         ids=["fira", "galore", "apollo"])
-def test_capturable_steps_as_the_default_step(preset):
+@pytest.mark.parametrize("preset, options", [
+    (fullrank.Fira, {}), (fullrank.GaLore, {}), (fullrank.APOLLO, {}), (fullrank.APOLLO_Mini, {}), (fullrank.FRUGAL, {}),
+    (fullrank.AdaRankGrad, dict(refresh_threshold=0.0)),  # (its convergence trigger reads the host: refused)
+], ids=["fira", "galore", "apollo", "apollo_mini", "frugal", "adarankgrad_fixed_gap"])
+def test_capturable_steps_as_the_default_step(preset, options):
     """Over 11 steps with refreshes (T = 3) and two non-finite gradients, the capturable step gives
-    the default step's weights, state and skip count (fp32 rounding: its bias corrections and the
-    plain groups' fused AdamW are computed on the device); its counters are device tensors."""
-    default, capturable = train(preset, False), train(preset, True)
+    the default step's weights, state and skip count (fp32 rounding: its bias corrections are
+    computed on the device); its counters are device tensors."""
+    default, capturable = train(preset, False, **options), train(preset, True, **options)
     assert_same_run(default, capturable)
     params, opt = capturable
     assert all(isinstance(opt.state[p]["step"], torch.Tensor) for p in params)

@@ -2,6 +2,7 @@
 import copy
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -302,26 +303,28 @@ def test_layerwise_updates_equal_the_ordinary_loop(accumulation):
         fullrank.layerwise(nn.Linear(2, 2), make_opt).load_state_dict(handle.state_dict())
 
 
+@pytest.mark.parametrize("name", ["mlp.0.weight", "lm_head.weight"])  # projected; plain (torch's fused kernel)
 @pytest.mark.parametrize("policy", ["skip", "raise"])
-def test_layerwise_masks_a_non_finite_gradient_on_the_device(policy):
+def test_layerwise_masks_a_non_finite_gradient_on_the_device(policy, name):
     """A NaN gradient in one parameter during backward: that parameter and its state stay as they
     were (its counters too, so the next steps equal a run without that step for it), the others
     are updated, and step() — the one synchronisation — raises or counts the skip."""
     torch.manual_seed(0)
     model = TinyBlock()
     handle = fullrank.layerwise(model, lambda g: fullrank.Fira(g, lr=0.01, nonfinite=policy),
-                                fullrank.param_groups(model, rank=4, update_proj_gap=3))
+                                fullrank.param_groups(model, rank=4, update_proj_gap=3,
+                                                      target_modules=("self_attn", "mlp")))
     for step in range(2):
         loss_of(model, step).backward()
         handle.step()
-    weight = model.mlp[0].weight
+    weight = model.get_parameter(name)
     before = weight.detach().clone()
     state_before = {k: v.clone() if torch.is_tensor(v) else v for k, v in handle.state[weight].items()}
     others_before = model.self_attn.weight.detach().clone()
     weight.register_hook(lambda g: torch.full_like(g, float("nan")))
     loss_of(model, 2).backward()
     if policy == "raise":
-        with pytest.raises(fullrank.NonFiniteGradientError, match="mlp.0.weight"):
+        with pytest.raises(fullrank.NonFiniteGradientError, match=re.escape(name)):
             handle.step()
     else:
         handle.step()

@@ -42,6 +42,12 @@ The step is atomic with respect to non-finite gradients: every gradient's norm i
 (one ``_foreach_norm`` per device) and read in the step's one host synchronisation, together with
 the convergence flags of ``refresh.py``; a step where adaptive ranks are recomputed reads them in
 one more. The optimizer state holds tensors and plain numbers only.
+
+**capturable=True** (as torch's capturable AdamW) takes that read out of the steady step: the step
+counters are 0-d device tensors, the finiteness flag masks the whole step on the device, and the host
+keeps each matrix's refresh schedule within bounds, reading the counters (and then stepping exactly as
+above) only when a refresh may be due. Such a steady step compiles whole (``torch.compile(opt.step,
+fullgraph=True)``).
 """
 from __future__ import annotations
 
@@ -728,9 +734,17 @@ class SubspaceAdamW(Optimizer):
             items = [item for item, by_chunks in zip(items, chunked) if not by_chunks]
             if not items:
                 return
+        fused = group["fused"] or (group["fused"] is None and group["foreach"] is None)
         if keep is not None:
             (item,) = items
             state = self.state[item.param]
+            if fused and inner_adam.fused_applies(item.weight, group["adam_convention"]):  # found_inf: ~keep
+                step = torch.full((), state[S.STEP] - 1, dtype=torch.float32, device=item.weight.device)
+                beta1, beta2 = group["betas"]
+                inner_adam.fused_adamw_([item.weight], [item.grad], [state[S.EXP_AVG]], [state[S.EXP_AVG_SQ]], [step],
+                                        lr=learning_rate(group), beta1=beta1, beta2=beta2, eps=group["eps"],
+                                        weight_decay=group["weight_decay"], found_inf=keep.logical_not().float())
+                return
             inner_adam.masked_adamw_(item.weight, item.grad, state[S.EXP_AVG], state[S.EXP_AVG_SQ], state[S.STEP],
                                      keep, lr=learning_rate(group), betas=group["betas"], eps=group["eps"],
                                      weight_decay=group["weight_decay"], convention=group["adam_convention"])
@@ -740,7 +754,6 @@ class SubspaceAdamW(Optimizer):
             buckets.setdefault((item.weight.device, item.weight.dtype), []).append(item)
         beta1, beta2 = group["betas"]
         foreach = group["foreach"] is not False
-        fused = group["fused"] or (group["fused"] is None and group["foreach"] is None)
         for (device, _), members in buckets.items():
             states = [self.state[i.param] for i in members]
             if fused and inner_adam.fused_applies(members[0].weight, group["adam_convention"]):

@@ -14,9 +14,9 @@
 """
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
+
+import torch
 
 from . import inner_adam, sharding, weights
 from .limiter import Limiter
