@@ -190,6 +190,16 @@ def _as_device_scalars(steps: list, lr, device: torch.device) -> tuple[list[torc
     return steps, lr
 
 
+def _fused_step_counts(states: list[dict], device: torch.device) -> list[torch.Tensor]:
+    """The int step counts (already advanced) as the 0-d fp32 tensors torch's fused AdamW advances
+    itself, so one less: one fill for one parameter (no copy from the host: the layer-wise mode's
+    backward hooks do not wait for the device), one transfer for a group."""
+    counts = [s[S.STEP] - 1 for s in states]
+    if len(counts) == 1:
+        return [torch.full((), counts[0], dtype=torch.float32, device=device)]
+    return list(torch.tensor(counts, dtype=torch.float32).to(device).unbind(0))
+
+
 def learning_rate(group: dict) -> float:
     """The group's η as a float (a 0-d tensor ``lr``, as torch optimizers accept, is read here)."""
     lr = group["lr"]
@@ -715,8 +725,9 @@ class SubspaceAdamW(Optimizer):
         return name, next(grp for _, n, grp in entries if n == name)
 
     def _plain_step(self, group: dict, items: list[Item], keep: torch.Tensor | None = None) -> None:
-        """torch.optim.AdamW's update, foreach over each device and dtype (``keep``: see
-        :meth:`step_parameter`); 8-bit moments and stochastically rounded weights chunk by chunk."""
+        """torch.optim.AdamW's update per device and dtype: torch's fused kernel by default, else the
+        foreach kernels or a loop (``keep``: see :meth:`step_parameter`; the fused kernel's
+        ``found_inf``); 8-bit moments and stochastically rounded weights chunk by chunk."""
         _refuse_on_shards(group, items)
         store = moments.get_store(group["states"])
         for item in items:
@@ -735,20 +746,6 @@ class SubspaceAdamW(Optimizer):
             if not items:
                 return
         fused = group["fused"] or (group["fused"] is None and group["foreach"] is None)
-        if keep is not None:
-            (item,) = items
-            state = self.state[item.param]
-            if fused and inner_adam.fused_applies(item.weight, group["adam_convention"]):  # found_inf: ~keep
-                step = torch.full((), state[S.STEP] - 1, dtype=torch.float32, device=item.weight.device)
-                beta1, beta2 = group["betas"]
-                inner_adam.fused_adamw_([item.weight], [item.grad], [state[S.EXP_AVG]], [state[S.EXP_AVG_SQ]], [step],
-                                        lr=learning_rate(group), beta1=beta1, beta2=beta2, eps=group["eps"],
-                                        weight_decay=group["weight_decay"], found_inf=keep.logical_not().float())
-                return
-            inner_adam.masked_adamw_(item.weight, item.grad, state[S.EXP_AVG], state[S.EXP_AVG_SQ], state[S.STEP],
-                                     keep, lr=learning_rate(group), betas=group["betas"], eps=group["eps"],
-                                     weight_decay=group["weight_decay"], convention=group["adam_convention"])
-            return
         buckets: dict[tuple, list[Item]] = {}
         for item in items:
             buckets.setdefault((item.weight.device, item.weight.dtype), []).append(item)
@@ -756,19 +753,22 @@ class SubspaceAdamW(Optimizer):
         foreach = group["foreach"] is not False
         for (device, _), members in buckets.items():
             states = [self.state[i.param] for i in members]
-            if fused and inner_adam.fused_applies(members[0].weight, group["adam_convention"]):
-                steps = torch.tensor([s[S.STEP] - 1 for s in states], dtype=torch.float32).to(device)  # (torch adds 1)
-                inner_adam.fused_adamw_(
-                    [i.weight for i in members], [i.grad for i in members], [s[S.EXP_AVG] for s in states],
-                    [s[S.EXP_AVG_SQ] for s in states], list(steps.unbind(0)), lr=learning_rate(group), beta1=beta1,
-                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-                continue
-            inner_adam.adamw_(
-                [i.weight for i in members], [i.grad for i in members], [s[S.EXP_AVG] for s in states],
-                [s[S.EXP_AVG_SQ] for s in states], [s[S.STEP] for s in states], lr=learning_rate(group), beta1=beta1,
-                beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], foreach=foreach,
-                convention=group["adam_convention"],
-            )
+            params, grads = [i.weight for i in members], [i.grad for i in members]
+            exp_avgs, exp_avg_sqs = [s[S.EXP_AVG] for s in states], [s[S.EXP_AVG_SQ] for s in states]
+            if fused and inner_adam.fused_applies(params[0], group["adam_convention"]):  # keep: its found_inf
+                inner_adam.fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, _fused_step_counts(states, device),
+                                        lr=learning_rate(group), beta1=beta1, beta2=beta2, eps=group["eps"],
+                                        weight_decay=group["weight_decay"],
+                                        found_inf=None if keep is None else keep.logical_not().float())
+            elif keep is not None:  # (layer-wise: one parameter)
+                inner_adam.masked_adamw_(params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], states[0][S.STEP], keep,
+                                         lr=learning_rate(group), betas=group["betas"], eps=group["eps"],
+                                         weight_decay=group["weight_decay"], convention=group["adam_convention"])
+            else:
+                inner_adam.adamw_(params, grads, exp_avgs, exp_avg_sqs, [s[S.STEP] for s in states],
+                                  lr=learning_rate(group), beta1=beta1, beta2=beta2, eps=group["eps"],
+                                  weight_decay=group["weight_decay"], foreach=foreach,
+                                  convention=group["adam_convention"])
 
     @staticmethod
     def _adam_options(group: dict) -> dict:
