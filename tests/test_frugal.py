@@ -8,14 +8,12 @@ choice (learning rates η·α and η·α·s, moments and step count reset at eve
 """
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from torch import nn
 
 import fullrank
-from tiny_block import Tiny, assert_step_refused_on_fsdp2, tiny_data, train_tiny
+from tiny_block import Tiny, assert_resume_is_exact, assert_step_refused_on_fsdp2, tiny_data, train_tiny
 from fullrank.memory import optimizer_state_bytes
 from fullrank.optim.frugal import FRUGAL, frugal_rank
 
@@ -184,24 +182,7 @@ def test_resume_is_exact_through_torch_load_weights_only():
     def build(model):
         return fullrank.make_optimizer("frugal", fullrank.param_groups(model, **options), lr=3e-3, weight_decay=0.01)
 
-    straight = Tiny(seed=2)
-    opt = build(straight)
-    train_tiny(straight, opt, 7, data)
-
-    first = Tiny(seed=2)
-    opt1 = build(first)
-    train_tiny(first, opt1, 4, data)  # past one refresh, and the next lands after the resume
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = Tiny(seed=9)
-    resumed.load_state_dict(saved["model"])
-    opt2 = build(resumed)
-    opt2.load_state_dict(saved["opt"])
-    train_tiny(resumed, opt2, 3, data)
-    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
-        assert torch.equal(a, b), name
+    assert_resume_is_exact(build, 4, 3, data)  # past one refresh, and the next lands after the resume
 
 
 @pytest.mark.parametrize("options", [{}, {"projector": "random"}, {"projector": "random_columns"},

@@ -1,7 +1,6 @@
 """8-bit moments (``states="8bit"``, moments.py) and stochastic rounding of bf16 weights
 (``stochastic_rounding``, weights.py): against bitsandbytes' AdamW8bit, against the 32-bit engine, and
 the conventions (exact resume, masking in layer-wise mode, clear errors)."""
-import io
 import logging
 
 import pytest
@@ -11,6 +10,7 @@ from torch import nn
 import fullrank
 from fullrank.optim import weights
 from fullrank.optim.moments import MIN_8BIT_ELEMENTS
+from tiny_block import through_checkpoint
 
 bnb = pytest.importorskip("bitsandbytes")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -104,10 +104,7 @@ def test_8bit_resume_is_exact(method):
     model = _model()
     opt = fullrank.make_optimizer(method, _groups(model), lr=1e-2, states="8bit")
     first = _train(model, opt, batches[:4])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = through_checkpoint({"model": model.state_dict(), "opt": opt.state_dict()})
     model = _model()
     model.load_state_dict(saved["model"])
     opt = fullrank.make_optimizer(method, _groups(model), lr=1e-2, states="8bit")

@@ -5,7 +5,6 @@ repository, not an installable package), so there is no update-for-update test a
 """
 from __future__ import annotations
 
-import io
 import math
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import fullrank
 from fullrank.memory import optimizer_state_bytes
 from fullrank.optim import NonFiniteGradientError, make_optimizer, param_groups
 from fullrank.optim.scale import SCALE
+from tiny_block import through_checkpoint
 
 torch.set_num_threads(1)
 
@@ -234,10 +234,7 @@ def test_state_dict_round_trip_resumes_exactly():
     run(opt_a, a, grads[:3])
     a.lm_head.weight.grad = torch.full_like(a.lm_head.weight, float("nan"))
     opt_a.step()  # skipped, counted
-    buffer = io.BytesIO()
-    torch.save({"model": a.state_dict(), "optim": opt_a.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = through_checkpoint({"model": a.state_dict(), "optim": opt_a.state_dict()})
     b = toy(seed=7)
     b.load_state_dict(saved["model"])
     opt_b = SCALE(param_groups(b, rank=2, target_modules=("mlp",)), lr=0.5, nonfinite="skip")

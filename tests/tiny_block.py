@@ -2,6 +2,7 @@
 ``fullrank.param_groups``' default targets (self_attn, mlp), a regression task and a training loop."""
 from __future__ import annotations
 
+import io
 import tempfile
 
 import pytest
@@ -44,6 +45,34 @@ def train_tiny(model, opt, steps, data):
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return losses
+
+
+def through_checkpoint(obj):
+    """``obj`` saved with ``torch.save`` and loaded back with ``torch.load(weights_only=True)``."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def assert_resume_is_exact(build, before: int, after: int, data, check=None) -> None:
+    """Training a Tiny ``before`` steps, resuming it from a checkpoint loaded with ``weights_only=True``
+    into a fresh model and optimizer (``build(model)``) and training ``after`` more gives the weights of
+    ``before + after`` uninterrupted steps, bit for bit. ``check(optimizer)`` must hold of the resumed one."""
+    straight = Tiny(seed=2)
+    train_tiny(straight, build(straight), before + after, data)
+    first = Tiny(seed=2)
+    opt = build(first)
+    train_tiny(first, opt, before, data)
+    saved = through_checkpoint({"model": first.state_dict(), "opt": opt.state_dict()})
+    resumed = Tiny(seed=9)
+    resumed.load_state_dict(saved["model"])
+    opt = build(resumed)
+    opt.load_state_dict(saved["opt"])
+    assert check is None or check(opt)
+    train_tiny(resumed, opt, after, data)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
 
 
 def assert_step_refused_on_fsdp2(method: str, match: str) -> None:
