@@ -197,7 +197,7 @@ def test_bad_options_give_clear_errors():
              (dict(adam_lr=-1.0), "adam_lr must be"),
              (dict(norm_eps=0.0), r"norm_eps must be a number in \(0.0, inf\]"),
              (dict(nonfinite="ignore"), "nonfinite must be one of"),
-             (dict(bucket_cap_mb=0), "bucket_cap_mb must be"),
+             (dict(bucket_cap_mb=-1.0), "bucket_cap_mb must be"),  # (0: one matrix per bucket, as in the engine)
              (dict(last_layer=[""]), "last_layer must be a list of non-empty"),
              (dict(embedding=3), "embedding must be a list of non-empty"),
              (dict(states="8bit"), "states='8bit' is not available for SCALE")]

@@ -23,7 +23,7 @@ from ..train.errors import ConfigError, TrainingError, first_line
 from ..optim.components import check_range
 from ..train.metrics import MetricsLog, peak_memory
 from ..train.config import STATE_PRECISIONS, WEIGHT_PRECISIONS
-from ..train.setup import enable_activation_checkpointing, remove_outputs
+from ..train.setup import enable_activation_checkpointing, precision_options, refused, remove_outputs
 from . import data as D
 from .scoring import SCORINGS, accuracy, score_generations, score_likelihood
 
@@ -226,8 +226,7 @@ def prepare_model(cfg: FinetuneConfig):
     model, tokenizer = load_model(cfg.model, cfg.tokenizer or None, cfg.seed, cfg.dtype, cfg.progress)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
-    precision = {**({"states": cfg.states} if cfg.states != "32bit" else {}),
-                 **({"stochastic_rounding": True} if cfg.weights == "bf16-sr" else {})}
+    precision = precision_options(cfg)
     try:
         names = hf.target_module_names(model, _target_spec(cfg))
         if not names:
@@ -246,11 +245,9 @@ def prepare_model(cfg: FinetuneConfig):
                 update_proj_gap=cfg.update_proj_gap, scale=cfg.scale or None, proj_type=cfg.proj_type, **options)
     except (ValueError, TypeError) as err:
         message = first_line(err)
-        if precision and any(key in message for key in ("states", "stochastic_rounding", "unexpected keyword")):
-            flags = " ".join([f"--states {cfg.states}"] * ("states" in precision)
-                             + ["--weights bf16-sr"] * ("stochastic_rounding" in precision))
-            raise ConfigError(f"{flags}: method '{cfg.method}' cannot run with it ({message})") from None
-        raise ConfigError(message if message.startswith("--") else f"--method {cfg.method}: {message}") from None
+        if message.startswith("--"):
+            raise ConfigError(message) from None
+        raise refused(cfg, err) from None
     return model, tokenizer, optimizer
 
 

@@ -184,20 +184,24 @@ def _as_device_scalars(steps: list, lr, device: torch.device) -> tuple[list[torc
     """Step counts and η as 0-d fp32 tensors on ``device`` (a compiled step sees them as inputs, not
     constants: it is not recompiled when they change)."""
     if not inner_adam.on_device(steps):
-        steps = list(torch.tensor(steps, dtype=torch.float32).to(device, non_blocking=True).unbind(0))
+        steps = list(inner_adam.host_values(steps, device).unbind(0))
     if not isinstance(lr, torch.Tensor):
-        lr = torch.tensor(lr, dtype=torch.float32).to(device, non_blocking=True)
+        lr = inner_adam.host_values([lr], device)[0]
     return steps, lr
 
 
 def _fused_step_counts(states: list[dict], device: torch.device) -> list[torch.Tensor]:
     """The int step counts (already advanced) as the 0-d fp32 tensors torch's fused AdamW advances
-    itself, so one less: one fill for one parameter (no copy from the host: the layer-wise mode's
-    backward hooks do not wait for the device), one transfer for a group."""
-    counts = [s[S.STEP] - 1 for s in states]
-    if len(counts) == 1:
-        return [torch.full((), counts[0], dtype=torch.float32, device=device)]
-    return list(torch.tensor(counts, dtype=torch.float32).to(device).unbind(0))
+    itself, so one less (``inner_adam.host_values``: no host synchronisation)."""
+    return list(inner_adam.host_values([s[S.STEP] - 1 for s in states], device).unbind(0))
+
+
+def _by_device_and_dtype(items: list[Item]) -> list[tuple[torch.device, list[Item]]]:
+    """(device, items) per device and dtype of the weights: the plain groups' kernel buckets."""
+    kinds: dict[tuple, list[Item]] = {}
+    for item in items:
+        kinds.setdefault((item.weight.device, item.weight.dtype), []).append(item)
+    return [(device, members) for (device, _), members in kinds.items()]
 
 
 def learning_rate(group: dict) -> float:
@@ -594,10 +598,7 @@ class SubspaceAdamW(Optimizer):
         fused, with ``found_inf`` (eager); under ``torch.compile`` (which does not trace the fused
         kernel) :func:`inner_adam.adamw_` masked, the gradients zeroed in the graph."""
         beta1, beta2 = group["betas"]
-        by_kind: dict[tuple, list[Item]] = {}
-        for item in items:
-            by_kind.setdefault((item.weight.device, item.weight.dtype), []).append(item)
-        for (device, _), members in by_kind.items():
+        for device, members in _by_device_and_dtype(items):
             states = [self.state[i.param] for i in members]
             params, grads = [i.weight for i in members], [i.grad for i in members]
             exp_avgs, exp_avg_sqs = [s[S.EXP_AVG] for s in states], [s[S.EXP_AVG_SQ] for s in states]
@@ -746,27 +747,25 @@ class SubspaceAdamW(Optimizer):
             if not items:
                 return
         fused = group["fused"] or (group["fused"] is None and group["foreach"] is None)
-        buckets: dict[tuple, list[Item]] = {}
-        for item in items:
-            buckets.setdefault((item.weight.device, item.weight.dtype), []).append(item)
         beta1, beta2 = group["betas"]
         foreach = group["foreach"] is not False
-        for (device, _), members in buckets.items():
+        lr = learning_rate(group)
+        for device, members in _by_device_and_dtype(items):
             states = [self.state[i.param] for i in members]
             params, grads = [i.weight for i in members], [i.grad for i in members]
             exp_avgs, exp_avg_sqs = [s[S.EXP_AVG] for s in states], [s[S.EXP_AVG_SQ] for s in states]
             if fused and inner_adam.fused_applies(params[0], group["adam_convention"]):  # keep: its found_inf
                 inner_adam.fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, _fused_step_counts(states, device),
-                                        lr=learning_rate(group), beta1=beta1, beta2=beta2, eps=group["eps"],
+                                        lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                                         weight_decay=group["weight_decay"],
                                         found_inf=None if keep is None else keep.logical_not().float())
             elif keep is not None:  # (layer-wise: one parameter)
                 inner_adam.masked_adamw_(params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], states[0][S.STEP], keep,
-                                         lr=learning_rate(group), betas=group["betas"], eps=group["eps"],
+                                         lr=lr, betas=group["betas"], eps=group["eps"],
                                          weight_decay=group["weight_decay"], convention=group["adam_convention"])
             else:
                 inner_adam.adamw_(params, grads, exp_avgs, exp_avg_sqs, [s[S.STEP] for s in states],
-                                  lr=learning_rate(group), beta1=beta1, beta2=beta2, eps=group["eps"],
+                                  lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                                   weight_decay=group["weight_decay"], foreach=foreach,
                                   convention=group["adam_convention"])
 
@@ -789,8 +788,7 @@ class SubspaceAdamW(Optimizer):
         work = item.weight if item.weight.is_contiguous() else item.weight.contiguous()
         flat_weight, flat_grad = work.view(-1), item.grad.reshape(-1)
         numel = flat_weight.numel()
-        spans = store.chunks(state) if quantized else [slice(k, min(k + moments.CHUNK_ELEMENTS, numel))
-                                                       for k in range(0, numel, moments.CHUNK_ELEMENTS)]
+        spans = moments.chunk_spans(numel)
         options = self._adam_options(group)
         for span in spans:
             if quantized:
@@ -834,8 +832,9 @@ class SubspaceAdamW(Optimizer):
                 grad_norms.pop(id(item.param), None)  # the rules see G̃: its norm is taken anew
         refreshed = subspace.refresh_(self, group, items, flagged) if refresh else set()
         captured = [] if plan.trigger else None
+        lr = learning_rate(group) if refresh else group["lr"]  # (a capturable step never reads a tensor η)
         for members in self._buckets(group, items):
-            self._bucket_step(group, plan, members, grad_norms, keep, captured, sanitize=not refresh)
+            self._bucket_step(group, plan, members, grad_norms, lr, keep, captured, sanitize=not refresh)
         if captured:
             self._record_energy(group, captured, grad_norms, refreshed, keep)
         return refreshed
@@ -861,8 +860,8 @@ class SubspaceAdamW(Optimizer):
         return buckets
 
     def _bucket_step(self, group: dict, plan: GroupPlan, members: list[Item], grad_norms: dict[int, torch.Tensor],
-                     keep: torch.Tensor | None = None, captured: list | None = None, sanitize: bool = False) -> None:
-        """One step of a bucket (:func:`update.bucket_update_`). ``keep`` (a 0-d bool on the device):
+                     lr, keep: torch.Tensor | None = None, captured: list | None = None, sanitize: bool = False) -> None:
+        """One step of a bucket (:func:`update.bucket_update_`) at η ``lr``. ``keep`` (a 0-d bool on the device):
         when false nothing of the bucket changes — the layer-wise mode (one matrix, its gradient
         already zeroed where non-finite) and ``capturable=True`` (``sanitize``: the gradients are
         zeroed here). ``captured`` collects (members, ‖R‖ per matrix) for the convergence trigger."""
@@ -893,13 +892,11 @@ class SubspaceAdamW(Optimizer):
         generators = ([weights.rounding_generator(group, i.ordinal, s[S.STEP], i.weight.device)
                        for i, s in zip(members, states)] if rounding else None)
         unit_state = self._unit_state(plan.rule, members, states)
-        adam_steps, lr = [s[S.ADAM_STEP] for s in states], group["lr"]
+        adam_steps = [s[S.ADAM_STEP] for s in states]
         compiled = (group["compile"] and shard is None and after_projection is None and not rounding
                     and (keep is None or sanitize))
         if compiled:  # what changes from step to step enters as tensors: no recompilation
             adam_steps, lr = _as_device_scalars(adam_steps, lr, grads.device)
-        elif isinstance(lr, torch.Tensor) and not sanitize:
-            lr = learning_rate(group)
         step = plan.bucket_update(side, compiled)
         kept, factors, residual_sq, new_state = step(
             params, grads, left, right, exp_avgs, exp_avg_sqs, adam_steps, norms, previous, unit_state, lr, keep,

@@ -67,7 +67,7 @@ class SignResidual(Rule):
         sign = bucket.residual(1.0).sign_()
         dtype = norm_dtype(sign.dtype)
         ones = torch.ones((sign.shape[0], 1, 1), dtype=dtype, device=sign.device)
-        count = sign.abs().sum(dim=(-2, -1), dtype=dtype)  # ‖sign(S)‖² = number of non-zero entries
+        count = torch.count_nonzero(sign, dim=(-2, -1)).to(dtype)  # ‖sign(S)‖² = number of non-zero entries
         return Contribution(options["scale"], phi=ones, kappa=0.0, residual_sq=count,
                             weight=options["scale"] * options["state_free_lr_scale"], explicit=sign)
 

@@ -183,7 +183,8 @@ def adamw_(
 
 
 def _masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, keep) -> None:
-    """:func:`adamw_` masked by ``keep`` (see there), without a host read."""
+    """:func:`adamw_` in torch's convention masked by ``keep`` (see there), without a host read; the
+    steps are ints or 0-d device tensors."""
     if weight_decay != 0.0:
         torch._foreach_mul_(params, torch.where(keep, 1.0 - lr * weight_decay, 1.0))
     update_moments_(exp_avgs, exp_avg_sqs, grads, beta1=beta1, beta2=beta2, foreach=True, keep=keep)
@@ -214,6 +215,17 @@ def fused_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
                            maximize=False)
 
 
+def host_values(values: list[float], device: torch.device) -> torch.Tensor:
+    """A 1-D fp32 tensor of host numbers on ``device`` without a host synchronisation: equal values are
+    one fill; others are copied from pinned memory on a GPU (a pageable copy would wait for the stream)."""
+    if all(v == values[0] for v in values):
+        return torch.full((len(values),), values[0], dtype=torch.float32, device=device)
+    column = torch.tensor(values, dtype=torch.float32)
+    if device.type == "cuda":
+        column = column.pin_memory()
+    return column.to(device, non_blocking=True)
+
+
 def per_matrix(values: list, like: torch.Tensor) -> float | torch.Tensor:
     """A Python float when every matrix of a stack shares the value, else a B×1×1 tensor on the
     stack's device (copied from pinned memory without a host synchronisation; stacked when the
@@ -222,10 +234,7 @@ def per_matrix(values: list, like: torch.Tensor) -> float | torch.Tensor:
         return torch.stack(values).view(-1, *([1] * (like.dim() - 1)))
     if all(v == values[0] for v in values):
         return values[0]
-    column = torch.tensor(values, dtype=torch.float32).view(-1, *([1] * (like.dim() - 1)))
-    if like.is_cuda:
-        column = column.pin_memory().to(like.device, non_blocking=True)
-    return column.to(like.device)
+    return host_values(values, like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
 def masked_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -234,17 +243,13 @@ def masked_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     """One parameter's :func:`adamw_` that changes nothing when the 0-d bool ``keep`` is false
     (``grad`` already zero there): the layer-wise mode's on-device skip, no host synchronisation."""
     beta1, beta2 = betas
-    decay = torch.where(keep, 1.0 - lr * weight_decay, 1.0)
-    if convention == "torch" and weight_decay != 0.0:
-        param.mul_(decay)
+    if convention == "torch":
+        _masked_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [step], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay, keep=keep)
+        return
     update_moments_([exp_avg], [exp_avg_sq], [grad], beta1=beta1, beta2=beta2, foreach=True, keep=keep)
-    if convention == "transformers":
-        denom = exp_avg_sq.sqrt().add_(eps)
-        size = lr * step_factors([step], beta1, beta2, convention)[0]
-    else:
-        bc1, sqrt_bc2 = _bias_corrections([step], beta1, beta2)
-        denom = exp_avg_sq.sqrt().div_(sqrt_bc2[0]).add_(eps)
-        size = lr / bc1[0]
+    denom = exp_avg_sq.sqrt().add_(eps)
+    size = lr * step_factors([step], beta1, beta2, convention)[0]
     param.addcdiv_(exp_avg * keep, denom, value=-size)
-    if convention == "transformers" and weight_decay != 0.0:
-        param.mul_(decay)
+    if weight_decay != 0.0:
+        param.mul_(torch.where(keep, 1.0 - lr * weight_decay, 1.0))

@@ -32,6 +32,11 @@ CHUNK_ELEMENTS = BLOCK * 2**14  # 4M values: the fp32 working set of a plain par
 ABSMAX_KEYS = {S.EXP_AVG: S.EXP_AVG_ABSMAX, S.EXP_AVG_SQ: S.EXP_AVG_SQ_ABSMAX}
 
 
+def chunk_spans(numel: int) -> list[slice]:
+    """Flat spans of at most ``CHUNK_ELEMENTS`` (whole 8-bit blocks) covering ``numel`` values."""
+    return [slice(k, min(k + CHUNK_ELEMENTS, numel)) for k in range(0, numel, CHUNK_ELEMENTS)]
+
+
 def low_shape(state: dict) -> torch.Size | None:
     """The shape of a projected matrix's moments (r×n, m×r or r×r), None before its first refresh."""
     moment = state.get(S.EXP_AVG)
@@ -163,11 +168,6 @@ class Blockwise8bit(MomentStore):
         moment = state.get(S.EXP_AVG)
         if moment is not None and moment.dtype != torch.uint8 and moment.numel() >= MIN_8BIT_ELEMENTS:
             self.replace(state, moment.float(), state[S.EXP_AVG_SQ].float())
-
-    def chunks(self, state: dict) -> list[slice]:
-        """Flat spans of whole blocks, at most ``CHUNK_ELEMENTS`` each, covering a plain moment."""
-        numel = state[S.EXP_AVG].numel()
-        return [slice(k, min(k + CHUNK_ELEMENTS, numel)) for k in range(0, numel, CHUNK_ELEMENTS)]
 
     def load_span(self, state: dict, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (M, V) of one chunk of a plain parameter's quantized moments."""

@@ -137,11 +137,6 @@ def _validate_capturable(group: dict) -> None:
             raise ValueError(f"capturable=True does not support {what}: {why}")
 
 
-def check_choice(name: str, value) -> None:
-    """A selecting option's value against its registry or choices."""
-    engine_options()[name].check(name, value)
-
-
 def validate_projected(group: dict, names: list[str]) -> None:
     """Options of a projected group (each declared check, then each selected unit's checks across
     options), and every parameter's shape against the rank."""

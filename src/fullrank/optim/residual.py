@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from .components import Component, Option, Registry, choice, number
-from .projector import column_dim
+from .projector import add_back_, column_dim
 
 SCALING_GRANULARITIES = ("column", "tensor")
 RESIDUAL_CONVENTIONS = ("exact", "official")
@@ -125,12 +125,9 @@ class Bucket:
 
     def residual(self, kappa: float = 1.0) -> torch.Tensor:
         """G − κ·P·R materialised (B×m×n, a new tensor), for a rule whose residual is not φ∘(G − κ·P·R)."""
-        back = self.low
-        if self.left is not None:
-            back = self.left @ back
-        if self.right is not None:
-            back = back @ self.right
-        return self.grads - kappa * back
+        residual = self.grads.clone()
+        add_back_(residual, self.low, self.left, self.right, alpha=-kappa)  # (one m×n temporary: the result)
+        return residual
 
     @property
     def grad_sq(self) -> torch.Tensor:

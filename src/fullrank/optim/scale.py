@@ -59,7 +59,7 @@ from torch.optim import Optimizer
 
 from . import host
 from .engine import DEFAULT_BUCKET_CAP_MB, MIB, NonFiniteGradientError, parameter_names
-from .options import check_range
+from .options import COMMON, check_range
 from .sharding import all_reduce_, is_distributed_tensor, local, row_shard
 
 logger = logging.getLogger(__name__)
@@ -141,21 +141,11 @@ class SCALE(Optimizer):
     # ------------------------------------------------------------------ options and roles
     @staticmethod
     def _validate_group(group: dict, offset: int = 0) -> None:
-        check_range("lr", group["lr"], 0.0, math.inf)
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair (beta1, beta2) with each in [0, 1), got {betas!r}")
-        check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
-        check_range("eps", group["eps"], 0.0, math.inf)
-        check_range("weight_decay", group["weight_decay"], 0.0, math.inf)
+        for key in ("lr", "betas", "eps", "weight_decay", "nonfinite", "bucket_cap_mb"):  # the engine's checks
+            COMMON[key].check(key, group[key])
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_range("adam_lr / lr", group["adam_lr_ratio"], 0.0, math.inf)
         check_range("norm_eps", group["norm_eps"], 0.0, math.inf, low_open=True)
-        if group["nonfinite"] not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be one of ('raise', 'skip'), got {group['nonfinite']!r}")
-        if group["bucket_cap_mb"] is not None:
-            check_range("bucket_cap_mb", group["bucket_cap_mb"], 0.0, math.inf, low_open=True)
         group["last_layer"] = _names_option("last_layer", group["last_layer"])
         group["embedding"] = _names_option("embedding", group["embedding"])
         for p, name in zip(group["params"], parameter_names(group, offset)):

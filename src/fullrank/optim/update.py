@@ -136,8 +136,8 @@ def residual_update(rule: Rule, limiter: Limiter, options: dict, side: str, grad
 
     Returns (update, kept norms or None, factors or None, ‖S‖² before the limiter or None, the rule's
     new state or None). A pure
-    function of tensors, with the units and options bound by :meth:`GroupPlan.residual_update`:
-    ``torch.compile(fullgraph=True)`` compiles it without graph breaks (``compile=True``). ``grads``,
+    function of tensors, with the units and options bound by :func:`bucket_update_` (which
+    ``GroupPlan.bucket_update`` compiles with ``fullgraph=True`` when ``compile=True``). ``grads``,
     ``psi`` and ``low`` are overwritten. ``shard``: the bucket's collectives on FSDP2 shards (eager only).
     """
     contribution, coef, kept, factors = residual_coefficients(rule, limiter, options, side, grads, low, psi,

@@ -180,7 +180,7 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         raise ConfigError(f"--activation-checkpointing: {type(model).__name__} is not a transformers model")
 
 
-def precision_options(cfg: C.TrainConfig) -> dict:
+def precision_options(cfg) -> dict:
     """The engine options of ``--states`` and ``--weights`` (none at their defaults)."""
     options = {}
     if cfg.states != "32bit":
@@ -190,8 +190,9 @@ def precision_options(cfg: C.TrainConfig) -> dict:
     return options
 
 
-def _refused(cfg: C.TrainConfig, err: Exception) -> ConfigError:
-    """The optimizer's refusal as one line naming the flag that asked for it."""
+def refused(cfg, err: Exception) -> ConfigError:
+    """The optimizer's refusal as one line naming the flag that asked for it (``fullrank pretrain``'s
+    and ``finetune``'s configs: ``method``, ``states``, ``weights``)."""
     lines = str(err).strip().splitlines()
     reason = lines[0] if lines else type(err).__name__
     flags = [f"--states {cfg.states}"] if cfg.states != "32bit" else []
@@ -244,7 +245,7 @@ def _engine_optimizer(cfg: C.TrainConfig, model: torch.nn.Module) -> torch.optim
         options.setdefault("seed", cfg.seed)
         return fullrank.make_optimizer(cfg.method, groups, **hyper, **options)
     except (ValueError, TypeError, ImportError, NotImplementedError) as err:
-        raise _refused(cfg, err) from None
+        raise refused(cfg, err) from None
 
 
 def check_global_batch(state: dict, cfg: C.TrainConfig, env: DistEnv) -> None:
