@@ -87,28 +87,23 @@ def switch_moments_(
     if policy not in ON_SWITCH:
         raise ValueError(f"on_switch must be one of {ON_SWITCH}, got {policy!r}")
     store = store or MomentStore()
-    if policy == "ldadam" and state.get(S.ADAM_STEP, 0) > 0:
-        (exp_avg,), (exp_avg_sq,) = store.load([state])
-        q_left, q_right = rotations or _rotations(state.get(S.PROJ_LEFT), state.get(S.PROJ_RIGHT), new_left, new_right)
-        if exp_avg.dtype != (q_left if q_left is not None else q_right).dtype:
-            q_left, q_right = (None if q is None else q.to(exp_avg.dtype) for q in (q_left, q_right))
-        beta1, beta2 = betas
-        steps = state[S.ADAM_STEP]
-        bc1, bc2 = 1.0 - beta1**steps, 1.0 - beta2**steps
-        mean = exp_avg / bc1
-        squares = (lambda q: None if q is None else q.square())  # noqa: E731
-        rotated_mean = _apply(mean, q_left, q_right)
-        variance = _apply(exp_avg_sq / bc2 - mean.square(), squares(q_left), squares(q_right))
-        store.replace(state, _apply(exp_avg, q_left, q_right), (variance + rotated_mean.square()).abs_().mul_(bc2))
-        return
     if policy in ("reproject", "ldadam"):
         (exp_avg,), (exp_avg_sq,) = store.load([state])
         q_left, q_right = rotations or _rotations(state.get(S.PROJ_LEFT), state.get(S.PROJ_RIGHT), new_left, new_right)
         if exp_avg.dtype != (q_left if q_left is not None else q_right).dtype:
             q_left, q_right = (None if q is None else q.to(exp_avg.dtype) for q in (q_left, q_right))
-        sq = lambda q: None if q is None else q.square()  # noqa: E731
-        store.replace(state, _apply(exp_avg, q_left, q_right),
-                      _apply(exp_avg_sq, sq(q_left), sq(q_right)).clamp_min_(0.0))
+        sq_left, sq_right = (None if q is None else q.square() for q in (q_left, q_right))
+        steps = state.get(S.ADAM_STEP, 0)
+        if policy == "ldadam" and steps > 0:  # the rotated Gaussian's second moment, bias-corrected
+            beta1, beta2 = betas
+            bc1, bc2 = 1.0 - beta1**steps, 1.0 - beta2**steps
+            mean = exp_avg / bc1
+            rotated_mean = _apply(mean, q_left, q_right)
+            variance = _apply(exp_avg_sq / bc2 - mean.square(), sq_left, sq_right)
+            exp_avg_sq = (variance + rotated_mean.square()).abs_().mul_(bc2)
+        else:
+            exp_avg_sq = _apply(exp_avg_sq, sq_left, sq_right).clamp_min_(0.0)
+        store.replace(state, _apply(exp_avg, q_left, q_right), exp_avg_sq)
         return
     if policy == "reset" or low_shape_of(state) != low_shape:
         store.zeros(state, low_shape, state[S.EXP_AVG] if like is None else like)
