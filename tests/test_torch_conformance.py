@@ -201,6 +201,48 @@ def test_layerwise_add_param_group_without_names_after_param_groups():
     assert not torch.equal(model[4].weight, before)
 
 
+# ---------------------------------------------------------------- layer-wise inside torch.compile
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_training_step_with_layerwise_trains_as_eager(backend):
+    """forward, backward (the hooks step each parameter) and ``opt.step()`` compiled as one function:
+    the hooks run eagerly, so the optimizer's arithmetic is eager's (aot_eager: bit for bit; inductor
+    fuses the loss, so to float rounding)."""
+    torch._dynamo.reset()
+    runs = []
+    for compiled in (False, True):
+        model = _model()
+        groups = fullrank.param_groups(model, rank=2, target_modules=["0", "2", "4"], update_proj_gap=2)
+        opt = fullrank.layerwise(model, lambda g: fullrank.Fira(g, lr=1e-2), groups)
+
+        def train_step(k):
+            loss = _loss(model, k)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        step = torch.compile(train_step, backend=backend) if compiled else train_step
+        losses = torch.stack([step(k) for k in range(5)])  # refreshes at steps 1, 3, 5
+        runs.append((losses, [p.detach().clone() for p in model.parameters()], opt))
+    (eager_losses, eager_weights, eager_opt), (losses, weights, opt) = runs
+    exact = backend == "aot_eager"
+    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses, eager_losses, **tolerance)
+    for got, want in zip(weights, eager_weights):
+        torch.testing.assert_close(got, want, **tolerance)
+    assert opt.optimizer.state_dict()["state"].keys() == eager_opt.optimizer.state_dict()["state"].keys()
+    assert not torch.equal(weights[0], _model().state_dict()["0.weight"])  # it trained
+
+
+def test_layerwise_hook_without_a_gradient_does_nothing():
+    model = _model()
+    opt = _plain_layerwise(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt._hook(model[0].weight)  # (as a backward that produced no gradient for it would)
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.optimizer.state.get(model[0].weight, {}) == {}
+
+
 # ---------------------------------------------------------------- #7: the command line's output
 def test_finetune_command_prints_no_bitsandbytes_kernels_warning(tmp_path):
     """``fullrank finetune`` imports transformers.Trainer, which imports peft and bitsandbytes."""

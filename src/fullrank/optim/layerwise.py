@@ -139,7 +139,12 @@ class LayerwiseOptimizer(Optimizer):
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._backward_passes
                          if self._hooked]
 
+    @torch.compiler.disable
     def _hook(self, param: torch.Tensor) -> None:
+        """Step ``param`` once its gradient is complete. Runs eagerly under ``torch.compile`` (Dynamo
+        would otherwise trace the hook inside a compiled training step and lose ``param.grad``)."""
+        if param.grad is None:  # nothing accumulated (a hook fired by another backward's bookkeeping)
+            return
         self._backward_passes[param] += 1
         if self._backward_passes[param] % self.accumulation_steps:
             return
@@ -147,6 +152,7 @@ class LayerwiseOptimizer(Optimizer):
         self._pending.append((param, finite, before))
         param.grad = None
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """The step's one host synchronisation: read the non-finite flags and the convergence flags
