@@ -153,7 +153,7 @@ class Flora(Optimizer):
         return loss
 
     def _update(self, group: dict, p: torch.Tensor) -> None:
-        grad = p.grad.float()
+        grad = p.grad.float() if p.grad.dtype in (torch.float16, torch.bfloat16) else p.grad  # (fp64 stays fp64)
         if grad.is_sparse:
             raise RuntimeError("Flora does not support sparse gradients")
         weight = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
