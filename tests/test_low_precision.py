@@ -37,8 +37,8 @@ def test_plain_8bit_group_is_bitsandbytes_adamw8bit():
     torch.testing.assert_close(state["exp_avg_absmax"], ref_state["absmax1"])
 
 
-def _model(dtype=torch.float32):
-    torch.manual_seed(0)
+def _model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(256, 192, bias=False), nn.Tanh(), nn.Linear(192, 256, bias=False),
                          nn.Linear(256, 40)).to(dtype)  # moments of 16×256: quantized (≥ 4096 values)
 
@@ -48,8 +48,8 @@ def _groups(model, rank=16):
             {"params": list(model[3].parameters())}]
 
 
-def _data(steps, dtype=torch.float32):
-    generator = torch.Generator().manual_seed(1)
+def _data(steps, dtype=torch.float32, seed=1):
+    generator = torch.Generator().manual_seed(seed)
     return [torch.randn(8, 256, generator=generator).to(dtype) for _ in range(steps)]
 
 
@@ -64,24 +64,36 @@ def _train(model, opt, batches):
     return losses
 
 
+SEEDS = 3
+
+
 @pytest.mark.parametrize("method", ["fira", "galore", "apollo", "adarankgrad"])
 def test_8bit_states_follow_the_32bit_run_and_hold_a_quarter_of_the_bytes(method):
-    runs = {}
-    for states in ("32bit", "8bit"):
-        model = _model()
-        opt = fullrank.make_optimizer(method, _groups(model), lr=1e-2, states=states)
-        runs[states] = (_train(model, opt, _data(8)), model, opt)
-    (l32, m32, o32), (l8, m8, o8) = runs["32bit"], runs["8bit"]
-    assert l8 == pytest.approx(l32, rel=0.02)
-    for a, b in zip(m8.parameters(), m32.parameters()):
-        assert (a - b).norm() <= 0.05 * (b.norm() + 1e-12) + 1e-3
-    moments8 = sum(v.numel() * v.element_size() for s in o8.state.values() for k, v in s.items()
-                   if k.startswith("exp_avg") and isinstance(v, torch.Tensor))
-    moments32 = sum(v.numel() * v.element_size() for s in o32.state.values() for k, v in s.items()
-                    if k.startswith("exp_avg") and isinstance(v, torch.Tensor))
+    """8-bit moments move the final loss by much less than the seed does: over 3 seeds (model and
+    data), the mean |8-bit − 32-bit| of the final loss is under a quarter of the 32-bit runs' spread
+    (max − min) of it. Measured on 2026-12-06 at 1 and 2 threads: 3–6% of the spread (8-bit
+    quantization, and the thread count's rounding); a real change of the optimizer (β1 0.9 → 0.5,
+    or lr × 1.3) moves it by 100–250%."""
+    finals, deviations = [], []
+    for seed in range(SEEDS):
+        runs = {}
+        for states in ("32bit", "8bit"):
+            model = _model(seed=seed)
+            opt = fullrank.make_optimizer(method, _groups(model), lr=1e-2, states=states)
+            runs[states] = (_train(model, opt, _data(12, seed=seed + 1)), model, opt)
+        (l32, m32, o32), (l8, m8, o8) = runs["32bit"], runs["8bit"]
+        finals.append(l32[-1])
+        deviations.append(abs(l8[-1] - l32[-1]))
+        for a, b in zip(m8.parameters(), m32.parameters()):
+            assert (a - b).norm() <= 0.05 * (b.norm() + 1e-12) + 1e-3
+        assert o8.current_ranks() == o32.current_ranks() or method == "adarankgrad"
+    spread = max(finals) - min(finals)
+    assert spread > 0
+    assert sum(deviations) / SEEDS < 0.25 * spread, (deviations, finals)
+    moments8, moments32 = (sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items()
+                               if k.startswith("exp_avg") and isinstance(v, torch.Tensor)) for opt in (o8, o32))
     if method != "adarankgrad":  # (adaptive ranks fall below bitsandbytes' 4096-value minimum here)
         assert moments8 < 0.3 * moments32
-    assert o8.current_ranks() == o32.current_ranks() or method == "adarankgrad"
 
 
 def test_small_tensors_keep_full_precision_moments_as_in_bitsandbytes():
