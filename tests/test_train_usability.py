@@ -44,14 +44,79 @@ def test_recipe_defaults_fit_the_device():
     assert cpu.schedule_steps is None  # follows max_steps, also when a saved config.yaml is rerun with another
 
 
-def test_threads_default_follows_the_load(monkeypatch):
+def _cpu_use(monkeypatch, percent, cores=2):
+    import psutil
+
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval=None: percent)
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+
+
+@pytest.mark.parametrize("percent, processes, expected", [(100.0, 1, 1), (50.0, 1, 1), (20.0, 1, 1), (10.0, 1, 2), (3.0, 1, 2),
+                                                          (3.0, 2, 1), (100.0, 2, 1)])
+def test_auto_threads_take_the_cores_free_now(monkeypatch, percent, processes, expected):
+    """The CPU use sampled now (not the load average a finished job leaves), shared by the processes."""
     from fullrank.train.loop import choose_threads
 
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 1.0, 1.0))
-    assert choose_threads(0) == (1, "auto: load average 3.5")
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.1, 0.1))
-    assert choose_threads(0)[0] == torch.get_num_threads()
+    _cpu_use(monkeypatch, percent)
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))  # (ignored)
+    threads, why = choose_threads(0, processes)
+    assert threads == expected
+    assert why.startswith(f"auto: {2 * (1 - percent / 100):.1f} of 2 cores free")
     assert choose_threads(3) == (3, "--threads")
+
+
+def test_an_evaluation_cut_short_runs_on_resume_with_the_first_sessions_threads(tiny, tmp_path, monkeypatch, capsys):
+    """Ctrl-C twice during the step-2 evaluation: the last completed step is saved, the evaluation is
+    lost; the resume (on a machine idle by then) keeps the first session's thread count, evaluates
+    step 2 first, and the summary's training time is within its wall time over both sessions."""
+    from fullrank.train import loop
+
+    full = tmp_path / "full"
+    assert main(tiny_argv(tiny, full, max_steps=6, eval_every=2)) == 0
+    real_evaluate = loop.evaluate
+
+    def ctrl_c_twice(run):
+        signal.raise_signal(signal.SIGINT)  # asks to stop after the step
+        signal.raise_signal(signal.SIGINT)  # stops at once, inside the evaluation
+        return real_evaluate(run)
+
+    _cpu_use(monkeypatch, 100.0)  # busy: auto picks 1 thread
+    monkeypatch.setattr(loop, "evaluate", ctrl_c_twice)
+    cut = tmp_path / "cut"
+    assert main(tiny_argv(tiny, cut, max_steps=6, eval_every=2, threads=0)) == 130
+    assert "saved the last completed step 2" in capsys.readouterr().err
+    assert not records(cut, "eval")
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
+    _cpu_use(monkeypatch, 0.0)  # idle now: auto alone would pick 2
+    assert main(["pretrain", "--resume", str(cut), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU threads: 1 (the run's first session's" in out
+    assert [r["step"] for r in records(cut, "eval")] == [2, 4, 6]
+    assert [r["val_loss"] for r in records(cut, "eval")] == [r["val_loss"] for r in records(full, "eval")]
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["threads"] == 1
+    assert 0 < summary["train_time_s"] <= summary["wall_time_s"]
+
+
+def test_ctrl_c_during_an_evaluation_stops_after_it(tiny, tmp_path, monkeypatch, capsys):
+    """One Ctrl-C during the step-2 evaluation: it finishes and is logged, the run saves step 2 and
+    stops there (it does not train step 3 first)."""
+    from fullrank.train import loop
+
+    real_evaluate = loop.evaluate
+
+    def ctrl_c_once(run):
+        if not records(run.run_dir, "eval"):
+            signal.raise_signal(signal.SIGINT)
+        return real_evaluate(run)
+
+    monkeypatch.setattr(loop, "evaluate", ctrl_c_once)
+    out = tmp_path / "run"
+    assert main(tiny_argv(tiny, out, max_steps=6, eval_every=2)) == 130
+    assert "checkpoint saved after step 2" in capsys.readouterr().err
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert [r["step"] for r in records(out, "eval")] == [2] and len(records(out, "train")) == 2
 
 
 def test_resume_of_a_finished_run_is_a_no_op_and_max_steps_extends_it(tiny, tmp_path, capsys):

@@ -96,7 +96,7 @@ class TrainConfig:
     overwrite: bool = _f(False, "replace the outputs of an existing run directory")
     resume: str | None = _f(None, "continue the run in this run directory from its latest checkpoint")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    threads: int = _f(0, "CPU threads of PyTorch (torch.set_num_threads); 0 = auto: 1 when other work keeps the CPU busy (1-minute load average >= 1), else PyTorch's default (one per core)")
+    threads: int = _f(0, "CPU threads of PyTorch (torch.set_num_threads); 0 = auto: the cores free now (CPU use sampled over 0.5 s), at least 1; recorded in the run, and a resume reuses it")
     progress: bool = _f(True, "show the tqdm progress bar")
     probe: str = _f("", "instruments to carry, comma-separated: scaling (scaling-factor probe: scaling_probe.jsonl), spikes (loss, gradient and residual norms per step: spikes.jsonl, spike metric in summary.json); empty: none")
     probe_ranks: list = _f([], "ranks of the scaling probe's shadow low-rank Adam, comma-separated (default: d/16 and d/2 of the projected matrices)")

@@ -6,8 +6,10 @@ gradient clipping, one optimizer and scheduler step, logging, evaluation and che
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -40,6 +42,7 @@ from .metrics import (
     memory_comparison,
     peak_memory,
     ppl,
+    read_metrics,
 )
 from .plot import plot_ranks, plot_runs, ranks_changed
 from .setup import Run, build_run, resolve_config
@@ -74,7 +77,8 @@ def save(run: Run, step: int, data_state: dict, rng: dict | None = None) -> None
     """Checkpoint after ``step`` optimizer steps (written by the main process); ``rng``: the RNG
     state to store (default: the current one)."""
     rngs = all_gather_objects(rng if rng is not None else rng_state(run.env.device), run.env)
-    meta = {"step": step, "tokens": run.tokens, "train_time": run.train_time, "config": C.to_dict(run.cfg),
+    meta = {"step": step, "tokens": run.tokens, "train_time": run.train_time, "wall_time": wall_time(run),
+            "config": C.to_dict(run.cfg),
             "scheduler": run.scheduler.state_dict(), "data": data_state, "rng": rngs}
     if run.cfg.fsdp:  # every process writes its shards (fsdp.py); meta.pt holds the rest
         from . import fsdp
@@ -86,6 +90,11 @@ def save(run: Run, step: int, data_state: dict, rng: dict | None = None) -> None
         payload = {**meta, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()}
         save_checkpoint(run.run_dir, step, payload, run.cfg.keep_checkpoints)
     all_gather_objects(None, run.env)
+
+
+def wall_time(run: Run) -> float:
+    """Wall-clock seconds of the run so far: its earlier sessions and this one."""
+    return run.wall_before + time.perf_counter() - run.wall_start
 
 
 class Interrupted(KeyboardInterrupt):
@@ -227,6 +236,9 @@ def train(run: Run) -> dict:
     step_rng = rng_state(env.device)
     announce = (lambda message: tqdm.write(message, file=sys.stderr)) if env.main else (lambda message: None)
     with StopFlag(announce) as stop, contextlib.closing(prefetch), bar:
+        if evaluation_missing(run):  # an interrupt cut the evaluation of the resumed step short
+            last_eval = (run.start_step, evaluate(run))
+            log_eval(run, *last_eval)
         for step in range(run.start_step, cfg.max_steps):
             t0 = time.perf_counter()
             try:
@@ -270,12 +282,19 @@ def train(run: Run) -> dict:
                     if interrupted:
                         save(run, done, data_state)
                         raise Interrupted(f"interrupted: checkpoint saved after step {done}; continue with: fullrank pretrain --resume {run.run_dir}")
-                if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
+                evaluated = is_eval_step(cfg, done)
+                if evaluated:
                     last_eval = (done, evaluate(run))
                     log_eval(run, *last_eval)
-                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
+                saved = (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps
+                if saved:
                     with stop.critical():
                         save(run, done, data_state)
+                if evaluated and done < cfg.max_steps and requested_anywhere(stop, env):  # Ctrl-C during the evaluation
+                    with stop.critical():
+                        if not saved:
+                            save(run, done, data_state)
+                    raise Interrupted(f"interrupted: checkpoint saved after step {done}; continue with: fullrank pretrain --resume {run.run_dir}")
             except Interrupted:
                 raise
             except KeyboardInterrupt:
@@ -293,6 +312,26 @@ def train(run: Run) -> dict:
 
 
 ETA_AFTER_STEPS = 3
+
+
+def is_eval_step(cfg: C.TrainConfig, step: int) -> bool:
+    return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
+
+
+def requested_anywhere(stop: StopFlag, env) -> bool:
+    """Whether Ctrl-C was pressed on any process (one all-reduce)."""
+    flag = torch.tensor(float(stop.requested), device=env.device)
+    return all_reduce_sum(flag, env).item() > 0
+
+
+def evaluation_missing(run: Run) -> bool:
+    """Whether the resumed step is an evaluation step whose evaluation is not in ``metrics.jsonl`` (the
+    same answer on every process)."""
+    step = run.start_step
+    missing = False
+    if run.env.main and step and is_eval_step(run.cfg, step):
+        missing = not any(r.get("type") == "eval" and r.get("step") == step for r in read_metrics(run.log.path))
+    return bool(all_gather_objects(missing, run.env)[0])
 
 
 def eta_line(seconds_per_step: float, remaining: int) -> str:
@@ -319,7 +358,7 @@ def summarize(run: Run, step: int, val_loss: float, tokens_per_s: float, stopped
         "memory": memory_comparison(run.model, run.optimizer, run.cfg.target_modules),
         "final_ranks": final_ranks(run.optimizer),
         "peak_memory_bytes": mem, "peak_memory_kind": kind, "tokens_per_s": tokens_per_s,
-        "train_time_s": run.train_time, "wall_time_s": time.perf_counter() - run.wall_start,
+        "train_time_s": run.train_time, "wall_time_s": wall_time(run), "threads": run.cfg.threads or None,
         "world_size": run.env.world_size, "device": str(run.env.device), "stopped_early": stopped_early,
         "run_dir": str(run.run_dir),
     }
@@ -352,21 +391,32 @@ def header(run: Run) -> str:
     )
 
 
-def choose_threads(requested: int) -> tuple[int, str]:
-    """(CPU threads, why): ``requested``, or for 0 one thread when the CPU is busy with other work
-    (1-minute load average >= 1: extra threads then wait on each other, 2-5x slower per step in our
-    measurements) and PyTorch's default (one per core) on an idle machine."""
+CPU_SAMPLE_SECONDS = 0.5
+
+
+def free_cores(sample_seconds: float = CPU_SAMPLE_SECONDS) -> tuple[float, int]:
+    """(cores left free by the work running now, cores this process may use): the machine's CPU use
+    sampled over ``sample_seconds`` (not the load average, which a finished job leaves high for minutes)."""
     import os
 
+    import psutil
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    total = psutil.cpu_count() or usable
+    busy = psutil.cpu_percent(interval=sample_seconds) / 100.0 * total  # cores' worth of work, all processes
+    return max(0.0, min(usable, total - busy)), usable
+
+
+def choose_threads(requested: int, processes: int = 1) -> tuple[int, str]:
+    """(CPU threads, why): ``requested``, or for 0 the cores free now, shared by this machine's
+    ``processes`` (an oversubscribed core slows every step several times: a llama_tiny step took 9.6 s
+    on 2 threads beside another 2-thread job, 1.9 s on 1), at least 1."""
     if requested:
         return requested, "--threads"
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average (Windows)
-        return torch.get_num_threads(), "default"
-    if load >= 1.0:
-        return 1, f"auto: load average {load:.1f}"
-    return torch.get_num_threads(), f"auto: idle, load average {load:.1f}"
+    free, usable = free_cores()
+    threads = max(1, min(usable // processes, int(free / processes + 0.3)))
+    return threads, (f"auto: {free:.1f} of {usable} cores free over {CPU_SAMPLE_SECONDS:g} s"
+                     + (f", shared by {processes} processes" if processes > 1 else ""))
 
 
 def finished(cfg: C.TrainConfig, ckpt) -> dict | None:
@@ -410,7 +460,10 @@ def pretrain(overrides: dict) -> dict:
     env = setup(cfg.device, single_process_group=cfg.fsdp)
     threads_note = None
     if env.device.type == "cpu":
-        threads, why = choose_threads(cfg.threads)
+        threads, why = choose_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if ckpt is not None and cfg.threads and "threads" not in overrides:
+            why = "the run's first session's: the same float sums, so the same losses"
+        cfg = dataclasses.replace(cfg, threads=threads)  # recorded in config.yaml and the checkpoints
         torch.set_num_threads(threads)
         threads_note = f"CPU threads: {threads} ({why}; --threads N sets it)"
     elif cfg.threads:

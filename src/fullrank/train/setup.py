@@ -74,7 +74,8 @@ class Run:
     n_trainable: int
     start_step: int = 0
     tokens: int = 0
-    train_time: float = 0.0
+    train_time: float = 0.0  # seconds spent in training steps, over every session of the run
+    wall_before: float = 0.0  # wall-clock seconds of the run's earlier sessions (up to the checkpoint resumed)
     wall_start: float = 0.0  # time.perf_counter() when the command started
     tokenizer: object = None  # TextTokenizer, saved with the exported Hugging Face model
 
@@ -303,6 +304,7 @@ def build_run(cfg: C.TrainConfig, env: DistEnv, ckpt_path: Path | None) -> Run:
         # (a LLaMA draws no random numbers after its initialisation: the losses do not depend on it)
         set_rng_state(rngs[env.rank % len(rngs)], env.device)
         run.start_step, run.tokens, run.train_time = int(state["step"]), int(state["tokens"]), float(state["train_time"])
+        run.wall_before = float(state.get("wall_time", run.train_time))  # (checkpoints without it: a lower bound)
     run.train_stream = PackedStream(
         train_corpus, tokenizer, cfg.seq_len, mconfig.vocab_size, allow_repeat=cfg.allow_repeat,
         state=state["data"] if state is not None else None, warn=_warn(env),
