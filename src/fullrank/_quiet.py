@@ -1,31 +1,37 @@
-"""Log lines of optional third-party packages that say nothing to a fullrank user, dropped at their source.
+"""Third-party console output that says nothing to a fullrank user, silenced by logger name and level.
 
-bitsandbytes (pulled in by peft, which ``transformers.Trainer`` imports, and by galore-torch) logs at
-import, on CPUs with AVX512-BF16, that its optional 4-bit CPU kernel package ``kernels`` is missing.
-fullrank never quantizes, so the command line drops exactly that record (a filter on the one logger
-that emits it); every other bitsandbytes message still shows.
+bitsandbytes is imported by peft, which ``transformers.Trainer`` imports (``fullrank finetune``,
+``fullrank.hf``), and by galore-torch. At import, its CPU backend tries to load an optional 4-bit
+kernel from the Hub through the ``kernels`` package, and both packages log warnings about it
+(offline, missing, untrusted publisher, ...). fullrank never quantizes weights, so these loggers are
+raised to ERROR, when nobody has set their level: errors still show, and a level the user chose is
+kept. Nothing matches message texts, so a new message of theirs is silenced too.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
-BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
-BNB_KERNELS_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels")
 
 
-class _DropPrefix(logging.Filter):
-    """Drops the records whose message template starts with ``prefix``."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
+def quiet_third_party() -> None:
+    """Raise the loggers of ``QUIET_LOGGERS`` to ERROR unless their level was set (idempotent)."""
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.ERROR)
 
 
-def quiet_optional_kernels() -> None:
-    """Drop bitsandbytes' missing-``kernels`` warning (idempotent; call before bitsandbytes is imported)."""
-    logger = logging.getLogger(BNB_CPU_LOGGER)
-    if not any(isinstance(f, _DropPrefix) and f.prefix == BNB_KERNELS_MESSAGE for f in logger.filters):
-        logger.addFilter(_DropPrefix(BNB_KERNELS_MESSAGE))
+@contextlib.contextmanager
+def no_hub_progress_bars():
+    """transformers' own progress bars off (``save_pretrained``'s "Writing model shards"), restored after."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._quiet import quiet_optional_kernels
+from ._quiet import quiet_third_party
 from .finetune.cli import register as register_finetune
 from .memory.cli import register as register_memory
 from .train import config as C
@@ -148,7 +148,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fullrank`` command; returns the exit status."""
-    quiet_optional_kernels()  # before any subcommand imports transformers.Trainer, peft or galore-torch
+    quiet_third_party()  # before any subcommand imports transformers.Trainer, peft or galore-torch
     try:
         args = build_parser().parse_args(argv)
         if args.command == "pretrain":

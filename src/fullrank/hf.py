@@ -30,6 +30,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ._quiet import quiet_third_party
+
+quiet_third_party()  # transformers.Trainer imports peft, which imports bitsandbytes (see _quiet.py)
+
 ALL_LINEAR = "all-linear"
 # The fine-tuning targets of the Fira paper (§5.3) and of LLM-Adapters' LoRA: Q, K, V, Up, Down.
 PAPER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from .._quiet import no_hub_progress_bars
 from ..train.errors import ConfigError, TrainingError, first_line
 from ..optim.components import check_range
 from ..train.metrics import MetricsLog, peak_memory
@@ -371,7 +372,8 @@ def train_and_evaluate(cfg, model, tokenizer, optimizer, examples, run_dir, log,
     scores = evaluate(trainer.model, tokenizer, cfg, log, run_dir)
     if cfg.save_model:
         out = trainer.model.merge_and_unload() if cfg.method == LORA else trainer.model
-        out.save_pretrained(run_dir / "hf_model")
+        with no_hub_progress_bars():
+            out.save_pretrained(run_dir / "hf_model")
         tokenizer.save_pretrained(run_dir / "hf_model")
     return {
         "model": cfg.model, "method": cfg.method, "rank": cfg.rank, "target_modules": cfg.target_modules,

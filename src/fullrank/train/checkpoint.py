@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .._quiet import no_hub_progress_bars
 from .errors import ConfigError
 
 FORMAT_VERSION = 1
@@ -107,15 +108,8 @@ def save_hf_model(model: torch.nn.Module, tokenizer, folder: Path) -> Path:
     model = getattr(model, "module", model)  # DistributedDataParallel
     if hasattr(model, "merge_and_unload"):  # peft: LoRA/ReLoRA
         model = copy.deepcopy(model).merge_and_unload()
-    from transformers.utils import logging as hf_logging
-
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no 'Writing model shards' bar in the run's output
-    try:
+    with no_hub_progress_bars():
         model.save_pretrained(str(folder))
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder

@@ -11,11 +11,9 @@ import warnings
 
 import torch
 
-from .._quiet import quiet_optional_kernels
+from .._quiet import quiet_third_party
 
-# peft imports bitsandbytes, whose CPU backend logs a warning about an optional 4-bit kernel package
-# (`kernels`) at import; fullrank never quantizes, so that one message is dropped
-quiet_optional_kernels()
+quiet_third_party()  # peft imports bitsandbytes, whose CPU backend logs about optional 4-bit kernels (_quiet.py)
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
