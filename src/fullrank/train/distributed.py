@@ -5,6 +5,7 @@ helpers are no-ops.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -62,8 +63,14 @@ def setup(device_pref: str, single_process_group: bool = False) -> DistEnv:
     return DistEnv(rank, local_rank, world, device)
 
 
-def cleanup() -> None:
+def cleanup(synchronize: bool = False) -> None:
+    """Free what is left of the run, then destroy every process group (after a barrier when
+    ``synchronize``): gloo's pending work must not outlive the group, or be freed while the
+    interpreter shuts down (a SIGABRT at exit: ``terminate called without an active exception``)."""
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
+        if synchronize and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

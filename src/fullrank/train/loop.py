@@ -468,6 +468,7 @@ def pretrain(overrides: dict) -> dict:
         threads_note = f"CPU threads: {threads} ({why}; --threads N sets it)"
     elif cfg.threads:
         torch.set_num_threads(cfg.threads)
+    run, finished_here = None, False
     try:
         run = build_run(cfg, env, ckpt)
         run.wall_start = wall_start
@@ -491,6 +492,11 @@ def pretrain(overrides: dict) -> dict:
             else:
                 rank_png.unlink(missing_ok=True)
             print(format_summary(summary), flush=True)
+        finished_here = True
         return summary
     finally:
-        cleanup()
+        # the model and the optimizer (FSDP2 state, DTensors, the collectives' pending work) are freed
+        # while the process group and the interpreter are alive; on success every process then waits
+        # for the others before the group goes (a failed process must not wait: the others may be gone)
+        run = None
+        cleanup(synchronize=finished_here)
