@@ -10,7 +10,8 @@ perplexity (mean ± half-range over seeds) and the measured optimizer-state byte
 Tables: ``table2`` (AdamW lr sweep, GaLore, Fira, LoRA, ReLoRA at rank d/4), ``table4`` (Fira
 ablations), ``rank_sweep`` (Figure 6: Fira vs GaLore at ranks 4, 16, d/4, d/2, AdamW as a line),
 ``gamma`` (rebuttal Table r1), ``convention`` (exact G − P·R vs the official package's G − α·P·R),
-``lr`` (Fira, GaLore and AdamW at lr 1e-2, 3e-3, 1e-3), ``adaptive`` (AdaRankGrad, FiraAdaptive beside GaLore
+``lr`` (Fira, GaLore and AdamW at lr 1e-2, 3e-3, 1e-3), ``sweep`` (seven methods at three learning rates
+each; run it at ``--profile cpu`` and ``cpu_long``, the same tokens in 4x the steps), ``adaptive`` (AdaRankGrad, FiraAdaptive beside GaLore
 and Fira, with their ranks over steps), ``methods`` (APOLLO, FRUGAL, LDAdam, SCALE and 8-bit Fira, set beside
 table lr's Fira, GaLore and AdamW in docs/RESULTS.md). Runs shared between tables are
 trained once (keyed by their full configuration). Run directories go to ``runs/bench/`` (ignored
@@ -46,6 +47,9 @@ PROFILES = {
     # llama_tiny (hidden 128, 4 layers): ~5.7 min a run on one core (--jobs 2 --threads 1 on 2 cores).
     "cpu": dict(model="llama_tiny", hidden=128, batch_size=8, grad_accum=1, max_steps=150,
                 update_proj_gap=50, eval_every=50, eval_tokens=65_536),
+    # the same tokens in 4x the steps (batch 2): the lr sweep's second horizon, at the cost of a cpu run.
+    "cpu_long": dict(model="llama_tiny", hidden=128, batch_size=2, grad_accum=1, max_steps=600,
+                     update_proj_gap=200, eval_every=200, eval_tokens=65_536),
     # llama_20m (hidden 256, 4 layers), 16K tokens a step, 6.5M tokens a run.
     "gpu": dict(model="llama_20m", hidden=256, batch_size=64, grad_accum=1, max_steps=400,
                 update_proj_gap=100, eval_every=100, eval_tokens=262_144),
@@ -53,6 +57,12 @@ PROFILES = {
 ADAMW_LRS = (1e-2, 5e-3, 1e-3, 5e-4, 1e-4)
 GAMMAS = (1.0, 1.001, 1.01, 1.1, math.inf)
 SUBSPACE_LRS = (1e-2, 3e-3, 1e-3)  # not in the paper (lr 0.01 for Fira/GaLore): does Fira's direction depend on it?
+# table sweep: three learning rates a factor ~3 apart per method, around its paper's lr (1e-2 for Fira,
+# GaLore and APOLLO; 1e-3 for FRUGAL, LDAdam and SCALE) and around the best of table lr where it is known
+SWEEP = (("Fira", "fira", (1e-3, 3e-3, 1e-2)), ("GaLore", "galore", (3e-3, 1e-2, 3e-2)),
+         ("AdamW", "adamw", (1e-3, 3e-3, 1e-2)), ("APOLLO", "apollo", (3e-3, 1e-2, 3e-2)),
+         ("FRUGAL", "frugal", (1e-3, 3e-3, 1e-2)), ("LDAdam", "ldadam", (1e-3, 3e-3, 1e-2)),
+         ("SCALE", "scale", (3e-4, 1e-3, 3e-3)))
 
 
 def rows_of(table: str, hidden: int) -> list[tuple[str, dict]]:
@@ -91,10 +101,12 @@ def rows_of(table: str, hidden: int) -> list[tuple[str, dict]]:
                 ("FRUGAL lr=0.001", dict(method="frugal", lr=1e-3)), ("LDAdam lr=0.001", dict(method="ldadam", lr=1e-3)),
                 ("SCALE lr=0.001", dict(method="scale", lr=1e-3)),
                 ("Fira, 8-bit states", dict(method="fira", states="8bit"))]
+    if table == "sweep":
+        return [(f"{name} lr={lr:g}", dict(method=method, lr=lr)) for name, method, lrs in SWEEP for lr in lrs]
     raise ValueError(f"table must be one of {TABLES} or 'all', got {table!r}")
 
 
-TABLES = ("table2", "table4", "rank_sweep", "gamma", "convention", "lr", "adaptive", "methods")
+TABLES = ("table2", "table4", "rank_sweep", "gamma", "convention", "lr", "adaptive", "methods", "sweep")
 
 
 def run_options(profile: dict, row: dict, seed: int) -> dict:
@@ -120,9 +132,11 @@ def run_key(options: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def command(options: dict, out_dir: Path, device: str) -> list[str]:
+def command(options: dict, out_dir: Path, device: str, threads: int | None = None) -> list[str]:
     argv = [sys.executable, "-m", "fullrank", "pretrain", "--out-dir", str(out_dir), "--overwrite",
             "--save-every", "0", "--no-progress", "--device", device]
+    if threads:
+        argv += ["--threads", str(threads)]
     for key, value in options.items():
         if key == "optim_args":
             for k, v in value.items():
@@ -147,7 +161,7 @@ def train(options: dict, out_dir: Path, device: str, threads: int, collect_only:
     log = out_dir.parent / f"{out_dir.name}.log"
     with open(log, "w") as handle:
         try:
-            code = subprocess.run(command(options, out_dir, device), stdout=handle, stderr=subprocess.STDOUT, env=env,
+            code = subprocess.run(command(options, out_dir, device, threads), stdout=handle, stderr=subprocess.STDOUT, env=env,
                                   timeout=timeout_s).returncode
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"run {out_dir.name} stopped at the call's deadline ({timeout_s:.0f} s after its start)") from None

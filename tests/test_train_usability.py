@@ -50,6 +50,7 @@ def _cpu_use(monkeypatch, percent, cores=2):
     monkeypatch.setattr(psutil, "cpu_percent", lambda interval=None: percent)
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: cores)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
 
 
 @pytest.mark.parametrize("percent, processes, expected", [(100.0, 1, 1), (50.0, 1, 1), (20.0, 1, 1), (10.0, 1, 2), (3.0, 1, 2),
@@ -64,6 +65,8 @@ def test_auto_threads_take_the_cores_free_now(monkeypatch, percent, processes, e
     assert threads == expected
     assert why.startswith(f"auto: {2 * (1 - percent / 100):.1f} of 2 cores free")
     assert choose_threads(3) == (3, "--threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a limit set from outside is kept
+    assert choose_threads(0, processes)[0] == 1
 
 
 def test_an_evaluation_cut_short_runs_on_resume_with_the_first_sessions_threads(tiny, tmp_path, monkeypatch, capsys):

@@ -402,6 +402,8 @@ def free_cores(sample_seconds: float = CPU_SAMPLE_SECONDS) -> tuple[float, int]:
     import psutil
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's (or launcher's) own limit
+        usable = max(1, min(usable, int(os.environ["OMP_NUM_THREADS"])))
     total = psutil.cpu_count() or usable
     busy = psutil.cpu_percent(interval=sample_seconds) / 100.0 * total  # cores' worth of work, all processes
     return max(0.0, min(usable, total - busy)), usable
