@@ -245,6 +245,7 @@ def test_layerwise_hook_without_a_gradient_does_nothing():
 
 # ---------------------------------------------------------------- #7: the command line's output
 FINETUNE_LINES = (  # every line ``fullrank finetune --no-progress`` prints (stdout), and nothing on stderr
+    r"CPU threads: 1 \(--threads; --threads N sets it\)",
     r"model \S+: [\d.]+M parameters, [\d.]+M trainable; method fira \(rank 4\), 16 training examples, run dir \S+",
     r"task +\| +n \| +generate \| likelihood", r"-+", r"keys +\| +4 \| +[\d.]+% \| +[\d.]+%",
     r"average +\| +\| +[\d.]+% \| +[\d.]+%", r"method fira \(rank 4\): 1 steps, final train loss [\d.]+",

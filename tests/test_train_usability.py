@@ -57,7 +57,7 @@ def _cpu_use(monkeypatch, percent, cores=2):
                                                           (3.0, 2, 1), (100.0, 2, 1)])
 def test_auto_threads_take_the_cores_free_now(monkeypatch, percent, processes, expected):
     """The CPU use sampled now (not the load average a finished job leaves), shared by the processes."""
-    from fullrank.train.loop import choose_threads
+    from fullrank.train.threads import choose_threads
 
     _cpu_use(monkeypatch, percent)
     monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))  # (ignored)

@@ -2,12 +2,35 @@
 
 Fira (Chen et al., 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
 Constraint?"), GaLore and their ablations as one ``torch.optim`` engine, ``SubspaceAdamW``.
-"""
-from . import memory, optim
-from .optim import *  # noqa: F403 (the optimizers' one export list, fullrank.optim.__all__)
-from .optim import optimizer_methods
 
-OPTIMIZER_METHODS = optimizer_methods()
+The names of ``fullrank.optim.__all__`` (``fullrank.Fira``, ``fullrank.make_optimizer``, ...),
+``fullrank.memory`` and ``OPTIMIZER_METHODS`` load on first use, so that the command line answers
+``--help`` and ``--version`` without importing torch.
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-__all__ = [*optim.__all__, "OPTIMIZER_METHODS", "memory"]
+_SUBPACKAGES = ("optim", "memory")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    optim = importlib.import_module(".optim", __name__)
+    if name == "__all__":
+        value = [*optim.__all__, "OPTIMIZER_METHODS", "memory"]
+    elif name == "OPTIMIZER_METHODS":
+        value = optim.optimizer_methods()
+    elif name in optim.__all__:
+        value = getattr(optim, name)
+    else:
+        raise AttributeError(f"module 'fullrank' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBPACKAGES, *__getattr__("__all__")})

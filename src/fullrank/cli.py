@@ -95,8 +95,6 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         kind = C._base_type(field)
         help_text = field.metadata["help"] + _default_text(field)
-        if name == "method":
-            help_text = f"optimizer method, one of: {', '.join(C.all_methods())}{_default_text(field)}"
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif kind == "dict":

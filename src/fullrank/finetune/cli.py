@@ -6,7 +6,7 @@ import argparse
 
 from ..train.config import parse_key_value
 from ..train.errors import ConfigError
-from .training import FIELDS, LIST_FIELDS
+from .config import FIELDS, LIST_FIELDS
 
 FINETUNE_HELP = """\
 Fine-tune a causal LM on the commonsense-reasoning benchmark (Fira paper §5.3, Table 3) with any

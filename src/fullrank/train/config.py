@@ -48,7 +48,7 @@ class TrainConfig:
 
     # --- model and method
     model: str = _f("llama_60m", "model preset (llama_tiny, llama_20m, llama_60m, llama_130m, llama_350m, llama_1b, llama_7b) or a LlamaConfig .json file")
-    method: str = _f("fira", "optimizer method: adamw, galore, fira, the fira ablations of the engine, lora or relora")
+    method: str = _f("fira", "optimizer method: any fullrank.make_optimizer name (adamw, galore, fira and its ablations, adarankgrad, apollo, ...: --help-optim lists them with their options), lora or relora")
     rank: int | None = _f(None, "rank r of the projection (or of LoRA); default: paper Table 2 (60m:128, 130m:256, 350m:256, 1b:512, 7b:1024, tiny presets d_model/4)")
     target_modules: list = _f(["self_attn", "mlp"], "comma-separated substrings of the nn.Linear names to project (or to adapt with LoRA)")
     update_proj_gap: int = _f(200, "T: steps between projection refreshes (galore/fira)")
