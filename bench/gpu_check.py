@@ -23,7 +23,7 @@ Prints and writes JSON (``$OUT/gpu_check.json`` when ``$OUT`` is set, else
    CUDA tensors) against ``torch.cuda.max_memory_allocated`` of the same two iterations run for real,
    llama_350m and llama_1b, batch 4 x 256, AdamW fp32 / Fira bf16 layer-wise / GaLore bf16 with
    activation checkpointing (target: within 5%). Alone: ``--skip ops step refresh memory e2e fsdp
-   capturable``;
+   capturable titan``;
 7. **capturable steady steps** (``capturable_steps``): the median steady ``step()`` (10 timed steps,
    all before the refresh at T = 200; the warm-up's first step is the refresh) at LLaMA-130M shapes
    (all weights, rank 256, α = 0.25), bf16 and fp32 parameters with fixed random gradients, of torch
@@ -33,7 +33,14 @@ Prints and writes JSON (``$OUT/gpu_check.json`` when ``$OUT`` is set, else
    AdamW fused in its dtype; compile times, recompiles (and their guard) and graph breaks recorded
    apart, a failing variant's error recorded. Compiled variants not started within
    ``--capturable-budget`` seconds (90) of the section's start are skipped. Alone: ``--skip ops step
-   refresh memory e2e fsdp trace``.
+   refresh memory e2e fsdp trace titan``;
+8. **torchtitan** (``titan_trainer``): ``torchrun -m torchtitan.train`` (NCCL, one GPU) on torchtitan's
+   Llama 3 debug model with the T5 tokenizer and the offline corpus, 20 steps of torchtitan's own AdamW
+   (``llama3_debugmodel``) and of fullrank's Fira (``--module fullrank.titan``'s
+   ``llama3_debugmodel_fira``): loss, tokens/s and peak reserved memory per step from torchtitan's
+   metrics; the Fira run checkpoints at step 10 and a third run resumes from it (fullrank's state through
+   torchtitan's DCP checkpointer), its losses against the uninterrupted run's. Needs the torchtitan wheels
+   (below). Alone: ``--skip ops step refresh memory e2e fsdp trace capturable``.
 
 Targets (issue): Fira's amortised step ≤ 2× AdamW (foreach) at LLaMA-130M shapes; the 84-matrix
 refresh ≤ 0.3 s; Fira's end-to-end throughput ≥ 97% of AdamW's at LLaMA-350M; ops ≤ 3× AdamW's;
@@ -45,6 +52,12 @@ loaded directly and bitsandbytes is not needed). Prepare once, here:
 
     echo /.whl/ >> .git/info/exclude
     python3 -m pip wheel --no-deps -w .whl fira==1.0.2 galore-torch==1.0 apollo-torch==1.0.3
+
+and, for section 8, torchtitan and the dependencies the device lacks (pure Python, 2 MB; triton comes
+with CUDA torch, and torchtitan's trainer also imports datasets and tensorboard):
+
+    python3 -m pip wheel --no-deps -w .whl torchtitan==0.3.0 tyro torchdata torch_checkpointing \
+      spmd_types==0.2.3 einops docstring_parser typeguard
 
 then run with ``carry=[".whl"]``:
 
@@ -62,6 +75,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import statistics
 import sys
 import time
@@ -632,6 +646,240 @@ def capturable_steps(device, shape, steps: int, budget_s: float) -> dict:
     return out
 
 
+# ------------------------------------------------------------- 8. torchtitan (fullrank.titan)
+TITAN_STEPS = 20
+TITAN_SAVED_AT = 10  # the Fira run saves here (and at its last step); a third run resumes from it
+TITAN_QUICK = dict(steps=3, saved_at=2, batch=2, seq_len=64)  # the CPU dry run
+TITAN_VOCAB = 32128  # the T5 tokenizer's 32,100 ids, rounded up to a multiple of 128
+TITAN_DATASET = "fullrank_enwiki"
+TITAN_STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*(\S+)\s+grad_norm:\s*(\S+)\s+memory:\s*([\d.]+)GiB"
+                             r".*?tps:\s*([\d,]+)")
+
+
+def titan_data_dir() -> Path | None:
+    """The corpus and the T5 tokenizer: $FULLRANK_DATA, else ../shared/data, else .data (as gpu_session.sh)."""
+    root = Path(__file__).resolve().parents[1]
+    candidates = [os.environ.get("FULLRANK_DATA"), root.parent / "shared" / "data", root / ".data"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "enwiki-2015-train.jsonl.gz").is_file() and \
+                (Path(candidate) / "t5-base" / "tokenizer.json").is_file():
+            return Path(candidate).resolve()
+    return None
+
+
+def _titan_debugmodel_t5(config):
+    """A torchtitan debug-model config on the offline corpus: the T5 tokenizer (its vocabulary, 32,128
+    rows, replaces the test tokenizer's 2,048) and the enwiki training split, streamed."""
+    from datasets import load_dataset
+    from torchtitan.hf_datasets import DatasetConfig
+    from torchtitan.hf_datasets.text_datasets import DATASETS, HuggingFaceTextDataLoader
+    from torchtitan.models.common.config_utils import decoder_vocab_size
+
+    data = titan_data_dir()
+    if data is None:
+        raise FileNotFoundError("no corpus: set FULLRANK_DATA to a folder with enwiki-2015-train.jsonl.gz and t5-base/")
+    DATASETS[TITAN_DATASET] = DatasetConfig(
+        path=str(data / "enwiki-2015-train.jsonl.gz"),
+        loader=lambda path: load_dataset("json", data_files=path, split="train", streaming=True),
+        sample_processor=lambda sample: sample["text"])
+    model = config.model_spec.model
+    model.vocab_size = TITAN_VOCAB
+    model.tok_embeddings.num_embeddings = TITAN_VOCAB
+    model.lm_head.out_features = TITAN_VOCAB
+    config.loss.loss_fn.global_vocab_size = decoder_vocab_size(config.model_spec)
+    config.hf_assets_path = str(data / "t5-base")
+    config.dataloader = HuggingFaceTextDataLoader.Config(dataset=TITAN_DATASET)
+    config.validator.enable = False
+    return config
+
+
+def titan_debugmodel_adamw_t5():
+    """``--module gpu_check --config titan_debugmodel_adamw_t5``: torchtitan's llama3_debugmodel (its
+    AdamW, lr 8e-4) on the offline corpus."""
+    from torchtitan.models.llama3.config_registry import llama3_debugmodel
+    return _titan_debugmodel_t5(llama3_debugmodel())
+
+
+def titan_debugmodel_fira_t5():
+    """``--module gpu_check --config titan_debugmodel_fira_t5``: fullrank.titan's llama3_debugmodel_fira
+    (Fira rank 64, lr 0.01, T = 200, α = 0.25, γ = 1.01) on the offline corpus."""
+    from fullrank.titan.config_registry import llama3_debugmodel_fira
+    return _titan_debugmodel_t5(llama3_debugmodel_fira())
+
+
+def titan_cpu_loop(argv: list[str]) -> None:
+    """What torchtitan's Trainer does in a step, with its components, on the CPU (its Trainer needs a
+    GPU): the config parsed by its ConfigManager from ``argv``; the model built on the meta device,
+    sharded by its FSDP2 function (one gloo rank), materialised and initialised; its loss, optimizer
+    container, LR schedulers, tokenizer, dataloader and checkpoint manager from the config. FlexAttention
+    has no backward on a CPU: the blocks use its causal SDPA instead. Prints its step lines."""
+    import resource
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torchtitan.components.loss import IGNORE_INDEX, ChunkedLossWrapper
+    from torchtitan.config import TORCH_DTYPE_MAP, ConfigManager
+    from torchtitan.distributed import utils as dist_utils
+    from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    config = ConfigManager().parse_args(argv)
+    for layer in config.model_spec.model.layers:
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    init = Path(tempfile.mkdtemp()) / "init"
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(config.debug.seed or 0)
+        with torch.device("meta"):
+            model = config.model_spec.model.build()
+        apply_fsdp_to_decoder(model, init_device_mesh("cpu", (1,)), pp_enabled=False,
+                              param_dtype=TORCH_DTYPE_MAP[config.training.mixed_precision_param],
+                              reduce_dtype=TORCH_DTYPE_MAP[config.training.mixed_precision_reduce])
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            model.init_weights(buffer_device=None)
+        model.train()
+        loss_fn = config.loss.build(compile_config=config.compile)
+        if isinstance(loss_fn, ChunkedLossWrapper):
+            loss_fn.set_lm_head(model.lm_head)
+            model._skip_lm_head = True
+        optimizers = config.optimizer.build(model_parts=[model])
+        schedulers = config.lr_scheduler.build(optimizers=optimizers, training_steps=config.training.steps)
+        tokenizer = config.tokenizer.build(tokenizer_path=config.hf_assets_path)
+        dataloader = config.dataloader.build(dp_world_size=1, dp_rank=0, tokenizer=tokenizer,
+                                             seq_len=config.training.seq_len,
+                                             local_batch_size=config.training.local_batch_size,
+                                             snapshot_every_n_steps=config.checkpoint.interval)
+        train_state = _TitanTrainState()
+        checkpointer = config.checkpoint.build(
+            dataloader=dataloader, model_parts=[model], optimizers=optimizers, lr_schedulers=schedulers,
+            states={"train_state": train_state}, sd_adapter=None, base_folder=config.dump_folder)
+        checkpointer.load(step=config.checkpoint.load_step)
+        print(f"optimizers: {[type(o).__name__ for o in optimizers]}, starting at step {train_state.step + 1}",
+              flush=True)
+        batches = iter(dataloader)
+        while train_state.step < config.training.steps:
+            train_state.step += 1
+            started = time.perf_counter()
+            optimizers.zero_grad()
+            inputs, labels = next(batches)
+            extra = {key: value for key, value in inputs.items() if key != "input"}  # positions (RoPE)
+            valid = (labels != IGNORE_INDEX).sum()
+            pred = model(inputs["input"], **extra)
+            loss, _ = loss_fn(pred, labels, valid, **{k: v for k, v in extra.items() if k == "positions"})
+            loss.backward()
+            grad_norm = dist_utils.clip_grad_norm_(list(model.parameters()), config.training.max_norm, foreach=True)
+            optimizers.step()
+            schedulers.step()
+            seconds = time.perf_counter() - started
+            rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            print(f"step: {train_state.step:2}  loss: {float(loss.detach()):8.5f}  grad_norm: {float(grad_norm):7.4f}  "
+                  f"memory: {rss_gib:5.2f}GiB(host peak RSS)  tps: {round(labels.numel() / seconds):,}", flush=True)
+            checkpointer.save(train_state.step, last_step=train_state.step == config.training.steps)
+        checkpointer.close()
+    finally:
+        dist.destroy_process_group()
+
+
+class _TitanTrainState:
+    """The Trainer's own checkpointed state (its step), for the CPU loop."""
+
+    step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.step = int(state_dict["step"])
+
+
+def _titan_launch(name: str, args: list[str], device, out_dir: Path, timeout_s: int) -> dict:
+    """One run: ``torchrun -m torchtitan.train`` (NCCL, one rank) on CUDA, else :func:`titan_cpu_loop`
+    in its own process; the step lines parsed (loss, tokens/s, peak memory per step)."""
+    import subprocess
+    bench = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(bench), str(bench.parent / "src"), *sys.path]),
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    if device.type == "cuda":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+               "-m", "torchtitan.train", *args]
+    else:
+        cmd = [sys.executable, "-c", "import sys, gpu_check; gpu_check.titan_cpu_loop(sys.argv[1:])", *args]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=str(out_dir))
+    log = proc.stdout + proc.stderr
+    (out_dir / f"titan_{name}.log").write_text(log)
+    steps = {}
+    for line in log.splitlines():
+        match = TITAN_STEP_LINE.search(line)
+        if match:
+            step, loss, grad_norm, memory, tps = match.groups()
+            steps[int(step)] = dict(loss=float(loss), grad_norm=float(grad_norm), memory_gib=float(memory),
+                                    tps=int(tps.replace(",", "")))
+    if proc.returncode != 0 or not steps:
+        raise RuntimeError(f"{name}: exit {proc.returncode}, {len(steps)} step lines; log tail:\n{log[-3000:]}")
+    timed = [row["tps"] for step, row in sorted(steps.items()) if step > min(steps)] or [steps[min(steps)]["tps"]]
+    row = dict(command=" ".join(cmd[cmd.index("--module"):]), wall_s=time.perf_counter() - started,
+               first_step=min(steps), last_step=max(steps), losses=[steps[s]["loss"] for s in sorted(steps)],
+               final_loss=steps[max(steps)]["loss"], tps_median=statistics.median(timed),
+               peak_memory_gib=max(r["memory_gib"] for r in steps.values()))
+    print(f"  titan {name:14s} steps {row['first_step']}–{row['last_step']}: loss {row['losses'][0]:.4f} → "
+          f"{row['final_loss']:.4f}, {row['tps_median']:,.0f} tokens/s (median after the first step), "
+          f"peak memory {row['peak_memory_gib']:.2f} GiB, {row['wall_s']:.0f} s", flush=True)
+    return row
+
+
+def titan_trainer(device, quick: bool, out_dir: Path) -> dict:
+    """torchtitan's trainer with fullrank's Fira (``--module fullrank.titan``'s debug-model config) beside
+    torchtitan's own AdamW, on the offline corpus: ``TITAN_STEPS`` steps each, torchrun with NCCL on one
+    GPU; the Fira run checkpoints at ``TITAN_SAVED_AT`` (fullrank's state through DCP) and a third run
+    resumes from there to the end (its losses against the uninterrupted run's). Recorded: loss, tokens/s
+    and peak reserved memory per step (torchtitan's metrics). On a CPU (``--quick``) the same configs run
+    through torchtitan's components in a CPU loop at toy sizes; the launch is skipped (no CUDA)."""
+    if importlib.util.find_spec("torchtitan") is None:
+        return {"skipped": 'torchtitan is not installed (pip install "fullrank[titan]")'}
+    if titan_data_dir() is None:
+        return {"skipped": "no corpus: set FULLRANK_DATA to a folder with enwiki-2015-train.jsonl.gz and t5-base/"}
+    sizes = TITAN_QUICK if quick or device.type != "cuda" else dict(steps=TITAN_STEPS, saved_at=TITAN_SAVED_AT)
+    work = (out_dir / ("titan_quick" if quick else "titan")).resolve()
+    if work.exists():
+        import shutil
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    common = ["--training.steps", str(sizes["steps"]), "--metrics.log_freq", "1", "--metrics.disable_color_printing"]
+    if "batch" in sizes:
+        common += ["--training.local_batch_size", str(sizes["batch"]), "--training.seq_len", str(sizes["seq_len"])]
+    checkpoint = ["--checkpoint.enable", "--checkpoint.interval", str(sizes["saved_at"]),
+                  "--checkpoint.keep_latest_k", "0"]
+    saved = work / "fira" / "checkpoint" / f"step-{sizes['saved_at']}"
+    runs = {
+        "adamw": ["--module", "gpu_check", "--config", "titan_debugmodel_adamw_t5", *common,
+                  "--dump_folder", str(work / "adamw")],
+        "fira": ["--module", "gpu_check", "--config", "titan_debugmodel_fira_t5", *common, *checkpoint,
+                 "--dump_folder", str(work / "fira")],
+        "fira_resumed": ["--module", "gpu_check", "--config", "titan_debugmodel_fira_t5", *common, *checkpoint,
+                         "--checkpoint.initial_load_path", str(saved),
+                         "--checkpoint.no-initial-load-model-only", "--dump_folder", str(work / "fira_resumed")],
+    }
+    out = {"device": device.type, "launch": "torchrun -m torchtitan.train, NCCL, 1 rank" if device.type == "cuda"
+           else "skipped: no CUDA (torchtitan's components in a CPU loop instead)", "runs": {}}
+    for name, args in runs.items():
+        out["runs"][name] = _titan_launch(name, args, device, work, timeout_s=300)
+    adamw, fira, resumed = (out["runs"][k] for k in ("adamw", "fira", "fira_resumed"))
+    out["fira_vs_adamw"] = dict(tps=fira["tps_median"] / adamw["tps_median"],
+                                peak_memory=fira["peak_memory_gib"] / adamw["peak_memory_gib"])
+    tail = fira["losses"][sizes["saved_at"]:]
+    out["resume"] = dict(first_step=resumed["first_step"], expected_first_step=sizes["saved_at"] + 1,
+                         max_abs_loss_difference=max(abs(a - b) for a, b in zip(resumed["losses"], tail)))
+    dry = "" if device.type == "cuda" else " (CPU dry run: host RSS, toy sizes; the ratios say nothing about a GPU)"
+    ratios = out["fira_vs_adamw"]
+    print(f"  titan Fira/AdamW: {ratios['tps']:.2f}× tokens/s, {ratios['peak_memory']:.2f}× peak memory; "
+          f"resumed from step {sizes['saved_at']}: starts at step {resumed['first_step']}, losses within "
+          f"{out['resume']['max_abs_loss_difference']:.2e} of the uninterrupted run{dry}", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -641,7 +889,7 @@ def main(argv=None) -> int:
     parser.add_argument("--capturable-budget", type=float, default=90.0,
                         help="seconds after which the capturable section starts no more compiled variants")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=("ops", "step", "refresh", "memory", "e2e", "fsdp", "trace", "capturable"))
+                        choices=("ops", "step", "refresh", "memory", "e2e", "fsdp", "trace", "capturable", "titan"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device (use --device cpu --quick for a dry run)")
@@ -666,7 +914,8 @@ def main(argv=None) -> int:
                 ("trace", lambda: memory_trace_check(device, args.quick)),
                 ("capturable", lambda: capturable_steps(device, CAPTURABLE_QUICK_SHAPE if args.quick else SHAPES["llama_130m"],
                                                         3 if args.quick else 10,
-                                                        float("inf") if args.quick else args.capturable_budget))]
+                                                        float("inf") if args.quick else args.capturable_budget)),
+                ("titan", lambda: titan_trainer(device, args.quick, out_dir))]
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else tm.RESULTS_DIR
     if args.quick and not os.environ.get("OUT"):
         out_dir = Path("/tmp")  # a dry run is not a result

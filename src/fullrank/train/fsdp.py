@@ -31,9 +31,12 @@ from .errors import ConfigError
 from .checkpoint import META
 
 
-def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool | None = None) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool | None = None,
+                mesh=None) -> torch.nn.Module:
     """``fully_shard`` each decoder layer, then the root (in place). ``bf16`` (default: on a GPU):
-    compute in bf16 from the fp32 sharded weights, reduce gradients in fp32."""
+    compute in bf16 from the fp32 sharded weights, reduce gradients in fp32. ``mesh``: the 1-D
+    ``DeviceMesh`` to shard over (default: fully_shard's, every process; ``fullrank memory`` passes
+    the mesh of its fake process group, made outside ``FakeTensorMode``)."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:
@@ -46,8 +49,8 @@ def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool | None 
     if layers is None:
         raise ConfigError("--fsdp: the model has no model.layers (a LLaMA-style decoder) to shard")
     for layer in layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
@@ -104,14 +107,14 @@ def load(folder: Path, model, optimizer) -> None:
         return
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    _materialize_state(optimizer)
+    materialize_state(optimizer)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def _materialize_state(optimizer: torch.optim.Optimizer) -> None:
+def materialize_state(optimizer: torch.optim.Optimizer) -> None:
     """Give a fresh torch-style optimizer its whole state (one step at lr 0 on zero gradients), so that
     the template DCP loads into has every key. (torch's own helper does this only for an empty state;
     Flora keeps its projection seeds in the state from the start.)"""
