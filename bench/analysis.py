@@ -59,7 +59,7 @@ def _one(name: str, threads: int) -> tuple[str, dict]:
     import torch
 
     torch.set_num_threads(threads)
-    from fullrank.train.experiment import run_experiment
+    from experiment import run_experiment  # (bench/experiment.py)
 
     spec = {**PROFILE, **RUNS_SPEC[name]}
     try:

@@ -1,8 +1,10 @@
-"""The instruments of issue 11: scaling-factor probe, similarity analyses, spikes, variance."""
+"""The paper's instruments: scaling-factor probe, similarity analyses, spikes, variance."""
 from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fullrank.analysis import similarity as sim
 from fullrank.analysis import variance
 from fullrank.analysis.harness import make_probes, train_steps
-from fullrank.train.experiment import run_experiment
 from fullrank.analysis.scaling_probe import (
     PROBE_FILE,
     ScalingProbe,
@@ -28,6 +29,9 @@ from fullrank.analysis.spikes import (
 )
 from fullrank.optim.groups import param_groups
 from fullrank.optim.presets import make_optimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from experiment import run_experiment  # noqa: E402 (bench/experiment.py: a harness, not the package)
 
 torch.set_num_threads(1)
 VOCAB, SEQ, BATCH = 64, 16, 4

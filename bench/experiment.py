@@ -1,4 +1,5 @@
-"""A small pre-training run that carries the probes, for the analysis bench and the tests.
+"""A small pre-training run that carries the probes, for the analysis bench and the tests (not part
+of the ``fullrank`` package: ``bench/analysis.py`` and ``tests/test_analysis.py`` import it by path).
 
 It mirrors ``fullrank pretrain`` (warm-up + cosine schedule, the same model presets, packed enwiki
 blocks with the T5 tokenizer, projected groups from ``param_groups``) through
@@ -16,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from ..analysis.harness import make_probes, train_steps, warmup_cosine
-from ..analysis.spikes import SPIKES_FILE, read_spikes, spike_summary
-from ..optim.presets import make_optimizer
+from fullrank.analysis.harness import make_probes, train_steps, warmup_cosine
+from fullrank.analysis.spikes import SPIKES_FILE, read_spikes, spike_summary
+from fullrank import make_optimizer
 
 
 def enwiki_batches(data: str, tokenizer: str, seq_len: int, batch_size: int, vocab_size: int) -> Iterator[torch.Tensor]:
     """Packed ``seq_len``-token blocks of a local corpus, ``batch_size`` at a time (corpus repeated)."""
-    from .corpus import LocalCorpus
-    from .data import PackedStream
-    from .tokenizer import load_tokenizer
+    from fullrank.train.corpus import LocalCorpus
+    from fullrank.train.data import PackedStream
+    from fullrank.train.tokenizer import load_tokenizer
 
     stream = PackedStream(LocalCorpus(data, "--data"), load_tokenizer(tokenizer), seq_len, vocab_size,
                           allow_repeat=True, warn=lambda msg: None)
@@ -39,8 +40,8 @@ def run_experiment(out_dir: str | Path, *, method: str, model: str = "llama_tiny
                    data: str, val_data: str | None = None, tokenizer: str, eval_blocks: int = 32,
                    optim_args: dict | None = None, grad_clip: float = 0.0, scale: float | None = None) -> dict:
     """One run of the analysis bench; writes ``out_dir``/{metrics.jsonl, probe files, summary.json}."""
-    from ..optim.groups import param_groups
-    from .models import build_model, default_rank, model_config
+    from fullrank import param_groups
+    from fullrank.train.models import build_model, default_rank, model_config
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
