@@ -1,4 +1,4 @@
-"""The paper's evidence at small scale (issue 11): the runs behind docs/RESULTS.md "The paper's evidence".
+"""The paper's evidence at small scale: the runs behind docs/RESULTS.md "The paper's evidence".
 
     python bench/analysis.py runs --jobs 2 --threads 1          # probe runs + rebuttal rows (llama_tiny, enwiki)
     python bench/analysis.py runs --only probe_adamw,probe_galore

@@ -19,7 +19,7 @@ Prints and writes JSON (``$OUT/gpu_check.json`` when ``$OUT`` is set, else
 5. **FSDP2 on one GPU** (``bench/fsdp.py --processes 1``): the optimizer step of AdamW, Fira, GaLore
    and APOLLO at LLaMA-130M shapes on FSDP2-sharded weights (a mesh of one GPU: the DTensor path's
    cost, no traffic) beside the same step on plain weights;
-6. **the memory tracer** (issue #17, ``memory_trace_check``): ``fullrank memory``'s traced peak (fake
+6. **the memory tracer** (``memory_trace_check``): ``fullrank memory``'s traced peak (fake
    CUDA tensors) against ``torch.cuda.max_memory_allocated`` of the same two iterations run for real,
    llama_350m and llama_1b, batch 4 x 256, AdamW fp32 / Fira bf16 layer-wise / GaLore bf16 with
    activation checkpointing (target: within 5%). Alone: ``--skip ops step refresh memory e2e fsdp
@@ -42,7 +42,7 @@ Prints and writes JSON (``$OUT/gpu_check.json`` when ``$OUT`` is set, else
    torchtitan's DCP checkpointer), its losses against the uninterrupted run's. Needs the torchtitan wheels
    (below). Alone: ``--skip ops step refresh memory e2e fsdp trace capturable``.
 
-Targets (issue): Fira's amortised step ≤ 2× AdamW (foreach) at LLaMA-130M shapes; the 84-matrix
+Targets: Fira's amortised step ≤ 2× AdamW (foreach) at LLaMA-130M shapes; the 84-matrix
 refresh ≤ 0.3 s; Fira's end-to-end throughput ≥ 97% of AdamW's at LLaMA-350M; ops ≤ 3× AdamW's;
 a Fira steady step (its best variant) ≤ 1.0× AdamW fused with bf16 parameters at LLaMA-130M shapes.
 
@@ -375,7 +375,7 @@ def fsdp_one_device(device, quick: bool, out_dir: Path) -> dict:
     return json.loads(target.read_text())
 
 
-# ------------------------------------------------------------- 6. the memory tracer (issue #17)
+# ------------------------------------------------------------- 6. the memory tracer
 TRACE_CASES = {  # name: settings of fullrank.memory.trace (and of the measured run)
     "adamw_fp32": dict(method="adamw", weights="fp32"),
     "fira_bf16_layerwise": dict(method="fira", weights="bf16", layerwise=True),

@@ -1,5 +1,5 @@
 """bitsandbytes' blockwise 8-bit quantizer against torchao's ``OptimState8bit`` for Adam's moments
-(issue #17: "measure both and choose"), on the CPU: round-trip time, round-trip error, bytes held,
+(measured, then chosen), on the CPU: round-trip time, round-trip error, bytes held,
 and whether each works under ``FakeTensorMode`` (what ``fullrank memory`` traces) and survives
 ``torch.save``/``torch.load(weights_only=True)`` (what a checkpoint needs).
 

@@ -1,4 +1,4 @@
-"""Count the top-level ``aten::`` operators of one steady optimizer step (issue: engine v2, §1).
+"""Count the top-level ``aten::`` operators of one steady optimizer step.
 
 Every op a step dispatches from Python is a kernel launch on a GPU (views excepted), so this count
 is what makes a step launch-bound. A *top-level* op is an ``aten::`` event of ``torch.profiler``
@@ -69,7 +69,7 @@ def build(package, method: str, layers: int, device: torch.device, rank: int = 2
     options = {}
     if device.type == "cpu":  # the GPU configuration, counted on the CPU: stacked buckets (the plain groups'
         declared = package.SubspaceAdamW.option_table() if hasattr(package.SubspaceAdamW, "option_table") else {}
-        # kernels are each engine's default: torch's fused AdamW since issue #20, foreach before)
+        # kernels are each engine's default: torch's fused AdamW)
         if "bucket_cap_mb" in declared or "bucket_cap_mb" in inspect.signature(package.SubspaceAdamW).parameters:
             options["bucket_cap_mb"] = 256
     return package.make_optimizer(method, groups, lr=1e-3, **options)

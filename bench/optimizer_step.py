@@ -36,8 +36,8 @@ from fullrank.memory import optimizer_state_bytes  # noqa: E402
 from fullrank.optim.svd import exact_svd, randomized_svd  # noqa: E402
 
 TARGETS = {
-    "fira_vs_adamw": 1.15,              # issue: Fira step ≤ 1.15× AdamW's (amortised, T = 200)
-    "randomized_svd_speedup": 3.0,      # issue: randomized SVD ≥ 3× faster than exact
+    "fira_vs_adamw": 1.15,              # target: Fira step ≤ 1.15× AdamW's (amortised, T = 200)
+    "randomized_svd_speedup": 3.0,      # target: randomized SVD ≥ 3× faster than exact
 }
 ELSEWHERE = {"galore-torch": 1.36, "fira (official)": 2.80}  # step-time ratios vs AdamW measured elsewhere
 

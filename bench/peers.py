@@ -89,7 +89,7 @@ def make_optimizers(model, args) -> dict:
     rows["adamw_fused"] = lambda: torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
     rows["galore (ours)"] = lambda: fullrank.GaLore(ours_groups(), lr=lr, scale=GALORE_SCALE)
     rows["fira (ours)"] = lambda: fullrank.Fira(ours_groups(), lr=lr, scale=GALORE_SCALE)
-    capturable = dict(capturable=True, nonfinite="skip")  # no host read in a steady step (issue #20)
+    capturable = dict(capturable=True, nonfinite="skip")  # no host read in a steady step
     rows["galore (ours, capturable)"] = lambda: fullrank.GaLore(ours_groups(), lr=lr, scale=GALORE_SCALE, **capturable)
     rows["fira (ours, capturable)"] = lambda: fullrank.Fira(ours_groups(), lr=lr, scale=GALORE_SCALE, **capturable)
     if "apollo" in fullrank.optimizer_methods():

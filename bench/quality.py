@@ -17,7 +17,7 @@ table lr's Fira, GaLore and AdamW in docs/RESULTS.md). Runs shared between table
 trained once (keyed by their full configuration). Run directories go to ``runs/bench/`` (ignored
 by git); the results to ``bench/results/quality_<profile>.json`` and plots to ``docs/img/``.
 
-Profile ``gpu60m`` (issue 19) is a study of its own: LLaMA-60M at Table 2's settings, one ``--seed`` per
+Profile ``gpu60m`` is a study of its own: LLaMA-60M at Table 2's settings, one ``--seed`` per
 call on one lent GPU, its rows (``STUDY_ROWS``, selectable with ``--rows``) sized to one call of at most
 8 minutes; rows this build lacks are reported, not run. ``--quick`` is its CPU dry run:
 
@@ -95,7 +95,7 @@ def rows_of(table: str, hidden: int) -> list[tuple[str, dict]]:
     if table == "adaptive":
         return [galore, fira, ("AdaRankGrad", dict(method="adarankgrad")),
                 ("FiraAdaptive", dict(method="fira_adaptive"))]
-    if table == "methods":  # issue 18: the methods users compare against, at their papers' learning rates
+    if table == "methods":  # the methods users compare against, at their papers' learning rates
         # (Fira, GaLore and AdamW at these settings are rows of table lr: the docs set them side by side)
         return [("Fira (32-bit states, retrained beside the others)", dict(method="fira")), ("APOLLO", dict(method="apollo")),
                 ("FRUGAL lr=0.001", dict(method="frugal", lr=1e-3)), ("LDAdam lr=0.001", dict(method="ldadam", lr=1e-3)),
@@ -367,7 +367,7 @@ def recheck(jobs: dict, run_root: Path, name: str, args, recorded: dict) -> int:
     return 0 if same == len(rows) else 1
 
 
-# ---------------------------------------------------------------------------- the gpu60m study (issue 19)
+# ---------------------------------------------------------------------------- the gpu60m study
 # LLaMA-60M on one lent GPU, one seed per call: every row is (id for --rows, label, run options).
 # Rows whose method or option this build lacks are reported "not available in this build" and run
 # once the library has them.

@@ -1,4 +1,4 @@
-"""capturable=True and the compiled step (issue #20): a steady step reads nothing on the host, a
+"""capturable=True and the compiled step: a steady step reads nothing on the host, a
 non-finite gradient is masked on the device, and the result is the default step's — over steps with
 refreshes, a non-finite gradient on a steady step and one on a refresh step, eager and compiled."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """torch.optim conventions of the engine (``SubspaceAdamW`` and its presets), modelled on torch's
 test/test_optim.py: deepcopy and pickle, an atomic ``load_state_dict`` and the rank it loads, a
-tensor ``lr``, ``maximize`` and ``add_param_group`` after ``fullrank.param_groups`` (issue #20).
+tensor ``lr``, ``maximize`` and ``add_param_group`` after ``fullrank.param_groups``.
 """
 from __future__ import annotations
 

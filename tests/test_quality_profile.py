@@ -1,4 +1,4 @@
-"""The gpu60m study of ``bench/quality.py`` (issue 19): its plan, and its CPU dry run (``--quick``) end to end."""
+"""The gpu60m study of ``bench/quality.py``: its plan, and its CPU dry run (``--quick``) end to end."""
 from __future__ import annotations
 
 import importlib.util
