@@ -4,7 +4,7 @@ Each process holds the model's weights as FSDP2 shards (``fully_shard`` per laye
 nccl on GPUs), with fixed random gradients (the values do not change the arithmetic). Per method:
 
 * the steady ``optimizer.step()`` (median of ``--steps``, no refresh) and one refresh step, per process;
-* the elements each process's collectives moved in them (``fullrank.optim.sharding.CommLog``), beside
+* the elements each process's collectives moved in them (``fullrank.optim.base.shards.CommLog``), beside
   what the table of ``sharding.py`` predicts and beside FSDP's own traffic per step (all-gather in
   forward and backward, reduce-scatter of the gradients: 3·N·(w−1)/w elements per process);
 * the optimizer state bytes per process;
@@ -37,7 +37,7 @@ import _timing as tm  # noqa: E402
 
 import fullrank  # noqa: E402
 from fullrank.memory import optimizer_state_bytes  # noqa: E402
-from fullrank.optim.sharding import CommLog, local  # noqa: E402
+from fullrank.optim.base.shards import CommLog, local  # noqa: E402
 
 METHODS = ("adamw", "fira", "galore", "apollo")
 

@@ -89,7 +89,7 @@ import _timing as tm  # noqa: E402
 import op_count  # noqa: E402
 
 import fullrank  # noqa: E402
-from fullrank.optim.svd import exact_svd, randomized_svd, warm_subspace  # noqa: E402
+from fullrank.optim.units.svd import exact_svd, randomized_svd, warm_subspace  # noqa: E402
 
 GAP = 200
 TARGETS = {"fira_amortised_vs_adamw_foreach_130m": 2.0, "refresh_84_matrices_s": 0.3,

@@ -12,7 +12,7 @@ plain group; the step counted is the second (the first computes the subspaces).
 
 Target: the count of a steady Fira step does not grow with depth and is ≤ 3× torch AdamW (foreach)'s.
 The count is of the device-generic path, the one a GPU runs; ``--cpu-path`` counts the CPU's, whose
-column norms over rows go through 64-row blocks (``residual.CPU_ROW_BLOCK``: more ops, faster there).
+column norms over rows go through 64-row blocks (``base/norms.CPU_ROW_BLOCK``: more ops, faster there).
 """
 from __future__ import annotations
 
@@ -96,10 +96,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import fullrank
-    from fullrank.optim import residual
+    from fullrank.optim.base import norms
 
     if not args.cpu_path:
-        residual.CPU_ROW_BLOCK = 0
+        norms.CPU_ROW_BLOCK = 0
 
     engines = {"v2": fullrank}
     if args.baseline_ref:

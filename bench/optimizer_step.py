@@ -33,7 +33,7 @@ import _timing as tm  # noqa: E402
 
 import fullrank  # noqa: E402
 from fullrank.memory import optimizer_state_bytes  # noqa: E402
-from fullrank.optim.svd import exact_svd, randomized_svd  # noqa: E402
+from fullrank.optim.units.svd import exact_svd, randomized_svd  # noqa: E402
 
 TARGETS = {
     "fira_vs_adamw": 1.15,              # target: Fira step ≤ 1.15× AdamW's (amortised, T = 200)
@@ -145,8 +145,8 @@ def profile_breakdown(opt, device, steps: int = 2) -> dict:
 @torch.no_grad()
 def matmul_floor(named, args, device, reps: int) -> dict:
     """The two projection matmuls per projected matrix alone (R = PᵀG or G·Qᵀ, and W ← W + back(R))."""
-    from fullrank.optim.projector import add_projected_back_, project, projection_side, truncated_projection
-    from fullrank.optim.svd import randomized_svd
+    from fullrank.optim.units.projection import add_projected_back_, project, projection_side, truncated_projection
+    from fullrank.optim.units.svd import randomized_svd
 
     work = []
     for _, p, pr in named:

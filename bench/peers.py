@@ -6,7 +6,8 @@ vocab 32000; ``--layers`` 2 by default) built with ``transformers``, at the same
 (256) and T (200):
 
 * torch AdamW (foreach, the for-loop that is torch's CPU default, and fused),
-* our GaLore and Fira (``fullrank``), also with ``capturable=True``, and our APOLLO,
+* our GaLore and Fira (``fullrank``), also with ``capturable=True``, and our APOLLO (P regenerated from
+  its seed in every step, the default, and stored: ``projection_storage="matrix"``),
 * ``fira`` FiraAdamW, ``galore-torch`` GaLoreAdamW, ``apollo-torch`` APOLLOAdamW,
 * ``pytorch-optimizer``'s GaLore and Fira (4.x; how their updates differ from ours: docs/benchmarks.md).
 
@@ -25,6 +26,7 @@ and backward passes are identical for all, and the values the weights drift to d
 arithmetic. Learning rate 1e-3, weight decay 0.
 
     PYTHONPATH=src python bench/peers.py --threads 2       # writes bench/results/peers.json, docs/img/peers_speed.png
+    PYTHONPATH=src python bench/peers.py --threads 1 --rows apollo APOLLO --projected-only --out bench/results/peers_apollo_threads1.json
 """
 from __future__ import annotations
 
@@ -94,6 +96,9 @@ def make_optimizers(model, args) -> dict:
     rows["fira (ours, capturable)"] = lambda: fullrank.Fira(ours_groups(), lr=lr, scale=GALORE_SCALE, **capturable)
     if "apollo" in fullrank.optimizer_methods():
         rows["apollo (ours)"] = lambda: fullrank.make_optimizer("apollo", ours_groups(), lr=lr)
+        if "projection_storage" in fullrank.SubspaceAdamW.option_table():  # P stored, not regenerated from its seed
+            rows["apollo (ours, stored P)"] = lambda: fullrank.make_optimizer("apollo", ours_groups(), lr=lr,
+                                                                              projection_storage="matrix")
 
     def fira_pkg():
         from fira import FiraAdamW  # galore-style groups, but the key is "alpha"
@@ -123,6 +128,8 @@ def make_optimizers(model, args) -> dict:
     rows["GaLore (pytorch-optimizer)"] = pytorch_optimizer_pkg("GaLore")
     rows["Fira (pytorch-optimizer)"] = pytorch_optimizer_pkg("Fira")
 
+    if args.rows:  # a subset (AdamW foreach kept: the ratios are to it)
+        rows = {n: make for n, make in rows.items() if n == "adamw_foreach" or any(k in n for k in args.rows)}
     built = {}
     for name, make in rows.items():
         try:
@@ -160,6 +167,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--e2e-steps", type=int, default=10, help="timed forward+backward+step per optimizer")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--projected-only", action="store_true",
+                    help="time the projected matrices alone: the plain parameters' gradients are dropped")
+    ap.add_argument("--rows", nargs="+", default=None,
+                    help="only the rows whose name contains one of these (e.g. --rows apollo APOLLO); default all")
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/peers.json (cpu), peers_<device>_<dtype>.json otherwise")
     ap.add_argument("--plot", type=Path, default=None, help="default docs/img/<json stem>_speed.png")
     args = ap.parse_args(argv)
@@ -184,6 +195,9 @@ def main(argv=None) -> dict:
         model.zero_grad(set_to_none=True)
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
+        if args.projected_only:  # every optimizer skips a parameter without a gradient
+            for _, p in plain:
+                p.grad = None
         return loss
 
     print(f"LLaMA {args.layers} layers: {n_proj / 1e6:.1f}M projected + {n_plain / 1e6:.1f}M plain parameters; "
@@ -266,7 +280,8 @@ def main(argv=None) -> dict:
                    "batch": args.batch, "seq": args.seq, "rank": args.rank, "gap": args.gap, "dtype": args.dtype,
                    "lr": 1e-3, "weight_decay": 0.0, "galore_fira_scale": GALORE_SCALE, "apollo_scale": APOLLO_SCALE,
                    "projected_params": n_proj, "plain_params": n_plain, "steps": args.steps,
-                   "e2e_steps": args.e2e_steps, "refresh_reps": args.refresh_reps},
+                   "e2e_steps": args.e2e_steps, "refresh_reps": args.refresh_reps,
+                   "projected_only": args.projected_only},
         "forward_backward": tm.summary(fwd_bwd),
         "rows": rows,
     }

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing as tm  # noqa: E402
 
 import fullrank  # noqa: E402
-from fullrank.optim.svd import exact_svd, randomized_svd, warm_subspace  # noqa: E402
+from fullrank.optim.units.svd import exact_svd, randomized_svd, warm_subspace  # noqa: E402
 from fullrank.train.corpus import LocalCorpus  # noqa: E402
 from fullrank.train.data import PackedStream  # noqa: E402
 from fullrank.train.models import build_model, model_config  # noqa: E402

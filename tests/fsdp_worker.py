@@ -18,7 +18,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fullrank.optim import make_optimizer, param_groups
-from fullrank.optim.sharding import CommLog
+from fullrank.optim.base.shards import CommLog
 
 VOCAB, HIDDEN, INTERMEDIATE, RANK, GAP = 61, 36, 51, 8, 3
 STEPS = 7
@@ -180,7 +180,7 @@ def nonfinite() -> dict:
 def errors() -> dict:
     """What a sharded model refuses, with the message."""
     from fullrank.optim import layerwise
-    from fullrank.optim.residual import Rule, register_rule, Contribution
+    from fullrank.optim.units.rules import Rule, register_rule, Contribution
 
     class Unaware(Rule):
         name = "test_unaware"

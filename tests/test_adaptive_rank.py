@@ -7,8 +7,8 @@ from torch import nn
 
 import fullrank
 from fullrank.memory import optimizer_state_bytes
-from fullrank.optim.rank import energy_rank
-from fullrank.optim.svd import exact_svd, randomized_svd
+from fullrank.optim.units.rank import energy_rank
+from fullrank.optim.units.svd import exact_svd, randomized_svd
 
 SPECTRUM = [8.0, 4.0, 2.0, 1.0, 0.5, 0.25]
 

@@ -27,8 +27,8 @@ from fullrank.analysis.spikes import (
     read_spikes,
     spike_summary,
 )
-from fullrank.optim.groups import param_groups
-from fullrank.optim.presets import make_optimizer
+from fullrank.optim.methods.param_groups import param_groups
+from fullrank.optim.methods.presets import make_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from experiment import run_experiment  # noqa: E402 (bench/experiment.py: a harness, not the package)

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fullrank
-from fullrank.optim import host
+from fullrank.optim.base import host
 
 SHAPES = [(24, 16), (24, 16), (16, 24)]
 GAP = 3  # T: refreshes at the step counts 0, 3, 6, 9

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fullrank
-from fullrank.optim import residual as residual_rules
-from fullrank.optim import limiter as limiters
-from fullrank.optim.svd import exact_svd, warm_subspace
+from fullrank.optim.units import rules as residual_rules
+from fullrank.optim.units import limiters
+from fullrank.optim.units.svd import exact_svd, warm_subspace
 from reference import down, reference_run, side_of, top_subspace, up
 
 DATA = Path(__file__).parent / "data"
@@ -50,8 +50,9 @@ def test_bucketed_step_matches_the_reference_for_every_matrix(cap_mb):
     for W0, seq, p in zip(W0s, seqs, params):
         expected, _ = reference_run(W0, seq, **options)
         torch.testing.assert_close(p.detach(), expected[-1], rtol=1e-6, atol=1e-6)
-    items = [fullrank.optim.engine.Item(k, k, p, p.grad, f"p{k}") for k, p in enumerate(params)]
-    sizes = sorted(len(b) for b in opt._buckets(opt.param_groups[0], items))
+    items = [fullrank.optim.core.buckets.Item(k, k, p, p.grad, f"p{k}") for k, p in enumerate(params)]
+    cap = opt.plan(opt.param_groups[0]).values.bucket_cap_mb
+    sizes = sorted(len(b) for b in fullrank.optim.core.buckets.buckets(items, opt.state, cap))
     expected_sizes = {0.0: [1] * 7, 0.0013: [1, 2, 2, 2], 256.0: [2, 5]}[cap_mb]  # 12·7·8 B = 672 B a matrix
     assert sizes == expected_sizes
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import fullrank
-from fullrank.optim.limiter import get_limiter
-from fullrank.optim.projector import project
-from fullrank.optim.svd import exact_svd, randomized_svd
+from fullrank.optim.base.options import OptionValues
+from fullrank.optim.units.limiters import get_limiter
+from fullrank.optim.units.projection import project
+from fullrank.optim.units.svd import exact_svd, randomized_svd
 from reference import down, top_subspace, up
 
 
@@ -19,7 +20,8 @@ def explicit_residual(G, left, right, kappa=1.0):
 def limit_factor(kind, norm, state, **options):
     """One matrix's limiter factor c (None: 1), keeping the limiter's norm in ``state`` as the engine does."""
     previous = state.get("residual_norm", torch.zeros_like(norm)).reshape(1)
-    factor, kept = get_limiter(kind).factors(norm.reshape(1), previous, {"limiter_alpha": 0.5, **options})
+    factor, kept = get_limiter(kind).factors(norm.reshape(1), previous,
+                                                 OptionValues.of({"limiter_alpha": 0.5, **options}))
     if kept is not None:
         state["residual_norm"] = kept.reshape(())
     return None if factor is None else factor.reshape(())
@@ -212,7 +214,7 @@ def test_ablation_presets_choose_their_parts():
 def test_stacked_column_norms_are_each_matrix_s_column_norms(rows, side, dtype):
     """``column_norms`` of a B×m×n stack: for a left projection the norms of each matrix's n columns,
     for a right one of its m rows, accumulated in ≥ fp32 — checked entry by entry with math.fsum."""
-    from fullrank.optim.residual import column_norms
+    from fullrank.optim.base.norms import column_norms
 
     stack = (torch.randn(3, rows, 5, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
     got = column_norms(stack, side)

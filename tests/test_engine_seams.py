@@ -5,8 +5,11 @@ import pytest
 import torch
 
 import fullrank
-from fullrank.optim import components, residual, transforms
-from fullrank.optim.components import Option, number, scalar_state
+from fullrank.optim.base import options as components
+from fullrank.optim.base.options import Option, number
+from fullrank.optim.base.units import scalar_state
+from fullrank.optim.units import rules as residual
+from fullrank.optim.units import transforms
 from reference import PHI_EPS, down, side_of, top_subspace, up
 
 
@@ -104,7 +107,7 @@ def test_unknown_options_and_clashing_declarations_are_refused():
 
 
 def test_gamma_is_declared_once_by_its_limiter():
-    declared = [unit for unit in fullrank.optim.limiter.LIMITER_REGISTRY.units() if "gamma" in unit.options]
+    declared = [unit for unit in fullrank.optim.units.limiters.LIMITER_REGISTRY.units() if "gamma" in unit.options]
     assert [unit.name for unit in declared] == ["norm_growth"]
     assert fullrank.Fira([torch.nn.Parameter(torch.randn(4, 4))]).defaults["gamma"] == 1.01
     assert fullrank.APOLLO([torch.nn.Parameter(torch.randn(4, 4))]).defaults["gamma"] == 1.01
@@ -151,4 +154,4 @@ def test_components_check_their_options_across_others():
         fullrank.SubspaceAdamW([{"params": [W], "rank": 2}], projector="random", refresh_threshold=0.5)
     with pytest.raises(ValueError, match="pre_projection must be one of \\('none', 'error_feedback'\\)"):
         fullrank.SubspaceAdamW([{"params": [W], "rank": 2}], pre_projection="momentum")
-    assert components.check_range is fullrank.optim.options.check_range
+    assert components.check_range is fullrank.optim.core.group_options.check_range

@@ -9,7 +9,8 @@ import torch
 import fullrank
 from transformers.optimization import Adafactor
 
-from fullrank.optim.flora import Flora, SGDMomentum
+from fullrank.optim.methods.flora import Flora
+from fullrank.optim.methods.sgd import SGDMomentum
 
 torch.set_num_threads(1)
 
@@ -128,7 +129,7 @@ def test_sgd_preset_matches_reference_loop():
 
 
 def test_make_optimizer_builds_the_baselines():
-    from fullrank.optim.groups import param_groups
+    from fullrank.optim.methods.param_groups import param_groups
 
     model = torch.nn.Sequential()
     model.add_module("mlp", torch.nn.Linear(8, 8))

@@ -15,7 +15,7 @@ from torch import nn
 import fullrank
 from tiny_block import Tiny, assert_resume_is_exact, assert_step_refused_on_fsdp2, tiny_data, train_tiny
 from fullrank.memory import optimizer_state_bytes
-from fullrank.optim.frugal import FRUGAL, frugal_rank
+from fullrank.optim.methods.frugal import FRUGAL, frugal_rank
 
 
 # --------------------------------------------------------------------------- reference (Algorithm 1)

@@ -132,7 +132,7 @@ def test_refusals_name_the_problem(runs):
 
 
 def test_chunk_span_is_torch_chunk():
-    from fullrank.optim.sharding import chunk_span
+    from fullrank.optim.base.shards import chunk_span
     for size in (0, 1, 5, 7, 51):
         for world in (1, 2, 3, 4):
             spans = [chunk_span(size, world, k) for k in range(world)]

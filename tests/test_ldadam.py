@@ -26,7 +26,7 @@ import fullrank
 from reference import engine_run
 from tiny_block import Tiny, assert_resume_is_exact, assert_step_refused_on_fsdp2, tiny_data, train_tiny
 from fullrank.memory import optimizer_state_bytes
-from fullrank.optim.ldadam import LDAdam
+from fullrank.optim.methods.ldadam import LDAdam
 
 PAPER = dict(subspace="blend", second_moment="ldadam", error_feedback="generalized")
 ENGINE = dict(subspace="corrected", second_moment="ldadam", error_feedback="gradient")

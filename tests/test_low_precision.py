@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import fullrank
-from fullrank.optim import weights
-from fullrank.optim.moments import MIN_8BIT_ELEMENTS
+from fullrank.optim.units import weights
+from fullrank.optim.units.moments import MIN_8BIT_ELEMENTS
 from tiny_block import through_checkpoint
 
 bnb = pytest.importorskip("bitsandbytes")

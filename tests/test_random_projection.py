@@ -10,8 +10,8 @@ from torch import nn
 
 import fullrank
 from fullrank.memory import optimizer_state_bytes
-from fullrank.optim import random_proj
-from fullrank.optim.random_proj import gaussian_projection, orthonormal_random_projection
+from fullrank.optim.units import projectors
+from fullrank.optim.units.projectors import gaussian_projection, orthonormal_random_projection
 from reference import reference_run
 
 
@@ -71,7 +71,7 @@ def test_golore_random_basis_is_stored_orthonormal_and_redrawn():
         drawn.append(opt.state[W]["proj_right"].clone())
     torch.testing.assert_close(drawn[0] @ drawn[0].T, torch.eye(3), atol=1e-5, rtol=0)
     assert torch.equal(drawn[0], drawn[1]) and not torch.allclose(drawn[1], drawn[2])
-    _, expected = orthonormal_random_projection((20, 12), "right", 3, random_proj.projection_seed(5, 0, 2),
+    _, expected = orthonormal_random_projection((20, 12), "right", 3, projectors.projection_seed(5, 0, 2),
                                                 torch.device("cpu"), torch.float32)
     assert torch.equal(drawn[2], expected)
 
@@ -200,7 +200,7 @@ def apollo_seeds(monkeypatch):
             seed = projector.next_seed(seed)
         return seed
 
-    monkeypatch.setattr(random_proj, "projection_seed", lambda seed, ordinal, step: chain(ordinal, step))
+    monkeypatch.setattr(projectors, "projection_seed", lambda seed, ordinal, step: chain(ordinal, step))
     return apollo, galore
 
 
@@ -210,8 +210,9 @@ VARIANTS = {  # apollo-torch group options, our preset, its options
 }
 
 
+@pytest.mark.parametrize("storage", ["seed", "matrix"])  # P regenerated from its seed at every step, or stored
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_apollo_matches_apollo_torch_under_its_adam_convention(apollo_seeds, variant):
+def test_apollo_matches_apollo_torch_under_its_adam_convention(apollo_seeds, variant, storage):
     apollo, _ = apollo_seeds
     theirs_options, preset, ours_options = VARIANTS[variant]
 
@@ -221,7 +222,7 @@ def test_apollo_matches_apollo_torch_under_its_adam_convention(apollo_seeds, var
 
     def ours(ps):
         return preset([{"params": ps[:2], "update_proj_gap": GAP, **ours_options}, {"params": ps[2:]}],
-                      lr=LR, eps=1e-6, weight_decay=0.1, adam_convention="transformers")
+                      lr=LR, eps=1e-6, weight_decay=0.1, adam_convention="transformers", projection_storage=storage)
 
     diff, tol, moved = compare(theirs, ours)
     assert diff <= tol, (diff, tol)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fullrank
-from fullrank.optim.refresh import stacked_energy
+from fullrank.optim.units.schedule import stacked_energy
 
 
 def orthonormal(rows, cols, seed):
@@ -158,7 +158,7 @@ def test_resume_with_changed_ranks_is_bit_identical(method):
     resumed.load_state_dict(saved["model"])
     opt2 = make(resumed)
     opt2.load_state_dict(saved["opt"])
-    assert opt2.rank_summary() == dict(fullrank.optim.rank.summarize(ranks[-1]))
+    assert opt2.rank_summary() == dict(fullrank.optim.units.rank.summarize(ranks[-1]))
     after2 = []
     train(resumed, opt2, 5, start=6, ranks=after2)
     assert after == after2

@@ -17,7 +17,7 @@ from torch import nn
 import fullrank
 from fullrank.memory import optimizer_state_bytes
 from fullrank.optim import NonFiniteGradientError, make_optimizer, param_groups
-from fullrank.optim.scale import SCALE
+from fullrank.optim.methods.scale import SCALE
 from tiny_block import through_checkpoint
 
 torch.set_num_threads(1)
@@ -217,7 +217,7 @@ def test_bad_options_give_clear_errors():
 
 def test_no_last_layer_warns(caplog):
     p = nn.Parameter(torch.zeros(3, 3))
-    with caplog.at_level("WARNING", logger="fullrank.optim.scale"):
+    with caplog.at_level("WARNING", logger="fullrank.optim.methods.scale"):
         opt = SCALE([p])
         assert not caplog.text  # nothing at construction (``--help-optim`` probes unnamed parameters)
         p.grad = torch.ones(3, 3)

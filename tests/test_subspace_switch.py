@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fullrank
-from fullrank.optim.switch import switch_moments_
+from fullrank.optim.units.switch import switch_moments_
 from reference import reference_run
 
 BETAS = (0.9, 0.999)

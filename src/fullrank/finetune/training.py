@@ -21,7 +21,7 @@ import yaml
 
 from .._quiet import no_hub_progress_bars
 from ..train.errors import ConfigError, TrainingError, first_line
-from ..optim.components import check_range
+from ..optim.base.options import check_range
 from ..train.metrics import MetricsLog, peak_memory
 from ..train.config import STATE_PRECISIONS, WEIGHT_PRECISIONS
 from ..train.threads import choose_threads
@@ -295,7 +295,7 @@ def train_and_evaluate(cfg, model, tokenizer, optimizer, examples, run_dir, log,
     from transformers import PrinterCallback, Trainer
 
     from .. import hf
-    from ..optim.state_bytes import optimizer_state_bytes
+    from ..optim.core.state_bytes import optimizer_state_bytes
 
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_trainable = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)

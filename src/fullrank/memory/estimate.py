@@ -21,7 +21,7 @@ bench/memory_estimate.py`` prints the comparison with the differences.
 """
 from __future__ import annotations
 
-from ..optim.state_bytes import optimizer_state_bytes, projected_state_bytes  # noqa: F401 (re-exported)
+from ..optim.core.state_bytes import optimizer_state_bytes, projected_state_bytes  # noqa: F401 (re-exported)
 
 GIB = 2**30
 GB = 10**9

@@ -1,14 +1,26 @@
-"""The optimizer engine: projector × inner Adam × residual rule × limiter, and its presets.
+"""The optimizer engine, in layers that only import downwards:
+
+    base/         options and registries, norms, seeds, step counters, host reads, FSDP2 row shards
+    units/        inner Adam, projection and projectors, SVD, rank, refresh schedule, switch, moment
+                  stores, update rules, limiters, transforms, weight writers: each declares its
+                  options and state
+    core/         SubspaceAdamW and its one step path (plan, finiteness, refresh, buckets, compute, write)
+    methods/      presets, FRUGAL, LDAdam, SCALE, Flora, SGD, param_groups
+    distributed/  FSDP2's DCP state, the layer-wise mode
 
 ``__all__`` here is the one list of what fullrank exports from its optimizers (``fullrank``
 re-exports it).
 """
-from .engine import NonFiniteGradientError, SubspaceAdamW, is_projected
-from .frugal import FRUGAL
-from .groups import param_groups
-from .layerwise import LayerwiseOptimizer, layerwise
-from .ldadam import LDAdam
-from .presets import (
+from .base.module_paths import keep_earlier_paths
+from .core.finiteness import NonFiniteGradientError
+from .core.optimizer import SubspaceAdamW
+from .core.plan import is_projected
+from .distributed.checkpoint import distributed_state_dict, load_distributed_state_dict
+from .distributed.layerwise import LayerwiseOptimizer, layerwise
+from .methods.frugal import FRUGAL
+from .methods.ldadam import LDAdam
+from .methods.param_groups import param_groups
+from .methods.presets import (
     APOLLO,
     PRESETS,
     APOLLO_Mini,
@@ -27,8 +39,7 @@ from .presets import (
     make_optimizer,
     optimizer_methods,
 )
-from .scale import SCALE
-from .sharded_state import distributed_state_dict, load_distributed_state_dict
+from .methods.scale import SCALE
 
 __all__ = [
     "SubspaceAdamW", "NonFiniteGradientError", "is_projected", "param_groups", "layerwise", "LayerwiseOptimizer",
@@ -37,3 +48,13 @@ __all__ = [
     "fira_tensor_scaling", "fira_only_scaling", "make_optimizer", "optimizer_methods",
     "distributed_state_dict", "load_distributed_state_dict",
 ]
+
+keep_earlier_paths(__name__, {  # pickles (class paths), the modules the documentation named, and imports from outside
+    "engine": ("core.optimizer", "core.finiteness", "core.plan", "core.buckets"),
+    "presets": ("methods.presets",), "layerwise": ("distributed.layerwise",), "frugal": ("methods.frugal",),
+    "ldadam": ("methods.ldadam",), "scale": ("methods.scale",), "flora": ("methods.flora", "methods.sgd"),
+    "groups": ("methods.param_groups",), "sharded_state": ("distributed.checkpoint",), "sharding": ("base.shards",),
+    "state_bytes": ("core.state_bytes",), "components": ("base.options", "base.units"),
+    "residual": ("units.rules", "base.norms"), "limiter": ("units.limiters",), "svd": ("units.svd",),
+    "projectors": ("units.projectors",), "moments": ("units.moments",), "transforms": ("units.transforms",),
+})

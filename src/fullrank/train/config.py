@@ -264,7 +264,7 @@ def method_options(method: str) -> dict[str, Any]:
     import torch
 
     import fullrank.optim as fullrank  # (the optimizers alone: no import of fullrank.memory)
-    from ..optim.presets import Preset
+    from ..optim.methods.presets import Preset
 
     if method == "adamw":
         classes = [torch.optim.AdamW]
@@ -283,8 +283,8 @@ def method_options(method: str) -> dict[str, Any]:
             if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in OWN_FLAG_OPTIONS or p.name in ("self", "params"):
                 continue
             found.setdefault(p.name, None if p.default is p.empty else p.default)
-        if cls is fullrank.SubspaceAdamW:  # the engine's options are declared, not in its signature
-            for name, (default, _) in fullrank.SubspaceAdamW.option_table().items():
+        if "option_table" in cls.__dict__:  # options declared in a table, not in the signature (the engine's)
+            for name, (default, _) in cls.option_table().items():
                 if name not in OWN_FLAG_OPTIONS:
                     found.setdefault(name, default)
             break
@@ -318,7 +318,7 @@ def optim_help() -> str:
 
 def _range(name: str, value, low, high=math.inf, *, low_open=False, high_open=False, integer=False):
     """``optim.components.check_range`` naming the flag, as a ConfigError."""
-    from ..optim.components import check_range
+    from ..optim.base.options import check_range
 
     check_range("--" + name.replace("_", "-"), value, low, high, low_open=low_open,
                 high_open=high_open or high == math.inf, integer=integer, error=ConfigError)  # (a flag is finite)

@@ -63,7 +63,7 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The DCP state of the model and the optimizer (fullrank's own layout, or torch's for AdamW)."""
     from fullrank.optim import SubspaceAdamW
-    from fullrank.optim.sharded_state import distributed_state_dict
+    from fullrank.optim.distributed.checkpoint import distributed_state_dict
 
     if isinstance(optimizer, SubspaceAdamW):
         return {"model": model.state_dict(), **distributed_state_dict(optimizer, model)}
@@ -98,7 +98,7 @@ def load(folder: Path, model, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
 
     from fullrank.optim import SubspaceAdamW
-    from fullrank.optim.sharded_state import load_distributed_state_dict
+    from fullrank.optim.distributed.checkpoint import load_distributed_state_dict
 
     if isinstance(optimizer, SubspaceAdamW):
         model_state = model.state_dict()

@@ -347,7 +347,7 @@ def log_eval(run: Run, step: int, loss: float) -> None:
 
 
 def summarize(run: Run, step: int, val_loss: float, tokens_per_s: float, stopped_early: bool) -> dict:
-    from ..optim.state_bytes import optimizer_state_bytes, projected_state_bytes
+    from ..optim.core.state_bytes import optimizer_state_bytes, projected_state_bytes
 
     mem, kind = peak_memory(run.env.device)
     return {

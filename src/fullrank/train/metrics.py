@@ -68,7 +68,7 @@ class RankTracker:
             return {}
         fields = {f"rank_{k}": summary[k] for k in ("min", "median", "max", "mean")}
         if summary["ranks"] != self.last_ranks:
-            from ..optim.state_bytes import optimizer_state_bytes, projected_state_bytes
+            from ..optim.core.state_bytes import optimizer_state_bytes, projected_state_bytes
 
             self.last_ranks = summary["ranks"]
             fields.update(ranks=summary["ranks"], optimizer_state_bytes=optimizer_state_bytes(self.optimizer),
@@ -103,7 +103,7 @@ def _bytes(n: float) -> str:
 def _adamw_bytes(params) -> int:
     """What ``torch.optim.AdamW`` holds for ``params`` in this process (of an FSDP2 parameter: its
     shard): two moments in the parameters' dtype and a 4-byte step per tensor (computed, not run)."""
-    from ..optim.sharding import local
+    from ..optim.base.shards import local
     return sum(2 * local(p).numel() * p.element_size() + 4 for p in params)
 
 
@@ -111,8 +111,8 @@ def memory_comparison(model: torch.nn.Module, optimizer, target_modules) -> dict
     """The optimizer's state beside what full-rank AdamW would hold for the same model, for the whole
     model and for the projected matrices alone (the ``nn.Linear`` modules named by ``target_modules``;
     for LoRA: their frozen weights, whose adapters' state is the method's)."""
-    from ..optim.state_bytes import optimizer_state_bytes
-    from ..optim.sharding import is_distributed_tensor
+    from ..optim.core.state_bytes import optimizer_state_bytes
+    from ..optim.base.shards import is_distributed_tensor
 
     model = getattr(model, "module", model)
     targeted = {id(p) for name, module in model.named_modules()
