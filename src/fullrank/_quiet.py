@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels")
 
@@ -35,3 +36,12 @@ def no_hub_progress_bars():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def no_transformers_deprecations():
+    """transformers' own FutureWarnings off, within the block: peft reads its deprecated
+    ``is_gradient_checkpointing`` property when it wraps a model (by category and module, no text)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+        yield

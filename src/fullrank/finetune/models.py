@@ -107,6 +107,9 @@ def apply_lora(model, module_names: list[str], rank: int, alpha: float, dropout:
     """peft LoRA on ``module_names`` with every other weight frozen (LLM-Adapters' LoRA baseline)."""
     from peft import LoraConfig, get_peft_model
 
+    from .._quiet import no_transformers_deprecations
+
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=module_names, bias="none",
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with no_transformers_deprecations():
+        return get_peft_model(model, config)

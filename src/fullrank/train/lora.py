@@ -7,11 +7,10 @@ them, prunes their optimizer moments and re-warms the learning rate (see ``sched
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 
-from .._quiet import quiet_third_party
+from .._quiet import no_transformers_deprecations, quiet_third_party
 
 quiet_third_party()  # peft imports bitsandbytes, whose CPU backend logs about optional 4-bit kernels (_quiet.py)
 from peft import LoraConfig, get_peft_model
@@ -22,10 +21,7 @@ from torch import nn
 def apply_lora(model: nn.Module, module_names: list[str], rank: int, alpha: float, dropout: float) -> nn.Module:
     """Wrap ``model`` with LoRA adapters on ``module_names``; every non-adapted weight stays trainable."""
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=module_names, bias="none")
-    with warnings.catch_warnings():
-        # peft reads transformers' deprecated `is_gradient_checkpointing` property (a FutureWarning
-        # in transformers 5); we never enable gradient checkpointing, so the warning says nothing here
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with no_transformers_deprecations():
         peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
         param.requires_grad = ".base_layer." not in name  # only the adapted (projected) weights are frozen
