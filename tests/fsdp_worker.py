@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fullrank.optim import make_optimizer, param_groups
+from fullrank.optim import layerwise, make_optimizer, param_groups
 from fullrank.optim.base.shards import CommLog
 
 VOCAB, HIDDEN, INTERMEDIATE, RANK, GAP = 61, 36, 51, 8, 3
@@ -46,6 +46,9 @@ CASES = [
 # adaptive rank's energy threshold) can then flip, and the update with it. The fp32 check therefore
 # runs without those switches; every preset, switches included, is compared in fp64 (``cases``).
 FLOAT32_EXCLUDED = ("adarankgrad", "fira_adaptive")  # the rank is a threshold decision
+# The layer-wise mode steps a SubspaceAdamW; Flora and SGD are optimizers of their own, refused by it on
+# one process as on shards.
+LAYERWISE_EXCLUDED = ("flora", "sgd")
 FLOAT32_OVERRIDES = {name: {"limiter": "none"} for name in (
     "fira", "fira_matrix", "apollo", "apollo_mini", "fira_grad_clipping", "fira_gradient_shrink", "fira_tensor_scaling",
     "fira_only_scaling")}
@@ -72,9 +75,17 @@ def batches(count: int, seed: int = 1) -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (4, 16), generator=generator) for _ in range(count)]
 
 
-def optimizer(model, method: str, options: dict):
+def optimizer(model, method: str, options: dict, stepped_in_backward: bool = False):
+    """``method`` over the model's groups; ``stepped_in_backward``: wrapped by ``fullrank.layerwise``."""
     groups = param_groups(model, rank=RANK, update_proj_gap=GAP)
-    return make_optimizer(method, groups, lr=1e-2, weight_decay=0.01, **options)
+    build = lambda g: make_optimizer(method, g, lr=1e-2, weight_decay=0.01, **options)  # noqa: E731
+    return layerwise(model, build, groups) if stepped_in_backward else build(groups)
+
+
+def worst_relative(model, reference) -> float:
+    """max over parameters of ‖W − W_ref‖/‖W_ref‖, the weights of ``models`` made whole."""
+    return max(float((p.full_tensor().detach() - q.full_tensor().detach()).norm() / q.full_tensor().norm())
+               for p, q in zip(model.parameters(), reference.parameters()))
 
 
 def train_step(model, opt, x: torch.Tensor) -> float:
@@ -102,17 +113,23 @@ def state_bytes(opt) -> dict:
     return {"moments": moments, "other": other, "total": moments + other}
 
 
-def compare(method: str, options: dict, split: bool = False, dtype: torch.dtype = torch.float32) -> dict:
+def compare(method: str, options: dict, split: bool = False, dtype: torch.dtype = torch.float32,
+            with_layerwise: bool = False) -> dict:
     """``method`` on the sharded model beside the unsharded one. Every rank runs the whole batch (the
     gradient FSDP averages is then the reference's, so only the optimizer can differ), or with
-    ``split`` its half (data parallel: the halves' gradients are summed in another order)."""
+    ``split`` its half (data parallel: the halves' gradients are summed in another order).
+    ``with_layerwise``: a third model, sharded and stepped layer-wise in FSDP2's backward, beside both."""
     reference, model = tiny_llama(0, dtype), shard(tiny_llama(0, dtype))
     start = {n: p.detach().clone() for n, p in reference.named_parameters()}
     opt_ref, opt = optimizer(reference, method, options), optimizer(model, method, options)
+    stepped = shard(tiny_llama(0, dtype)) if with_layerwise else None
+    opt_stepped = optimizer(stepped, method, options, stepped_in_backward=True) if with_layerwise else None
     losses_ref, losses = [], []
     for x in batches(STEPS):
         losses_ref.append(train_step(reference, opt_ref, x))
         losses.append(train_step(model, opt, local_batch(x) if split else x))
+        if with_layerwise:
+            train_step(stepped, opt_stepped, local_batch(x) if split else x)
     worst_weight = worst_update = 0.0
     for (name, p_ref), (_, p) in zip(reference.named_parameters(), model.named_parameters()):
         whole = p.full_tensor().detach()
@@ -122,10 +139,18 @@ def compare(method: str, options: dict, split: bool = False, dtype: torch.dtype 
             worst_update = max(worst_update, float((whole - start[name] - moved).norm() / moved.norm()))
     ranks = getattr(opt, "current_ranks", dict)()
     ranks_equal = ranks == getattr(opt_ref, "current_ranks", dict)()
-    return {"weight_rel": worst_weight, "update_rel": worst_update, "ranks_equal": ranks_equal,
-            "ranks": sorted(set(ranks.values())), "state": state_bytes(opt),
-            "state_reference": state_bytes(opt_ref), "losses_ref": losses_ref,
-            "loss_rank_mean": sum(losses) / len(losses)}
+    result = {"weight_rel": worst_weight, "update_rel": worst_update, "ranks_equal": ranks_equal,
+              "ranks": sorted(set(ranks.values())), "state": state_bytes(opt),
+              "state_reference": state_bytes(opt_ref), "losses_ref": losses_ref,
+              "loss_rank_mean": sum(losses) / len(losses)}
+    if with_layerwise:
+        result["layerwise"] = {
+            "vs_sharded": worst_relative(stepped, model),
+            "vs_unsharded": max(float((p.full_tensor() - q).norm() / q.norm())
+                                for p, q in zip(stepped.parameters(), reference.parameters())),
+            "ranks_equal": opt_stepped.current_ranks() == ranks, "skipped": opt_stepped.optimizer.skipped_steps,
+            "grads_freed": all(p.grad is None for p in stepped.parameters())}
+    return result
 
 
 def mixed_precision() -> dict:
@@ -179,7 +204,6 @@ def nonfinite() -> dict:
 
 def errors() -> dict:
     """What a sharded model refuses, with the message."""
-    from fullrank.optim import layerwise
     from fullrank.optim.units.rules import Rule, register_rule, Contribution
 
     class Unaware(Rule):
@@ -203,19 +227,17 @@ def errors() -> dict:
         except ValueError as error:
             out[case] = str(error)
     model = shard(tiny_llama(0))
-    try:
-        layerwise(model, lambda groups: make_optimizer("fira", groups), param_groups(model, rank=RANK))
-        out["layerwise"] = None
+    try:  # the hook fires once per reduce-scatter: accumulation is FSDP2's set_requires_gradient_sync
+        layerwise(model, lambda groups: make_optimizer("fira", groups), param_groups(model, rank=RANK),
+                  accumulation_steps=2)
+        out["layerwise_accumulation"] = None
     except (ValueError, TypeError) as error:
-        out["layerwise"] = str(error)
+        out["layerwise_accumulation"] = str(error)
     return out
 
 
-def communication() -> dict:
-    """Elements moved by one steady Fira step (no refresh) and by one refresh step, and what the
-    table of sharding.py predicts for this model."""
-    model = shard(tiny_llama(0))
-    opt = optimizer(model, "fira", {})
+def recorded_steps(model, opt) -> tuple[CommLog, CommLog]:
+    """The collectives of one steady step (the second) and of one refresh step (step GAP + 1)."""
     data = batches(GAP + 1)
     train_step(model, opt, local_batch(data[0]))  # the first refresh
     with CommLog().recording() as steady:
@@ -224,6 +246,15 @@ def communication() -> dict:
         train_step(model, opt, local_batch(x))
     with CommLog().recording() as refresh:
         train_step(model, opt, local_batch(data[GAP]))
+    return steady, refresh
+
+
+def communication() -> dict:
+    """Elements moved by one steady Fira step (no refresh) and by one refresh step, and what the
+    table of sharding.py predicts for this model."""
+    model = shard(tiny_llama(0))
+    opt = optimizer(model, "fira", {})
+    steady, refresh = recorded_steps(model, opt)
     world = dist.get_world_size()
     chunk = math.ceil(INTERMEDIATE / world)
     left = [p for g in opt.param_groups if g.get("rank") for p in g["params"] if p.shape[0] < p.shape[1]]
@@ -276,31 +307,44 @@ def reshard(out: Path) -> dict:
     return result
 
 
-def main(rank: int, world: int, init_file: str, out_dir: str, phase: str) -> None:
+def run_phase(rank: int, world: int, init_file: str, out_dir: str, phase: str, body) -> None:
+    """Start the gloo group (a collective that does not match fails within two minutes instead of
+    hanging), run ``body(out_dir)`` and write every rank's result, with the world size, to
+    ``<out_dir>/<phase>.json``."""
+    import datetime
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    out = Path(out_dir)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
-        if phase == "sharded":
-            result = {"cases": {name: compare(method, options, dtype=torch.float64) for name, method, options in CASES},
-                      "float32": {name: compare(method, {**options, **FLOAT32_OVERRIDES.get(method, {})})
-                                  for name, method, options in CASES if name not in FLOAT32_EXCLUDED},
-                      "split": {name: compare(name, {}, split=True) for name in ("adamw", "fira", "galore")},
-                      "float64": {name: compare(name, {}, split=True, dtype=torch.float64)
-                                  for name in ("fira", "galore", "adarankgrad")},
-                      "nonfinite": nonfinite(), "errors": errors(), "mixed_precision": mixed_precision(),
-                      "communication": communication(),
-                      "resume": {method: save_and_resume(out, method) for method in RESUMED}}
-        else:
-            result = reshard(out)
-        result["world"] = world
+        result = {**body(Path(out_dir)), "world": world}
         gathered = [None] * world
         dist.all_gather_object(gathered, result)
         if rank == 0:
-            (out / f"{phase}.json").write_text(json.dumps(gathered))
+            (Path(out_dir) / f"{phase}.json").write_text(json.dumps(gathered))
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def main(rank: int, world: int, init_file: str, out_dir: str, phase: str) -> None:
+    run_phase(rank, world, init_file, out_dir, phase, sharded if phase == "sharded" else reshard)
+
+
+def sharded(out: Path) -> dict:
+    """Phase "sharded" (2 ranks): equivalence (the layer-wise mode too), state size, communication,
+    save and resume."""
+    return {"cases": {name: compare(method, options, dtype=torch.float64,
+                                    with_layerwise=method not in LAYERWISE_EXCLUDED)
+                      for name, method, options in CASES},
+            "float32": {name: compare(method, {**options, **FLOAT32_OVERRIDES.get(method, {})})
+                        for name, method, options in CASES if name not in FLOAT32_EXCLUDED},
+            "split": {name: compare(name, {}, split=True) for name in ("adamw", "fira", "galore")},
+            "float64": {name: compare(name, {}, split=True, dtype=torch.float64)
+                        for name in ("fira", "galore", "adarankgrad")},
+            "nonfinite": nonfinite(), "errors": errors(), "mixed_precision": mixed_precision(),
+            "communication": communication(),
+            "resume": {method: save_and_resume(out, method) for method in RESUMED}}
 
 
 if __name__ == "__main__":  # by hand: python tests/fsdp_worker.py OUT_DIR

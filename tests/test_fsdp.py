@@ -44,6 +44,18 @@ def test_sharded_updates_equal_unsharded(runs, case):
         assert result["ranks_equal"], result
 
 
+@pytest.mark.parametrize("case", [name for name, method, _ in fsdp_worker.CASES
+                                  if method not in fsdp_worker.LAYERWISE_EXCLUDED])
+def test_layerwise_on_shards_equals_the_ordinary_sharded_step(runs, case):
+    """The same 7 steps in fp64 with every parameter stepped in FSDP2's backward, as soon as its
+    reduce-scattered shard exists (``fullrank.layerwise`` on the sharded model): equal to the
+    ordinary sharded step and to one process up to rounding, the same ranks, every gradient freed."""
+    for rank in runs[0]:
+        result = rank["cases"][case]["layerwise"]
+        assert result["vs_sharded"] <= 1e-12 and result["vs_unsharded"] <= 1e-12, result
+        assert result["ranks_equal"] and result["grads_freed"] and result["skipped"] == 0, result
+
+
 @pytest.mark.parametrize("case", [name for name, _, _ in fsdp_worker.CASES if name not in fsdp_worker.FLOAT32_EXCLUDED])
 def test_sharded_updates_equal_unsharded_in_float32(runs, case):
     """The same in fp32, without the discontinuous switches (``fsdp_worker.FLOAT32_OVERRIDES``): ≤ 1e-5."""
@@ -128,7 +140,8 @@ def test_refusals_name_the_problem(runs):
     errors = runs[0][0]["errors"]
     assert "proj_type='full'" in errors["proj_type_full"]
     assert "shard_aware" in errors["unaware_rule"]
-    assert "FSDP2" in errors["layerwise"]
+    assert "accumulation_steps=2" in errors["layerwise_accumulation"]
+    assert "set_requires_gradient_sync(False)" in errors["layerwise_accumulation"]
 
 
 def test_chunk_span_is_torch_chunk():

@@ -1,5 +1,6 @@
 """``fullrank pretrain --fsdp``: 2 CPU processes (torchrun, gloo) train what 1 process trains, resume
-exactly from their DCP checkpoints, and resume on 1 process."""
+exactly from their DCP checkpoints, and resume on 1 process; ``--fsdp --layerwise`` (each weight's
+shard updated in backward) trains what ``--fsdp`` trains and resumes exactly."""
 from __future__ import annotations
 
 import json
@@ -106,7 +107,7 @@ def test_resume_at_another_global_batch_is_refused(runs, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(fsdp=True, layerwise=True, grad_clip=0.0), "--layerwise"),
+    (dict(fsdp=True, layerwise=True, grad_clip=1.0), "--grad-clip must be 0 with --layerwise"),
     (dict(fsdp=True, method="lora"), "LoRA"),
     (dict(fsdp=True, probe="spikes"), "--probe"),
 ])
@@ -114,3 +115,63 @@ def test_fsdp_refuses_what_it_cannot_shard(tmp_path, capsys, flags, message):
     tiny = setup_tiny(tmp_path)
     assert main(tiny_argv(tiny, tmp_path / "run", **flags)) != 0
     assert message in capsys.readouterr().err
+
+
+LAYERWISE = dict(COMMON, grad_clip=0.0)  # (global clipping needs every gradient before the first update)
+
+
+def copy_run_at(source: Path, target: Path, step: int) -> None:
+    """``target``: the run ``source`` as it was when its checkpoint of ``step`` was written."""
+    import shutil
+    (target / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl"):
+        shutil.copy(source / name, target / name)
+    shutil.copytree(dict(list_checkpoints(source))[step], target / "checkpoints" / f"step_{step:07d}")
+    lines = (target / "metrics.jsonl").read_text().splitlines()
+    (target / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= step))
+
+
+@pytest.fixture(scope="module")
+def layerwise_runs(tmp_path_factory):
+    """``--fsdp --layerwise`` with gradient accumulation; ``--fsdp`` with the default buckets and with
+    one matrix per bucket; the layer-wise run resumed from its checkpoint of step 2."""
+    tmp = tmp_path_factory.mktemp("fsdp_layerwise_train")
+    tiny = setup_tiny(tmp)
+    torchrun(tiny, tmp / "layerwise", batch_size=1, max_steps=4, fsdp=True, layerwise=True, **LAYERWISE)
+    torchrun(tiny, tmp / "stacked", batch_size=1, max_steps=4, fsdp=True, **LAYERWISE)
+    torchrun(tiny, tmp / "per_matrix", batch_size=1, max_steps=4, fsdp=True, optim_arg="bucket_cap_mb=0", **LAYERWISE)
+    copy_run_at(tmp / "layerwise", tmp / "resumed", 2)
+    torchrun(tiny, None, batch_size=1, max_steps=4, fsdp=True, layerwise=True, **LAYERWISE, resume=tmp / "resumed")
+    return tmp
+
+
+def test_layerwise_on_shards_trains_what_the_sharded_step_trains(layerwise_runs):
+    """Bit for bit: on the CPU a sharded group's buckets stack its same-shape matrices (256 MiB), and
+    a stacked bucket's update is assembled in the gradient stack and written by ``_foreach`` ops —
+    the arithmetic of a layer-wise step, whose masked one-matrix write (the mask must reach the
+    decay and both terms) is the same assembled write."""
+    tmp = layerwise_runs
+    assert train_losses(tmp / "layerwise") == train_losses(tmp / "stacked")
+    stacked = weights(tmp / "stacked")
+    for key, value in weights(tmp / "layerwise").items():
+        assert torch.equal(value, stacked[key]), key
+
+
+def test_layerwise_on_shards_against_one_matrix_per_bucket(layerwise_runs):
+    """``bucket_cap_mb=0``: the ordinary step writes a lone matrix's update factored (one ``addmm_``
+    with the decay as β and one ``addcmul_``: no m×n temporary), which a masked layer-wise step
+    cannot use (``addmm_``'s α and β are host numbers, the mask is on the device): the same update,
+    rounded in another order, so equal up to fp32 rounding, not bit for bit."""
+    tmp = layerwise_runs
+    assert train_losses(tmp / "layerwise") == pytest.approx(train_losses(tmp / "per_matrix"), rel=1e-6)
+    per_matrix = weights(tmp / "per_matrix")
+    for key, value in weights(tmp / "layerwise").items():
+        torch.testing.assert_close(value, per_matrix[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_layerwise_on_shards_resumes_exactly(layerwise_runs):
+    tmp = layerwise_runs
+    assert train_losses(tmp / "resumed") == train_losses(tmp / "layerwise")
+    layerwise = weights(tmp / "layerwise")
+    for key, value in weights(tmp / "resumed").items():
+        assert torch.equal(value, layerwise[key]), key

@@ -69,11 +69,11 @@ class TrainConfig:
     warmup_ratio: float = _f(0.1, "fraction of max_steps of linear lr warm-up")
     min_lr_ratio: float = _f(0.1, "cosine decay ends at this fraction of the peak lr")
     grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 disables)")
-    layerwise: bool = _f(False, "update each weight during backward and free its gradient at once (GaLore's layer-wise mode): one gradient alive at a time; needs --grad-clip 0 and one process (not DDP)")
+    layerwise: bool = _f(False, "update each weight during backward and free its gradient at once (GaLore's layer-wise mode): one gradient alive at a time; needs --grad-clip 0, and one process or --fsdp (not DDP)")
     weights: str = _f("fp32", "weight precision: fp32 (fp32 master weights, bf16 autocast on CUDA), bf16 (pure bf16 weights, no fp32 copy) or bf16-sr (pure bf16, the update written with stochastic rounding)")
     states: str = _f("32bit", "optimizer-state precision: 32bit or 8bit (blockwise 8-bit Adam moments, projected and plain groups)")
     activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations during backward (transformers' gradient checkpointing): less activation memory, about a third more compute")
-    fsdp: bool = _f(False, "shard the model, its gradients and the optimizer state over the processes with FSDP2 (run under torchrun; checkpoints through torch.distributed.checkpoint, resumable on another number of processes at the same global batch); full-parameter methods only, not --layerwise or --probe")
+    fsdp: bool = _f(False, "shard the model, its gradients and the optimizer state over the processes with FSDP2 (run under torchrun; checkpoints through torch.distributed.checkpoint, resumable on another number of processes at the same global batch); full-parameter methods only, not --probe; with --layerwise each weight's shard is updated as soon as it is reduce-scattered")
     max_steps: int = _f(10000, "optimizer steps (paper: 10K for 60M, 20K for 130M, 60K for 350M, 100K for 1B); a resumed run may be given more steps to extend it")
     schedule_steps: int | None = _f(None, "steps of the warm-up + cosine lr schedule; default max_steps. A run extended with --resume RUN --max-steps N keeps its original schedule (the added steps run at the floor min_lr_ratio x lr); --schedule-steps N there re-plans it")
     recipe: str = _f("auto", "defaults of batch_size, grad_accum and eval_tokens: 'paper' (64 x 8 sequences = 131K tokens per step, 10M eval tokens), 'cpu' (4 x 1 = 1K tokens per step, 16K eval tokens) or 'auto' (cpu on a CPU, paper on a GPU); explicit values win")
@@ -366,9 +366,6 @@ def validate_ranges(cfg: TrainConfig) -> None:
         raise ConfigError("--layerwise updates each weight during backward, before the global gradient norm exists: "
                           "--grad-clip must be 0 with --layerwise")
     if cfg.fsdp:
-        if cfg.layerwise:
-            raise ConfigError("--fsdp with --layerwise: the layer-wise hooks would fire before FSDP reduce-scatters the "
-                              "gradient; drop one of them")
         if cfg.method in LORA_METHODS:
             raise ConfigError(f"--fsdp: method '{cfg.method}' trains LoRA adapters; --fsdp supports the full-parameter "
                               "methods (adamw and the fullrank presets)")

@@ -62,10 +62,10 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
 
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The DCP state of the model and the optimizer (fullrank's own layout, or torch's for AdamW)."""
-    from fullrank.optim import SubspaceAdamW
+    from fullrank.optim import LayerwiseOptimizer, SubspaceAdamW
     from fullrank.optim.distributed.checkpoint import distributed_state_dict
 
-    if isinstance(optimizer, SubspaceAdamW):
+    if isinstance(optimizer, (SubspaceAdamW, LayerwiseOptimizer)):
         return {"model": model.state_dict(), **distributed_state_dict(optimizer, model)}
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -97,10 +97,10 @@ def load(folder: Path, model, optimizer) -> None:
     """Load the model and the optimizer from a checkpoint folder, resharded to this world size."""
     import torch.distributed.checkpoint as dcp
 
-    from fullrank.optim import SubspaceAdamW
+    from fullrank.optim import LayerwiseOptimizer, SubspaceAdamW
     from fullrank.optim.distributed.checkpoint import load_distributed_state_dict
 
-    if isinstance(optimizer, SubspaceAdamW):
+    if isinstance(optimizer, (SubspaceAdamW, LayerwiseOptimizer)):
         model_state = model.state_dict()
         dcp.load({"model": model_state}, checkpoint_id=str(folder))
         load_distributed_state_dict(optimizer, model, folder)

@@ -182,7 +182,8 @@ def accumulate_gradients(run: Run, ddp: torch.nn.Module, prefetch: Prefetcher) -
     for micro in range(cfg.grad_accum):
         batch, state = prefetch.get()
         x = batch[rows].to(env.device, non_blocking=True)
-        sync = micro == cfg.grad_accum - 1 or not env.enabled
+        # FSDP2 reduce-scatters (and a layer-wise step runs) on the last micro-batch only, on one process too
+        sync = micro == cfg.grad_accum - 1 or not (env.enabled or cfg.fsdp)
         if cfg.fsdp:
             context = fsdp_sync(ddp, sync)
         else:

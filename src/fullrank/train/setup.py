@@ -104,9 +104,9 @@ def use_tensorboard(cfg: C.TrainConfig) -> bool:
 def check_inputs(cfg: C.TrainConfig, env: DistEnv):
     """Model/rank/seq_len, tokenizer, corpora: (model config, linears, tokenizer, corpora, val blocks)."""
     use_tensorboard(cfg)
-    if cfg.layerwise and env.enabled:
-        raise ConfigError("--layerwise: not supported with several processes (DDP averages the gradients after the "
-                          "per-parameter hooks would step); run on one process or without --layerwise")
+    if cfg.layerwise and env.enabled and not cfg.fsdp:
+        raise ConfigError("--layerwise: not supported with several processes under DDP (DDP averages the gradients "
+                          "after the per-parameter hooks would step); add --fsdp, run on one process or drop --layerwise")
     mconfig = model_config(cfg.model)
     with torch.device("meta"):  # shapes only, no memory
         meta_model = LlamaForCausalLM(mconfig)
@@ -207,14 +207,17 @@ def refused(cfg, err: Exception) -> ConfigError:
 
 def make_optimizer(cfg: C.TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The engine's optimizer for ``cfg.method`` (AdamW on the trainable parameters for LoRA/ReLoRA),
-    stepped per parameter during backward with ``--layerwise``."""
+    stepped per parameter during backward with ``--layerwise``. Under ``--fsdp`` a parameter's hook
+    fires once per reduce-scatter, which the loop runs on the last micro-batch only: it steps at
+    every hook (``accumulation_steps=1``)."""
     import fullrank.optim as fullrank  # (the optimizers alone: no import of fullrank.memory)
 
     optimizer = _engine_optimizer(cfg, model)
     if not cfg.layerwise:
         return optimizer
     try:
-        layerwise = fullrank.LayerwiseOptimizer(model, optimizer, accumulation_steps=cfg.grad_accum)
+        accumulation = 1 if cfg.fsdp else cfg.grad_accum
+        layerwise = fullrank.LayerwiseOptimizer(model, optimizer, accumulation_steps=accumulation)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"--layerwise: method '{cfg.method}' cannot run layer-wise: {str(err).splitlines()[0]}") from None
     if next(model.parameters()).device.type == "meta":  # the option check of check_inputs: no hooks left on a throw-away model

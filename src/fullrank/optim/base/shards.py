@@ -45,10 +45,24 @@ squares the condition number. During a refresh an owner holds its share of the d
 (due matrices / w)·m·n elements. ``CommLog`` counts what was moved
 (``bench/fsdp.py`` and the tests check this table against it).
 
+**Layer-wise** (``distributed/layerwise.py``): each parameter is stepped in backward from FSDP2's
+post-accumulate-grad hook, as a bucket of one matrix: the same reduce-scatters, all-gathers, gathers
+and broadcasts per matrix as above (a refresh gathers to rank ``ordinal % w``), while the scalars
+that the ordinary step sums in one all-reduce per bucket go in one all-reduce per parameter (‖G‖²:
+finiteness) or per matrix (the rule's norms), and ``LayerwiseOptimizer.step`` adds one all-reduce of
+one flag per parameter.
+
+**8-bit moments** (``states="8bit"``): each rank quantizes its share of a moment (the tensor above)
+in blocks of its own flat layout, so the blocks differ from the unsharded run's (not bit-equal to
+one process); a moment is quantized when the *whole* tensor has ≥ 4096 values, the same decision on
+every rank and as unsharded. **Stochastic rounding** (bf16 weights): each rank's rounding noise is
+seeded by its row offset as well, so the ranks do not reuse one stream.
+
 Not supported (clear errors): two-sided projections (``proj_type="full"``), meshes of more than one
-dimension or placements other than ``Shard(0)``, the layer-wise mode, and rules that do not declare
-themselves ``shard_aware`` (a rule written for whole matrices would see partial norms).
-``compile=True`` runs a sharded bucket eagerly (collectives do not trace into the compiled graph).
+dimension or placements other than ``Shard(0)``, ``capturable=True``, pre-projection transforms, and
+rules that do not declare themselves ``shard_aware`` (a rule written for whole matrices would see
+partial norms). ``compile=True`` runs a sharded bucket eagerly (collectives do not trace into the
+compiled graph).
 """
 from __future__ import annotations
 
@@ -232,9 +246,20 @@ class BucketShard:
 
 
 # ---------------------------------------------------------------------------- refresh
-def deal(count: int, world: int) -> list[list[int]]:
-    """Round-robin owners: the positions of ``count`` due matrices owned by each rank."""
-    return [list(range(owner, count, world)) for owner in range(world)]
+def deal(count: int, world: int, first: int = 0) -> list[list[int]]:
+    """Round-robin owners: the positions of ``count`` due matrices owned by each rank, position 0 going
+    to rank ``first`` (a layer-wise refresh of one matrix passes its ordinal, so the SVDs of successive
+    parameters land on successive ranks)."""
+    return [list(range((owner - first) % world, count, world)) for owner in range(world)]
+
+
+def state_split(shard: RowShard | None, side: str | None) -> tuple[int, int] | None:
+    """(dim, whole size) along which a parameter's moments are split over the ranks: rows of G (dim 0,
+    m) for a plain parameter (``side`` None) or a right projection, columns of R (dim 1, n) for a left
+    one; None for a tensor that is not sharded."""
+    if shard is None:
+        return None
+    return (1, shard.full_shape[1]) if side == "left" else (0, shard.full_shape[0])
 
 
 def gather_rows(stack: torch.Tensor, shard: RowShard, owner: int) -> torch.Tensor | None:
@@ -267,4 +292,4 @@ def local_rows(full: torch.Tensor, shard: RowShard) -> torch.Tensor:
 
 
 __all__ = ["RowShard", "BucketShard", "CommLog", "row_shard", "local", "is_distributed_tensor", "chunk_span",
-           "Replicate", "Shard"]
+           "state_split", "Replicate", "Shard"]

@@ -95,8 +95,7 @@ def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def refuse_on_shards(values, items: list[Item], projected: bool) -> None:
-    """capturable=True, 8-bit moments, stochastic rounding and pre-projection transforms are refused
-    on FSDP2 shards (with the option named)."""
+    """capturable=True and pre-projection transforms are refused on FSDP2 shards (with the option named)."""
     if not any(item.shard is not None for item in items):
         return
     name = items[0].name
@@ -106,9 +105,3 @@ def refuse_on_shards(values, items: list[Item], projected: bool) -> None:
     if projected and values.pre_projection != "none":
         raise ValueError(f"pre_projection={values.pre_projection!r} is not supported on FSDP2-sharded "
                          f"parameters ({name!r}); train without --fsdp")
-    if values.states != "32bit":
-        raise ValueError(f"states={values.states!r} is not supported on FSDP2-sharded parameters "
-                         f"({name!r}); use states='32bit' with --fsdp")
-    if values.stochastic_rounding:
-        raise ValueError(f"stochastic_rounding=True is not supported on FSDP2-sharded parameters "
-                         f"({name!r}); FSDP2's MixedPrecisionPolicy keeps fp32 weights")

@@ -154,10 +154,15 @@ def keep_on_device(work: list[GroupWork]) -> Guard:
     return Guard(keep, grad_norms, zero_grads=True, on_host=False)
 
 
-def one_parameter(param: torch.Tensor, grad: torch.Tensor, flagged: bool) -> tuple[torch.Tensor, Guard]:
+def one_parameter(param: torch.Tensor, grad: torch.Tensor, flagged: bool,
+                  shard: shards.RowShard | None = None) -> tuple[torch.Tensor, Guard]:
     """The layer-wise mode's check of one parameter: (its gradient, zero where non-finite, and its
-    guard, masked by its own flag; refreshes may run, ``flagged``: its trigger asked for one)."""
+    guard, masked by its own flag; refreshes may run, ``flagged``: its trigger asked for one). On an
+    FSDP2 shard (``grad`` this rank's rows) the squared norm is summed over the ranks (one all-reduce
+    of one scalar, in fp64 as the ordinary step's): the flag and ‖G‖ are whole, the same on every rank."""
     norm = torch.linalg.vector_norm(grad, dtype=norm_dtype(grad.dtype))
+    if shard is not None:
+        norm = _whole_norms([(id(param), grad)], [norm], {id(param): shard})[0]
     finite = torch.isfinite(norm)
     zeroed = torch.where(finite, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     return zeroed, Guard(finite, {id(param): norm.where(finite, 0.0)}, {id(param)} if flagged else set())

@@ -83,7 +83,8 @@ def convert(plan: GroupPlan, state: dict, param: torch.Tensor, shard=None) -> No
     """A checked state brought to this group's choices: moments to its store (``states``), APOLLO's
     seed to its P when the group stores P, and the counters to ints or, under ``capturable=True``,
     0-d fp32 device tensors."""
-    plan.store.adopt(state, param)
+    side = None if plan.units is None else projection_side(plan.values.proj_type, tuple(param.shape))
+    plan.store.adopt(state, param, shards.state_split(shard, side))
     if plan.units is not None:
         plan.units.projector.adopt(state, plan.values, param, shard)
     for key in COUNTER_KEYS:

@@ -24,7 +24,8 @@ host keeps each matrix's refresh schedule within bounds (``capturable.py``), rea
 compiles whole (``torch.compile(opt.step, fullgraph=True)``).
 
 **FSDP2.** Parameters sharded by ``fully_shard`` (DTensors, ``Shard(0)``) are stepped on this
-process's rows with the projection of the whole matrix (``base/shards.py``).
+process's rows with the projection of the whole matrix (``base/shards.py``), by :meth:`step` or,
+layer-wise, by :meth:`step_parameter` in FSDP2's backward.
 """
 from __future__ import annotations
 
@@ -320,13 +321,17 @@ class SubspaceAdamW(Optimizer):
                 continue
             check_dense(param.grad, name)
             part = work[id(group)]
-            shard = self._row_shard(param, name)
-            grad = param.grad.neg() if part.plan.values.maximize else param.grad  # (torch's convention)
-            if shard is None:
-                part.items.append(Item(ordinal, k, param, grad, name))
-            else:
-                part.items.append(Item(ordinal, k, param, shards.local(grad), name, shards.local(param), shard))
+            part.items.append(self._item(part.plan, (ordinal, k), param, name))
         return list(work.values())
+
+    def _item(self, plan: GroupPlan, position: tuple[int, int], param: torch.Tensor, name: str) -> Item:
+        """The step's item of ``param`` at (ordinal, index in group) with its gradient (negated under
+        ``maximize``, torch's convention): this rank's rows of both on an FSDP2 shard."""
+        grad = param.grad.neg() if plan.values.maximize else param.grad
+        shard = self._row_shard(param, name)
+        if shard is None:
+            return Item(*position, param, grad, name)
+        return Item(*position, param, shards.local(grad), name, shards.local(param), shard)
 
     def _row_shard(self, param: torch.Tensor, name: str) -> shards.RowShard | None:
         """The parameter's FSDP2 row shard (cached), or None for a plain tensor."""
@@ -342,18 +347,17 @@ class SubspaceAdamW(Optimizer):
     def step_parameter(self, param: torch.Tensor, flagged: bool = False) -> tuple[torch.Tensor, dict | None]:
         """Step one parameter with its current gradient, without a host synchronisation (the
         layer-wise mode, ``distributed/layerwise.py``): the one step path for one bucket of one
-        parameter. A non-finite gradient is caught on the device: the parameter and its state are
-        left as they were (``torch.where``), and the returned 0-d bool ``finite`` tells the caller, who
-        reads every parameter's flag in one transfer and then calls :meth:`undo_step` for the
-        non-finite ones. Returns (finite, the state before a refresh made at this step, or None)."""
+        parameter (on an FSDP2 shard: this rank's rows, with the bucket's collectives). A non-finite
+        gradient is caught on the device: the parameter and its state are left as they were
+        (``torch.where``), and the returned 0-d bool ``finite`` tells the caller, who reads every
+        parameter's flag in one transfer and then calls :meth:`undo_step` for the non-finite ones.
+        Returns (finite, the state before a refresh made at this step, or None)."""
         group, index, ordinal, name = self.locate(param)
         check_dense(param.grad, name)
-        if shards.is_distributed_tensor(param):
-            raise ValueError(f"parameter {name!r} is FSDP2-sharded: the layer-wise mode steps whole parameters "
-                             "in backward hooks and does not support FSDP2; use the ordinary step")
         plan = self.plan(group)
-        grad, guard = finiteness.one_parameter(param, param.grad.neg() if plan.values.maximize else param.grad, flagged)
-        part = GroupWork(group, plan, [Item(ordinal, index, param, grad, name)])
+        item = self._item(plan, (ordinal, index), param, name)
+        item.grad, guard = finiteness.one_parameter(param, item.grad, flagged, item.shard)
+        part = GroupWork(group, plan, [item])
         if part.plan.units is None:
             plain_step(part.plan, part.items, self.state, learning_rate(group), guard.keep)
             return guard.keep, None

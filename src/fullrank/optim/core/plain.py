@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..base import shards
 from ..base.counters import STEP, advance
 from ..units import adam as inner_adam
 from ..units.adam import AdamTensors
@@ -30,7 +31,7 @@ def plain_step(plan: GroupPlan, items: list[Item], states, lr: float, keep: torc
         state = states[item.param]
         if not state:
             state[STEP] = 0
-            plan.store.zeros(state, item.weight.shape, item.weight)
+            plan.store.zeros(state, item.weight.shape, item.weight, shards.state_split(item.shard, None))
         state[STEP] += 1
     chunked = [states[item.param][EXP_AVG].dtype == torch.uint8 or not plan.writer(item.weight.dtype).in_place
                for item in items]
@@ -66,7 +67,8 @@ def _chunked_step(plan: GroupPlan, item: Item, state: dict, lr: float, keep: tor
     working set is one chunk, whatever the parameter's size (an embedding of LLaMA-7B: 131M values)."""
     quantized = state[EXP_AVG].dtype == torch.uint8
     writer = plan.writer(item.weight.dtype)
-    generators = writer.generators(plan.values.seed, [item.ordinal], [state[STEP]], item.weight.device)
+    generators = writer.generators(plan.values.seed, [item.ordinal], [state[STEP]], item.weight.device,
+                                   [0 if item.shard is None else item.shard.row_offset])
     work = item.weight if item.weight.is_contiguous() else item.weight.contiguous()
     flat_weight, flat_grad = work.view(-1), item.grad.reshape(-1)
     for span in chunk_spans(flat_weight.numel()):

@@ -63,15 +63,18 @@ def due_subspaces(plan: GroupPlan, items: list[Item], states, flagged: set[int],
 
 def sharded_subspaces(plan: GroupPlan, pairs: list, geometry: tuple) -> list[NewSubspace]:
     """The refresh of FSDP2 row-sharded matrices of one ``geometry`` (shape, side, warm;
-    ``base/shards.py``): the due matrices are dealt round-robin to owner ranks and each is gathered
-    whole to its owner; the owners run the unsharded refresh on their matrices at the same time (the
-    SVD work is split w ways), then each broadcasts its new P or Q (and the ranks). An owner holds its
-    share of the due gradients whole meanwhile. Returns the whole new bases on every rank."""
+    ``base/shards.py``): the due matrices are dealt round-robin to owner ranks, the first to rank
+    ``ordinal % w`` (a layer-wise refresh of one matrix), and each is gathered whole to its owner; the
+    owners run the unsharded refresh on their matrices at the same time (the SVD work is split w
+    ways), then each broadcasts its new P or Q (and the ranks). An owner holds its share of the due
+    gradients whole meanwhile. Returns the whole new bases on every rank."""
     shape, side, warm = geometry
     shard = pairs[0][0].shard
     shards.BucketShard(shard, side)  # refuses what cannot be sharded, before any collective
     grads = stack([item.grad for item, _ in pairs])
-    dealt = [(owner, positions) for owner, positions in enumerate(shards.deal(len(pairs), shard.world)) if positions]
+    first = pairs[0][0].ordinal % shard.world
+    dealt = [(owner, positions) for owner, positions in enumerate(shards.deal(len(pairs), shard.world, first))
+             if positions]
     whole = old = None
     for owner, positions in dealt:  # 1. the gradients (a warm left refresh: and the previous P) to their owners
         gathered = shards.gather_rows(grads[positions], shard, owner)

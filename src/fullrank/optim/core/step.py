@@ -102,17 +102,19 @@ def bucket_input(plan: GroupPlan, members: list[Item], member_states: list[dict]
     masks the step on the device, zeroed), P stacked on its ``side``, the moments the store lends, and
     the stepped units' state."""
     keep, single = guard.keep, len(members) == 1
+    weight = members[0].weight
+    writer = plan.writer(weight.dtype)
     grads = members[0].grad.unsqueeze(0) if single else torch.stack([i.grad for i in members])
     if guard.zero_grads:  # (the view of one matrix is the caller's gradient: copied, never written)
         grads = torch.where(keep, grads, 0) if single else grads.masked_fill_(keep.logical_not(), 0)
+    elif single and keep is None and not writer.in_place:  # the update is assembled in the stack: not in param.grad
+        grads = grads.clone()
     shard = None if members[0].shard is None else shards.BucketShard(members[0].shard, side)
     projection = plan.units.projector.stacked(plan.values, members, member_states, side)
     exp_avgs, exp_avg_sqs = plan.store.load(member_states)
     unit_state = _stacked_unit_state(plan.units.stepped(), members, member_states)
-    weight = members[0].weight
-    writer = plan.writer(weight.dtype)
-    generators = writer.generators(plan.values.seed, [i.ordinal for i in members],
-                                   [s[STEP] for s in member_states], weight.device)
+    generators = writer.generators(plan.values.seed, [i.ordinal for i in members], [s[STEP] for s in member_states],
+                                   weight.device, [0 if i.shard is None else i.shard.row_offset for i in members])
     return BucketInput(params=[i.weight for i in members], grads=grads, projection=projection, exp_avgs=exp_avgs,
                        exp_avg_sqs=exp_avg_sqs, adam_steps=[s[ADAM_STEP] for s in member_states],
                        grad_norms=[guard.grad_norms.get(id(i.param)) for i in members], unit_state=unit_state,

@@ -16,6 +16,7 @@ import torch
 
 from ..base import shards
 from ..base.units import policies
+from ..units.adam import as_mask
 from ..units.moments import EXP_AVG
 from ..units.projection import low_rank_shape, projection_side
 from ..units.projectors import PROJ_LEFT, PROJ_RIGHT, PROJ_SEED
@@ -59,7 +60,7 @@ def write_energy(plan, captured: list, grad_norms: dict, states, keep: torch.Ten
     beta = plan.values.refresh_beta
     if all(CAPTURED_ENERGY in s for s in member_states):
         averages = [s[CAPTURED_ENERGY] for s in member_states]
-        weight = 1.0 - beta if keep is None else keep * (1.0 - beta)
+        weight = 1.0 - beta if keep is None else as_mask(keep, energy) * (1.0 - beta)
         stacked = torch.stack(averages).lerp_(energy, weight)
         torch._foreach_copy_(averages, list(stacked.unbind(0)))
         return
@@ -101,11 +102,12 @@ def _install(plan, new) -> None:
                     rotations = (shards.all_reduce_(left.T @ old, shard.group), None)
         else:
             low_shape = torch.Size((shard.rows, low_shape[1]))
+    split = shards.state_split(shard, side)
     if EXP_AVG not in state:
-        plan.store.zeros(state, low_shape, item.grad)
+        plan.store.zeros(state, low_shape, item.grad, split)
     else:
         switch_moments_(state, values.on_switch, left, right, low_shape,
-                        MomentCarry(plan.store, item.grad, values.betas, rotations))
+                        MomentCarry(plan.store, item.grad, values.betas, rotations, split))
     for key, value in ((PROJ_LEFT, left), (PROJ_RIGHT, right), (PROJ_SEED, seed)):
         if value is None:
             state.pop(key, None)

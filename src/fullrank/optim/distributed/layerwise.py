@@ -16,7 +16,26 @@ step in one transfer, takes the masked parameters' counters (and any refresh) ba
 cannot be atomic: the parameters whose gradients arrived before a non-finite one were updated.
 
 Under DDP the gradients are averaged by the reducer after the hooks would fire, so the mode refuses
-a model wrapped in ``DistributedDataParallel``, and for the same reason an FSDP2-sharded one.
+a model wrapped in ``DistributedDataParallel``.
+
+**FSDP2** (``fully_shard``; GaLore 2's fused step): FSDP2 calls a sharded parameter's
+post-accumulate-grad hooks right after its reduce-scatter (``foreach_reduce``), so each parameter is
+stepped on this rank's rows as soon as its gradient shard exists, and the set of gradient shards is
+never alive at once. The step is ``SubspaceAdamW.step_parameter`` with the collectives of
+``base/shards.py`` for one matrix: per parameter and step, one all-reduce of one scalar (‖G‖², the
+finiteness flag), one per scalar norm the rule takes and, for a left projection, a reduce-scatter of
+r·n and an all-gather of (r+1)·n; at a refresh, a gather of the gradient to rank ``ordinal % w`` and
+a broadcast of the new P or Q; ``step()`` adds one all-reduce of one flag per parameter. The collectives are issued from the hooks in hook
+order: FSDP2 fires them in the order of its reduce-scatters, the same on every rank (its own
+collectives must match), for the parameters it reduce-scatters: those with a gradient — where that
+differs between ranks (a parameter used on some ranks only), FSDP2's own reduce-scatters need
+``set_reduce_scatter_unused_params(True)``, which reduce-scatters a zero gradient for the others —
+so every rank fires the same hooks and issues the same collectives in the same order (a frozen
+parameter has no hook). Without a gradient sync (``set_requires_gradient_sync(False)``) FSDP2
+reduce-scatters nothing and no hook fires: accumulate micro-batches that way, with
+``accumulation_steps=1`` (a larger one is refused on a sharded model, since the hook fires once per
+reduce-scatter, not once per backward). Global gradient clipping cannot run layer-wise (it needs
+every gradient before the first update).
 
 torch.optim conventions: ``add_param_group`` validates the group through the inner optimizer and
 hooks its parameters (unfreeze a layer, set ``requires_grad``, add its group); the state-dict and
@@ -32,6 +51,7 @@ import warnings
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
@@ -54,9 +74,6 @@ class LayerwiseOptimizer(Optimizer):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise ValueError("layerwise: not supported under DistributedDataParallel (the hooks would see "
                              "un-averaged gradients); train without --layerwise or on one process")
-        if any(shards.is_distributed_tensor(p) for p in model.parameters()):
-            raise ValueError("layerwise: not supported on FSDP2-sharded models (a parameter's gradient is "
-                             "reduce-scattered after its hook would fire); train without --layerwise")
         if not isinstance(optimizer, SubspaceAdamW):
             raise TypeError(f"layerwise needs a fullrank SubspaceAdamW (any preset; for AdamW use "
                             f"fullrank.SubspaceAdamW on groups without 'rank'), got {type(optimizer).__name__}")
@@ -72,6 +89,7 @@ class LayerwiseOptimizer(Optimizer):
         if missing:
             raise ValueError(f"layerwise: {missing} trainable parameters of model are in no group")
         self.optimizer = optimizer
+        self._group = _shard_group(optimizer, params, accumulation_steps)
         self._adopting = True  # Optimizer.__init__ calls add_param_group for the groups the optimizer has already
         super().__init__(optimizer.param_groups, optimizer.defaults)
         del self._adopting
@@ -107,11 +125,10 @@ class LayerwiseOptimizer(Optimizer):
                     raise ValueError(f"add_param_group: parameter {name!r} does not require grad (or is not a leaf "
                                      "tensor); a layer-wise step runs from its gradient hook: set requires_grad=True "
                                      "on it before adding its group")
-                if shards.is_distributed_tensor(param):
-                    raise ValueError(f"add_param_group: parameter {name!r} is FSDP2-sharded; the layer-wise mode "
-                                     "does not support FSDP2")
+            self._group = _shard_group(self.optimizer, params, self.accumulation_steps, self._group)
         except ValueError:
             groups.pop()
+            self.optimizer.forget_caches()
             raise
         for param in params:
             self._backward_passes[param] = 0
@@ -138,6 +155,7 @@ class LayerwiseOptimizer(Optimizer):
                               "param_groups": optimizer.param_groups, "state": optimizer.state,
                               "accumulation_steps": state["accumulation_steps"]})
         self._backward_passes = dict(state["backward_passes"])
+        self._group = _shard_group(optimizer, list(self._backward_passes), self.accumulation_steps)
         self._pending = list(state["pending"])
         self._flagged = {id(p) for p in state["flagged"]}
         self._hooked = state["hooked"]
@@ -147,7 +165,13 @@ class LayerwiseOptimizer(Optimizer):
     @torch.compiler.disable
     def _hook(self, param: torch.Tensor) -> None:
         """Step ``param`` once its gradient is complete. Runs eagerly under ``torch.compile`` (Dynamo
-        would otherwise trace the hook inside a compiled training step and lose ``param.grad``)."""
+        would otherwise trace the hook inside a compiled training step and lose ``param.grad``).
+
+        On an FSDP2 shard FSDP2 calls this from ``foreach_reduce`` right after the reduce-scatter of
+        the parameter's unit, for the unit's parameters in order; the units reduce-scatter in the same
+        order on every rank (FSDP2's own collectives depend on it), so the collectives the step issues
+        here (``base/shards.py``) come in the same order on every rank too. On a GPU the hook runs on
+        FSDP2's reduce-scatter stream, which the default stream waits for at the end of backward."""
         if param.grad is None:  # nothing accumulated (a hook fired by another backward's bookkeeping)
             return
         self._backward_passes[param] += 1
@@ -169,12 +193,7 @@ class LayerwiseOptimizer(Optimizer):
                                "have backward hooks; add groups with LayerwiseOptimizer.add_param_group, not "
                                "through the inner optimizer")
         pending, self._pending = self._pending, []
-        converged = self._converged_flags()
-        flags = [finite for _, finite, _ in pending] + [flag for _, flag in converged]
-        read = (host.read(torch.stack([f.reshape(()).to(flags[0].device) for f in flags]),
-                          [True] * len(pending) + [False] * len(converged)) if flags else [])
-        finite, hits = read[:len(pending)], read[len(pending):]
-        self._flagged = {id(p) for (p, _), hit in zip(converged, hits) if hit}
+        finite = self._read_flags([finite for _, finite, _ in pending])
         bad = [(param, before) for (param, _, before), ok in zip(pending, finite) if not ok]
         for param, before in bad:
             self.optimizer.undo_step(param, before)
@@ -187,6 +206,27 @@ class LayerwiseOptimizer(Optimizer):
                     "nonfinite='skip' to skip such parameters instead.")
             self.optimizer.skipped_steps += 1
         return loss
+
+    def _read_flags(self, finite: list[torch.Tensor]) -> list[bool]:
+        """Read the given finiteness flags and every matrix's convergence flag in one transfer (on FSDP2
+        shards after one all-reduce, MAX of "non-finite" and of "converged", so that every rank undoes,
+        raises, skips and refreshes alike); keeps the converged matrices for the next step's hooks and
+        returns the finiteness flags."""
+        converged = self._converged_flags()
+        flags = [f.logical_not() for f in finite] + [flag for _, flag in converged]
+        read = []
+        if flags:
+            stacked = torch.stack([f.reshape(()).to(flags[0].device) for f in flags])
+            if self._group is not None:
+                stacked = shards.all_reduce_(stacked.to(torch.int32), self._group, op=dist.ReduceOp.MAX)
+            read = host.read(stacked, [False] * len(flags))
+        self._flagged = {id(p) for (p, _), hit in zip(converged, read[len(finite):]) if hit}
+        return [not bad for bad in read[:len(finite)]]
+
+    def after_load(self) -> None:
+        """Read the loaded state's convergence flags (the next step's hooks refresh those matrices, as
+        the ordinary step would at its start): called by :meth:`load_state_dict` and the DCP loader."""
+        self._read_flags([])
 
     def _converged_flags(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         flags = []
@@ -245,6 +285,7 @@ class LayerwiseOptimizer(Optimizer):
         self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state  # new objects
         for param, count in zip(self._backward_passes, passes or []):
             self._backward_passes[param] = int(count)
+        self.after_load()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -254,6 +295,26 @@ class LayerwiseOptimizer(Optimizer):
             handle.remove()
         self._handles = []
         self._hooked = False
+
+
+def _shard_group(optimizer: SubspaceAdamW, params: list, accumulation_steps: int, known=None):
+    """The process group of the FSDP2-sharded ``params`` (``known``, or None when none is sharded),
+    each checked as the ordinary step would (``shards.row_shard``). Refuses sharded parameters on
+    two meshes and ``accumulation_steps > 1`` (see the module doc)."""
+    sharded = [p for p in params if shards.is_distributed_tensor(p)]
+    for param in sharded:
+        name = optimizer.locate(param)[3]
+        group = shards.row_shard(param, name).group
+        if known is not None and group is not known:
+            raise ValueError(f"layerwise: parameter {name!r} is sharded over another process group than the other "
+                             "sharded parameters; the layer-wise mode steps the parameters of one FSDP2 mesh")
+        known = group
+    if sharded and accumulation_steps > 1:
+        raise ValueError(f"layerwise: accumulation_steps={accumulation_steps} on an FSDP2-sharded model: FSDP2 fires "
+                         "a parameter's hook once per reduce-scatter, not once per backward; use accumulation_steps=1 "
+                         "and call model.set_requires_gradient_sync(False) before every micro-batch but the last "
+                         "(FSDP2 then reduce-scatters, and the hooks step, once per optimizer step)")
+    return known
 
 
 def _from_per_parameter(saved: dict, optimizer: SubspaceAdamW) -> dict:

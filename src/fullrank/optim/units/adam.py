@@ -83,6 +83,12 @@ def step_factors(steps: list, adam: AdamOptions) -> list:
     return [c2 / c1 for c1, c2 in zip(bc1, sqrt_bc2)]
 
 
+def as_mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The 0-d bool ``keep`` as 1.0/0.0 at the precision ``like``'s arithmetic runs in (≥ fp32): a
+    product of the bool with a Python float would be fp32, short of an fp64 step's constants."""
+    return keep.to(torch.promote_types(like.dtype, torch.float32))
+
+
 def update_moments_(exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], grads: list[torch.Tensor],
                     adam: AdamOptions, *, foreach: bool, keep: torch.Tensor | None = None) -> None:
     """M ← β1·M + (1 − β1)·R and V ← β2·V + (1 − β2)·R², in place (``keep``: a 0-d bool, R zero
@@ -91,9 +97,10 @@ def update_moments_(exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor
         return
     beta1, beta2 = adam.beta1, adam.beta2
     if keep is not None:
-        weight = (keep * (1.0 - beta1)).to(exp_avgs[0].dtype)  # (a list: no overload that reads it on the host)
+        kept = as_mask(keep, exp_avgs[0])
+        weight = (kept * (1.0 - beta1)).to(exp_avgs[0].dtype)  # (a list: no overload that reads it on the host)
         torch._foreach_lerp_(exp_avgs, grads, [weight] * len(exp_avgs))
-        torch._foreach_mul_(exp_avg_sqs, torch.where(keep, beta2, 1.0))
+        torch._foreach_mul_(exp_avg_sqs, torch.where(keep, kept.new_full((), beta2), 1.0))
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
         return
     if foreach:
@@ -188,13 +195,14 @@ def _transformers_adamw_(batch: AdamTensors, adam: AdamOptions, lr, foreach: boo
 def _masked_adamw_(batch: AdamTensors, adam: AdamOptions, lr, keep: torch.Tensor) -> None:
     """:func:`adamw_` in torch's convention masked by ``keep`` (see there), without a host read; the
     steps are ints or 0-d device tensors."""
+    kept = as_mask(keep, batch.params[0])
     if adam.weight_decay != 0.0:
-        torch._foreach_mul_(batch.params, torch.where(keep, 1.0 - lr * adam.weight_decay, 1.0))
+        torch._foreach_mul_(batch.params, torch.where(keep, kept.new_full((), 1.0 - lr * adam.weight_decay), 1.0))
     update_moments_(batch.exp_avgs, batch.exp_avg_sqs, batch.grads, adam, foreach=True, keep=keep)
     bc1, sqrt_bc2 = _bias_corrections(batch.steps, adam.beta1, adam.beta2)
     denom = denominators(batch.exp_avg_sqs, sqrt_bc2, adam.eps, foreach=True)
     updates = torch._foreach_div(batch.exp_avgs, denom)
-    torch._foreach_mul_(updates, [-lr * keep / c for c in bc1])
+    torch._foreach_mul_(updates, [-lr * kept / c for c in bc1])
     torch._foreach_add_(batch.params, updates)
 
 
@@ -251,4 +259,4 @@ def masked_adamw_(batch: AdamTensors, adam: AdamOptions, lr, keep: torch.Tensor)
     size = lr * step_factors([step], adam)[0]
     param.addcdiv_(exp_avg * keep, denom, value=-size)
     if adam.weight_decay != 0.0:
-        param.mul_(torch.where(keep, 1.0 - lr * adam.weight_decay, 1.0))
+        param.mul_(torch.where(keep, as_mask(keep, param).new_full((), 1.0 - lr * adam.weight_decay), 1.0))

@@ -14,12 +14,17 @@ updated in place), runs Adam on them (eq. 4–5), and hands them back with ``sav
              and quantized back, so the fp32 temporaries are those of one bucket (plain parameters
              are stepped in chunks of ``CHUNK_ELEMENTS``). Tensors of fewer than
              ``MIN_8BIT_ELEMENTS`` values stay at the parameter's precision, as in bitsandbytes.
+             On FSDP2 shards each rank quantizes its share in blocks of its own flat layout; the
+             size test is of the whole tensor (``split``: the dim and whole size the share is cut
+             from), so every rank, and the unsharded run, decide alike.
 
 A store's state keys: ``exp_avg``/``exp_avg_sq`` (uint8 for 8-bit, the low-rank shape kept) and, for
 8-bit, ``exp_avg_absmax``/``exp_avg_sq_absmax`` (fp32, one per block). The low-rank shape of a
 projected matrix (and so its rank) is read through :func:`low_shape`, never from a tensor elsewhere.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -39,6 +44,15 @@ def chunk_spans(numel: int) -> list[slice]:
     return [slice(k, min(k + CHUNK_ELEMENTS, numel)) for k in range(0, numel, CHUNK_ELEMENTS)]
 
 
+def whole_numel(shape, split: tuple[int, int] | None) -> int:
+    """Values of the whole tensor of which ``shape`` is this rank's share, ``split`` = (dim, whole
+    size) on FSDP2 shards (``base/shards.state_split``); None: ``shape`` is whole."""
+    if split is None:
+        return math.prod(shape)
+    dim, size = split
+    return math.prod(s for k, s in enumerate(shape) if k != dim) * size
+
+
 def low_shape(state: dict) -> torch.Size | None:
     """The shape of a projected matrix's moments (r×n, m×r or r×r), None before its first refresh."""
     moment = state.get(EXP_AVG)
@@ -56,8 +70,8 @@ class MomentStore(Unit):
 
     name = "32bit"
 
-    def zeros(self, state: dict, shape: torch.Size, like: torch.Tensor) -> None:
-        """Allocate zero moments of ``shape`` for a parameter like ``like``."""
+    def zeros(self, state: dict, shape: torch.Size, like: torch.Tensor, split: tuple[int, int] | None = None) -> None:
+        """Allocate zero moments of ``shape`` for a parameter like ``like`` (``split``: see :func:`whole_numel`)."""
         new_moments(state, shape, like)
 
     def load(self, states: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -68,11 +82,12 @@ class MomentStore(Unit):
         """Store the working tensors back (``keep``, a 0-d bool: when false the stored moments stay
         as they were). In place here: nothing to do."""
 
-    def replace(self, state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    def replace(self, state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                split: tuple[int, int] | None = None) -> None:
         """Store new working moments of any shape (a subspace switch re-projected them)."""
         state[EXP_AVG], state[EXP_AVG_SQ] = exp_avg, exp_avg_sq
 
-    def adopt(self, state: dict, param: torch.Tensor) -> None:
+    def adopt(self, state: dict, param: torch.Tensor, split: tuple[int, int] | None = None) -> None:
         """Bring loaded moments saved by another store to this one (a resume that changes ``states``)."""
         if EXP_AVG in state and state[EXP_AVG].dtype == torch.uint8:
             exp_avgs, exp_avg_sqs = STORE_REGISTRY.get("8bit").load([state])
@@ -111,14 +126,13 @@ class Blockwise8bit(MomentStore):
     def quantized(state: dict) -> bool:
         return state[EXP_AVG].dtype == torch.uint8
 
-    def zeros(self, state, shape, like):
+    def zeros(self, state, shape, like, split=None):
         for key in ABSMAX_KEYS.values():
             state.pop(key, None)
-        numel = torch.Size(shape).numel()
-        if numel < MIN_8BIT_ELEMENTS:
+        if whole_numel(shape, split) < MIN_8BIT_ELEMENTS:
             new_moments(state, shape, like)
             return
-        blocks = -(-numel // BLOCK)
+        blocks = -(-torch.Size(shape).numel() // BLOCK)
         for key, absmax_key in ABSMAX_KEYS.items():
             state[key] = torch.zeros(shape, dtype=torch.uint8, device=like.device)
             state[absmax_key] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
@@ -151,6 +165,11 @@ class Blockwise8bit(MomentStore):
         quantized.copy_(torch.where(keep, new, quantized))
         absmax.copy_(torch.where(keep, new_state.absmax, absmax))
 
+    def dequantize(self, quantized: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+        """fp32 values of one quantized tensor and its block maxima (M: ``signed``; a checkpoint's share
+        of another number of ranks, ``distributed/checkpoint.py``)."""
+        return self._dequantize({EXP_AVG: quantized, EXP_AVG_ABSMAX: absmax}, EXP_AVG, signed)
+
     def load(self, states):
         exp_avgs, exp_avg_sqs = [], []
         for s in states:
@@ -168,18 +187,18 @@ class Blockwise8bit(MomentStore):
                 self._quantize(s, EXP_AVG, True, m, keep)
                 self._quantize(s, EXP_AVG_SQ, False, v, keep)
 
-    def replace(self, state, exp_avg, exp_avg_sq):
-        self.zeros(state, exp_avg.shape, exp_avg)  # (below MIN_8BIT_ELEMENTS: full precision)
+    def replace(self, state, exp_avg, exp_avg_sq, split=None):
+        self.zeros(state, exp_avg.shape, exp_avg, split)  # (below MIN_8BIT_ELEMENTS: full precision)
         if self.quantized(state):
             self._quantize(state, EXP_AVG, True, exp_avg)
             self._quantize(state, EXP_AVG_SQ, False, exp_avg_sq)
         else:
             super().replace(state, exp_avg, exp_avg_sq)
 
-    def adopt(self, state, param):
+    def adopt(self, state, param, split=None):
         moment = state.get(EXP_AVG)
-        if moment is not None and moment.dtype != torch.uint8 and moment.numel() >= MIN_8BIT_ELEMENTS:
-            self.replace(state, moment.float(), state[EXP_AVG_SQ].float())
+        if moment is not None and moment.dtype != torch.uint8 and whole_numel(moment.shape, split) >= MIN_8BIT_ELEMENTS:
+            self.replace(state, moment.float(), state[EXP_AVG_SQ].float(), split)
 
     def load_span(self, state: dict, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (M, V) of one chunk of a plain parameter's quantized moments."""

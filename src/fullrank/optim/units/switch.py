@@ -68,13 +68,15 @@ OPTIONS = SWITCH_POLICY.options
 class MomentCarry:
     """How the moments are carried: ``store`` where they live (``moments.py``), ``like`` a tensor of the
     parameter's dtype and device (new moments; default the moments'), Adam's ``betas`` (``ldadam``),
-    and ``rotations`` (Q_left, Q_right) when the caller computed them (a sharded P: the sum over the
-    ranks' rows)."""
+    ``rotations`` (Q_left, Q_right) when the caller computed them (a sharded P: the sum over the
+    ranks' rows), and ``split``, the (dim, whole size) a sharded rank's moments are cut from
+    (``moments.whole_numel``)."""
 
     store: MomentStore | None = None
     like: torch.Tensor | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     rotations: tuple | None = None
+    split: tuple[int, int] | None = None
 
 
 def _rotations(
@@ -114,8 +116,8 @@ def switch_moments_(state: dict, policy: str, new_left: torch.Tensor | None, new
             exp_avg_sq = (variance + rotated_mean.square()).abs_().mul_(bc2)
         else:
             exp_avg_sq = project_back(exp_avg_sq, sq_left, sq_right).clamp_min_(0.0)
-        store.replace(state, project_back(exp_avg, q_left, q_right), exp_avg_sq)
+        store.replace(state, project_back(exp_avg, q_left, q_right), exp_avg_sq, carry.split)
         return
     if policy == "reset" or low_shape_of(state) != low_shape:
-        store.zeros(state, low_shape, state[EXP_AVG] if carry.like is None else carry.like)
+        store.zeros(state, low_shape, state[EXP_AVG] if carry.like is None else carry.like, carry.split)
         state[ADAM_STEP] = 0

@@ -11,9 +11,10 @@ moment stores, chosen by the weights' dtype and ``stochastic_rounding``.
                   "Revisiting BFloat16 Training"): the update survives in expectation. A bf16 value is
                   the top 16 bits of an fp32 one, so the rounding adds a uniform random integer in
                   [0, 2¹⁶) to the fp32 bits and truncates them, on the device. The random bits come
-                  from a generator seeded by (``seed``, the parameter's position, its step): a resumed
-                  run draws the same numbers. The fp32 working copy is one bucket's weights (or one
-                  chunk of a plain parameter's).
+                  from a generator seeded by (``seed``, the parameter's position, its step, and on
+                  FSDP2 shards the rank's row offset, so that the ranks do not reuse one stream): a
+                  resumed run draws the same numbers. The fp32 working copy is one bucket's weights
+                  (or one chunk of a plain parameter's).
 
 A writer takes an update in one of two forms: :class:`FactoredUpdate` (one matrix, the update left as
 its terms: two passes over W, no m×n temporary) or a stack of whole updates (:meth:`write_stack`).
@@ -28,7 +29,7 @@ import torch
 
 from ..base.seeds import projection_seed
 from ..base.units import Registry, Unit
-from .adam import per_matrix
+from .adam import as_mask, per_matrix
 from .projection import add_projected_back_
 
 _ROUNDING_STREAM = 0x5EED  # keeps the rounding's random stream apart from the projections' (same seed)
@@ -65,8 +66,10 @@ class WeightWriter(Unit):
     def accepts(self, dtype: torch.dtype, stochastic_rounding: bool) -> bool:
         return True
 
-    def generators(self, seed: int, ordinals: list[int], steps: list, device: torch.device) -> list | None:
-        """The writer's random generators for these matrices at these steps (None: it draws nothing)."""
+    def generators(self, seed: int, ordinals: list[int], steps: list, device: torch.device,
+                   row_offsets: list[int] | None = None) -> list | None:
+        """The writer's random generators for these matrices at these steps, ``row_offsets`` where each
+        rank's rows start (FSDP2 shards; None: whole matrices). None: the writer draws nothing."""
         return None
 
     def working_copy(self, weight: torch.Tensor) -> torch.Tensor:
@@ -101,6 +104,8 @@ class WeightWriter(Unit):
         elif keep is not None:
             update.mul_(keep)
         if isinstance(decay, torch.Tensor) or decay != 1.0:
+            if keep is not None and not isinstance(decay, torch.Tensor):  # at the weights' arithmetic's precision
+                decay = as_mask(keep, params[0]).new_full((), decay)
             torch._foreach_mul_(params, decay if keep is None else torch.where(keep, decay, 1.0))
         torch._foreach_add_(params, list(update.unbind(0)), alpha=-step_size)
 
@@ -114,10 +119,13 @@ class StochasticRounding(WeightWriter):
     def accepts(self, dtype, stochastic_rounding):
         return stochastic_rounding and dtype == torch.bfloat16
 
-    def generators(self, seed, ordinals, steps, device):
-        """One generator per matrix, seeded by (``seed``, its ordinal, its step) on a stream of its own."""
-        return [torch.Generator(device=device).manual_seed(projection_seed(seed + _ROUNDING_STREAM, ordinal, step))
-                for ordinal, step in zip(ordinals, steps)]
+    def generators(self, seed, ordinals, steps, device, row_offsets=None):
+        """One generator per matrix, seeded by (``seed``, its ordinal, its step) on a stream of its own,
+        moved by the shard's row offset (0 for a whole matrix: the unsharded stream)."""
+        offsets = row_offsets or [0] * len(ordinals)
+        return [torch.Generator(device=device).manual_seed(
+                    projection_seed(seed + _ROUNDING_STREAM + offset, ordinal, step))
+                for ordinal, step, offset in zip(ordinals, steps, offsets)]
 
     def working_copy(self, weight):
         return weight.float()
