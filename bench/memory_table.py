@@ -3,6 +3,11 @@
 
     PYTHONPATH=src python bench/memory_table.py            # bench/results/memory_7b.json + the plot
     PYTHONPATH=src python bench/memory_table.py --plot-only
+    PYTHONPATH=src python bench/memory_table.py --nproc 1 2 4 8   # bench/results/memory_nproc.json
+
+``--nproc``: the per-rank peaks of FSDP2 steps (``fullrank memory --fsdp --nproc N``, rank 0 traced)
+of LLaMA-7B, 13B and 70B on each number of ranks, AdamW beside Fira, with the wall time of each
+trace, and the project's goal commands (reported as refused where the engine refuses them today).
 
 Every row is seq 256, batch 1 (one GaLore row: batch 16), traced on fake tensors (nothing is allocated). GaLore's README
 measured its recipe (LLaMA-7B on a 24 GB RTX 4090: bf16 weights, 8-bit states, per-layer updates,
@@ -46,6 +51,34 @@ ROWS = [  # (label, model, trace settings)
 ]
 
 
+NPROC_RESULTS = ROOT / "bench" / "results" / "memory_nproc.json"
+NPROC_MODELS = ("llama_7b", "llama_13b", "llama_70b")
+BF16 = dict(weights="bf16")
+LOW = dict(weights="bf16-sr", states="8bit", layerwise=True)  # bf16 + stochastic rounding, 8-bit states, layer-wise
+NPROC_ROWS = [  # (label, trace settings): seq 256, batch 1 per rank, FSDP2
+    ("AdamW (bf16)", dict(method="adamw", **BF16)),
+    ("Fira r 128 (bf16)", dict(method="fira", rank=128, **BF16)),
+    ("Fira r 256 (bf16)", dict(method="fira", rank=256, **BF16)),
+    ("AdamW (bf16), checkpointing", dict(method="adamw", activation_checkpointing=True, **BF16)),
+    ("AdamW (fp32 master)", dict(method="adamw", weights="fp32")),
+    ("Fira r 128 (fp32 master)", dict(method="fira", rank=128, weights="fp32")),
+    ("AdamW 8-bit (bf16)", dict(method="adamw8bit", **BF16)),
+    ("Fira r 128, bf16-sr, 8-bit, layer-wise", dict(method="fira", rank=128, **LOW)),
+    ("Fira r 128, bf16-sr, 8-bit, layer-wise, checkpointing",
+     dict(method="fira", rank=128, activation_checkpointing=True, **LOW)),
+    ("Fira r 256, bf16-sr, 8-bit, layer-wise, checkpointing",
+     dict(method="fira", rank=256, activation_checkpointing=True, **LOW)),
+]
+GOALS = [  # (label, model, settings, ranks, per-rank target GiB)
+    ("goal: 7B, Fira r 128, bf16-sr, 8-bit, layer-wise, 8 ranks <= 4 GiB", "llama_7b",
+     dict(method="fira", rank=128, **LOW), 8, 4.0),
+    ("goal, with activation checkpointing", "llama_7b",
+     dict(method="fira", rank=128, activation_checkpointing=True, **LOW), 8, 4.0),
+    ("moonshot: 70B full-parameter pre-training, 8 ranks <= 22 GiB", "llama_70b",
+     dict(method="fira", rank=128, activation_checkpointing=True, **LOW), 8, 22.0),
+]
+
+
 def command(model: str, settings: dict) -> str:
     """The ``fullrank memory`` command of a row."""
     parts = ["fullrank memory", f"--model {model}", f"--method {settings['method']}"]
@@ -55,7 +88,66 @@ def command(model: str, settings: dict) -> str:
     parts += [f"--states {settings['states']}"] if settings.get("states", "32bit") != "32bit" else []
     parts += ["--layerwise"] if settings.get("layerwise") else []
     parts += ["--activation-checkpointing"] if settings.get("activation_checkpointing") else []
+    parts += [f"--fsdp --nproc {settings['nproc']}"] if settings.get("fsdp") else []
     return " ".join(parts)
+
+
+def run_nproc(models, counts, goals=True) -> list[dict]:
+    """Every NPROC_ROWS setting of every model on every number of ranks (and the GOALS)."""
+    from fullrank.memory import trace
+    from fullrank.train.errors import ConfigError
+
+    jobs = [(label, model, {**settings, "nproc": n, "fsdp": True}, None) for model in models
+            for label, settings in NPROC_ROWS for n in counts]
+    if goals:
+        jobs += [(label, model, {**settings, "nproc": n, "fsdp": True}, target) for label, model, settings, n, target in GOALS]
+    out = []
+    for label, model, settings, target in jobs:
+        row = dict(label=label, model=model, settings=settings, command=command(model, settings))
+        if target is not None:
+            row["target_gib"] = target
+        try:
+            result = trace(model, **{"batch_size": 1, "seq_len": 256, **settings})
+            row.update(peak_bytes=result.peak_bytes, by_category=result.by_category, peak_phase=result.peak_phase,
+                       resident_bytes=result.resident_bytes, seconds=result.seconds)
+            if target is not None:
+                row["met"] = result.peak_bytes <= target * 2**30
+            print(f"{model:<10}{label:<36}{settings['nproc']:>3} ranks {result.peak_bytes / 2**30:8.2f} GiB  "
+                  f"({result.peak_phase}, {result.seconds:.0f} s)", flush=True)
+        except ConfigError as err:
+            row["error"] = str(err)
+            if target is not None:
+                row["met"] = False
+            print(f"{model:<10}{label:<36}{settings['nproc']:>3} ranks    error: {err}", flush=True)
+        out.append(row)
+    return out
+
+
+def nproc_markdown(rows: list[dict], counts) -> str:
+    """Per model and setting, the per-rank peak (GiB) on each number of ranks; then the goals."""
+    head = "| model | setting | " + " | ".join(f"{n} rank{'s' if n > 1 else ''}" for n in counts) + \
+        f" | peak during ({counts[-1]} ranks) | s per trace | command ({counts[-1]} ranks) |"
+    lines = [head, "|---|---|" + "---:|" * len(counts) + "---|---:|---|"]
+    table = [r for r in rows if "target_gib" not in r]
+    keys = list(dict.fromkeys((r["model"], r["label"]) for r in table))
+    for model, label in keys:
+        cells, last = [], None
+        for n in counts:
+            row = next((r for r in table if (r["model"], r["label"]) == (model, label) and r["settings"]["nproc"] == n), None)
+            cells.append("—" if row is None or "peak_bytes" not in row else f"{row['peak_bytes'] / 2**30:.2f}")
+            last = row or last
+        seconds = [r["seconds"] for r in table if (r["model"], r["label"]) == (model, label) and "seconds" in r]
+        phase = last.get("peak_phase", last.get("error", "")) if last else ""
+        took = f"{min(seconds):.0f}–{max(seconds):.0f}" if seconds else "—"
+        lines.append(f"| {model.replace('llama_', '').upper()} | {label} | " + " | ".join(cells) +
+                     f" | {phase} | {took} | `{last['command'] if last else ''}` |")
+    goals = [r for r in rows if "target_gib" in r]
+    if goals:
+        lines += ["", "| goal | per-rank peak GiB | target | met | command |", "|---|---:|---:|---|---|"]
+        for r in goals:
+            peak = f"{r['peak_bytes'] / 2**30:.2f}" if "peak_bytes" in r else f"refused: {r['error']}"
+            lines.append(f"| {r['label']} | {peak} | {r['target_gib']:g} | {'yes' if r['met'] else 'no'} | `{r['command']}` |")
+    return "\n".join(lines)
 
 
 def run_rows(rows) -> list[dict]:
@@ -125,8 +217,16 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved JSON")
-    parser.add_argument("--models", nargs="+", default=["llama_7b", "llama_1b", "llama_350m"])
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="default: llama_7b llama_1b llama_350m, or llama_7b llama_13b llama_70b with --nproc")
+    parser.add_argument("--nproc", nargs="+", type=int, default=None, metavar="N",
+                        help="trace FSDP2 steps on these numbers of ranks instead (writes memory_nproc.json)")
+    parser.add_argument("--no-goals", dest="goals", action="store_false", help="with --nproc: skip the goal commands")
+    parser.add_argument("--output", type=Path, default=None, help="with --nproc: where the JSON goes")
     args = parser.parse_args(argv)
+    if args.nproc:
+        return main_nproc(args, sys.argv[1:] if argv is None else list(argv))
+    args.models = args.models or ["llama_7b", "llama_1b", "llama_350m"]
     if args.plot_only:
         rows = json.loads(RESULTS.read_text())["rows"]
     else:
@@ -152,6 +252,29 @@ def main(argv=None) -> int:
     print(markdown(rows))
     plot(rows, PLOT)
     print(f"wrote {RESULTS} and {PLOT}")
+    return 0
+
+
+def main_nproc(args, argv: list) -> int:
+    import os
+
+    import torch
+
+    counts = sorted(set(args.nproc))
+    if counts[0] < 1:
+        raise SystemExit(f"--nproc: rank counts must be positive integers, got {counts[0]}")
+    models = args.models or list(NPROC_MODELS)
+    start = time.perf_counter()
+    rows = run_nproc(models, counts, goals=args.goals)
+    output = args.output or NPROC_RESULTS
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(dict(
+        command=" ".join(["PYTHONPATH=src python bench/memory_table.py", *argv]), date=time.strftime("%Y-%m-%d"),
+        torch=torch.__version__, threads=torch.get_num_threads(), load_average=os.getloadavg(),
+        wall_s=time.perf_counter() - start, nproc=counts, batch_size=1, seq_len=256, traced_rank=0, rows=rows),
+        indent=2) + "\n")
+    print(nproc_markdown(rows, counts))
+    print(f"wrote {output}")
     return 0
 
 

@@ -33,10 +33,14 @@ from .checkpoint import META
 
 def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool | None = None,
                 mesh=None) -> torch.nn.Module:
-    """``fully_shard`` each decoder layer, then the root (in place). ``bf16`` (default: on a GPU):
-    compute in bf16 from the fp32 sharded weights, reduce gradients in fp32. ``mesh``: the 1-D
-    ``DeviceMesh`` to shard over (default: fully_shard's, every process; ``fullrank memory`` passes
-    the mesh of its fake process group, made outside ``FakeTensorMode``)."""
+    """``fully_shard`` the input embedding, each decoder layer, the final norm with the output layer,
+    then the root (in place), as torchtitan does: the embedding and ``lm_head`` (a 7B model's largest
+    matrices) are then gathered whole only while they compute, not for the whole step. The output
+    unit stays gathered from its forward to its backward, which comes right after. Tied embeddings
+    stay in the root. ``bf16`` (default: on a GPU): compute in bf16 from the sharded weights, reduce
+    gradients in fp32. ``mesh``: the 1-D ``DeviceMesh`` to shard over (default: fully_shard's, every
+    process; ``fullrank memory`` passes the mesh of its fake process group, made outside
+    ``FakeTensorMode``)."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:
@@ -48,8 +52,17 @@ def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool | None 
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ConfigError("--fsdp: the model has no model.layers (a LLaMA-style decoder) to shard")
+    decoder = model.model
+    embedding, norm, output = (getattr(decoder, "embed_tokens", None), getattr(decoder, "norm", None),
+                               getattr(model, "lm_head", None))
+    untied = embedding is not None and output is not None and embedding.weight is not output.weight
+    if untied:
+        fully_shard(embedding, mesh=mesh, mp_policy=policy)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
+    if untied:
+        fully_shard([m for m in (norm, output) if m is not None], mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 

@@ -27,16 +27,23 @@ MODEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "llama_350m": (1024, 2736, 16, 24),
     "llama_1b": (2048, 5461, 32, 24),
     "llama_7b": (4096, 11008, 32, 32),
+    "llama_13b": (5120, 13824, 40, 40),  # LLaMA-2 13B
+    "llama_70b": (8192, 28672, 64, 80),  # LLaMA-2 70B (grouped-query attention: KEY_VALUE_HEADS)
 }
 MODEL_NAMES = tuple(MODEL_SHAPES)
+# key-value heads where they are fewer than the attention heads (grouped-query attention)
+KEY_VALUE_HEADS = {"llama_70b": 8}
 
-# Paper Table 2 (rank / d_model row) and GaLore's 7B run; the CPU presets use d_model / 4.
+# Paper Table 2 (rank / d_model row) and GaLore's 7B run; the CPU presets use d_model / 4. 13B and
+# 70B (no paper run) keep the d_model / 4 of the 60M, 350M, 1B and 7B rows, capped by the smallest
+# projected dimension: 1280, and 1024 for 70B (d_model / 4 = 2048, but its k_proj and v_proj are
+# 1024 x 8192: 8 key-value heads of 128).
 DEFAULT_RANKS = {
     "llama_tiny": 32, "llama_20m": 64, "llama_60m": 128, "llama_130m": 256,
-    "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024,
+    "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024, "llama_13b": 1280, "llama_70b": 1024,
 }
-# Fira's α: 0.25 below 1B parameters, 0.0625 for the 1B and 7B models (paper appendix A.2).
-LARGE_MODELS = ("llama_1b", "llama_7b")
+# Fira's α: 0.25 below 1B parameters, 0.0625 for the 1B and 7B models (paper appendix A.2) and above.
+LARGE_MODELS = ("llama_1b", "llama_7b", "llama_13b", "llama_70b")
 
 
 def model_config(name: str) -> LlamaConfig:
@@ -45,7 +52,7 @@ def model_config(name: str) -> LlamaConfig:
         hidden, inter, heads, layers = MODEL_SHAPES[name]
         return LlamaConfig(
             vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=inter,
-            num_attention_heads=heads, num_key_value_heads=heads, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=KEY_VALUE_HEADS.get(name, heads), num_hidden_layers=layers,
             max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-6, hidden_act="silu",
             initializer_range=0.02, tie_word_embeddings=False, use_cache=False,
             pad_token_id=0, bos_token_id=None, eos_token_id=1,
