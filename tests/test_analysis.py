@@ -273,7 +273,7 @@ def test_spike_logger_reads_the_engine_residual_stats(tmp_path):
 
 
 def test_loop_probes_from_a_config(tmp_path):
-    from types import SimpleNamespace
+    from fullrank.train.config import TrainConfig
 
     from fullrank.train.probes import default_probe_ranks, loop_probes, parse_probe_names, probe_summary
 
@@ -282,20 +282,20 @@ def test_loop_probes_from_a_config(tmp_path):
     assert parse_probe_names("scaling, spikes") == ("scaling", "spikes") and parse_probe_names("") == ()
     with pytest.raises(ValueError, match="probe must be"):
         parse_probe_names("scaling,loss")
-    cfg = SimpleNamespace(probe="scaling,spikes", probe_ranks=[], target_modules=["self_attn", "mlp"],
-                          update_proj_gap=2, beta1=0.9, beta2=0.999, eps=1e-8, seed=0)
+    cfg = TrainConfig.build(dict(probe="scaling,spikes", probe_ranks=[], target_modules=["self_attn", "mlp"],
+                                 update_proj_gap=2, beta1=0.9, beta2=0.999, eps=1e-8, seed=0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     probes = loop_probes(cfg, model, opt, tmp_path)
     train_steps(model, opt, batches(), 4, probes=probes)
     assert read_probe(tmp_path)["meta"]["ranks"] == [2, 16]
     assert probe_summary(tmp_path)["spikes"]["window"] == 20
-    assert loop_probes(SimpleNamespace(probe=""), model, opt, tmp_path) is None
+    assert loop_probes(cfg.replace(probe=""), model, opt, tmp_path) is None
     with pytest.raises(ValueError, match="--probe-ranks: give integers >= 1"):
-        loop_probes(SimpleNamespace(**{**vars(cfg), "probe_ranks": ["x"]}), model, opt, tmp_path)
+        loop_probes(cfg.replace(probe_ranks=["x"]), model, opt, tmp_path)
     with pytest.raises(ValueError, match="--probe: not available with --layerwise"):
-        loop_probes(SimpleNamespace(**{**vars(cfg), "layerwise": True}), model, opt, tmp_path)
+        loop_probes(cfg.replace(layerwise=True), model, opt, tmp_path)
     with pytest.raises(ValueError, match="--probe: probe must be"):
-        loop_probes(SimpleNamespace(**{**vars(cfg), "probe": "loss"}), model, opt, tmp_path)
+        loop_probes(cfg.replace(probe="loss"), model, opt, tmp_path)
 
 
 def test_pretrain_carries_the_probes(tmp_path):

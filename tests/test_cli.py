@@ -151,10 +151,16 @@ def test_yaml_config_and_flag_override(tiny, tmp_path, monkeypatch, capsys):
     assert "parameters" in out and "final val ppl" in out
     import yaml
 
-    saved = yaml.safe_load((tmp_path / "runs" / "yaml" / "config.yaml").read_text())
-    assert saved["max_steps"] == 2 and saved["method"] == "galore" and saved["rank"] == 4
-    assert saved["data"] == str(Path(tiny["data"]).resolve()) and saved["lr"] == 1e-3
-    assert saved["optim_args"] == {"seed": 3, "gamma": float("inf"), "refresh_beta": 0.1}
+    saved = yaml.safe_load((tmp_path / "runs" / "yaml" / "config.yaml").read_text())  # by section
+    assert set(saved) == {"model", "data", "optim", "precision", "run"}
+    assert saved["run"]["max_steps"] == 2 and saved["optim"]["method"] == "galore" and saved["optim"]["rank"] == 4
+    assert saved["data"]["data"] == str(Path(tiny["data"]).resolve()) and saved["optim"]["lr"] == 1e-3
+    assert saved["optim"]["optim_args"] == {"seed": 3, "gamma": float("inf"), "refresh_beta": 0.1}
+    # the saved file is a config again (by section), and a section may be given in a config file too
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump({**saved, "run": {**saved["run"], "out_dir": "runs/again", "max_steps": 1}}))
+    assert main(["pretrain", "--config", str(again), "--no-progress"]) == 0
+    assert yaml.safe_load((tmp_path / "runs" / "again" / "config.yaml").read_text())["optim"] == saved["optim"]
 
 
 def test_plot_overlays_runs(finished_run, tmp_path, monkeypatch, capsys):

@@ -69,7 +69,7 @@ def test_the_saved_model_chains_into_another_finetune(setup, tmp_path):
     (["--eval", "keys,piqa"], "--eval: task 'piqa' has no file there"),
     (["--method", "adam8bit"], "--method: unknown method 'adam8bit'"),
     (["--batch-size", "10", "--micro-batch-size", "4"], "--batch-size: must be a multiple"),
-    (["--lora-dropout", "2"], "--lora-dropout must be a number in [0.0, 1.0], got 2.0"),
+    (["--lora-dropout", "2"], "--lora-dropout must be a number in [0.0, 1.0), got 2.0"),
     (["--scoring", "exact"], "--scoring: allowed: generate, likelihood"),
     (["--target-modules", "nothing_here"], "--target-modules: nothing_here matches no nn.Linear"),
 ])

@@ -164,8 +164,8 @@ def test_finetune_weights_flag_sets_the_dtype_and_refuses_a_contradiction():
     base = dict(model="llama_tiny", data_dir=data, train=["boolq"], eval=["boolq"])
     if not Path(data).is_dir():
         pytest.skip("no commonsense data")
-    assert validate(FinetuneConfig(**base, weights="bf16-sr", states="8bit")).dtype == "bfloat16"
+    assert validate(FinetuneConfig.build({**base, "weights": "bf16-sr", "states": "8bit"})).precision.dtype == "bfloat16"
     with pytest.raises(ConfigError, match="--weights bf16 loads bfloat16"):
-        validate(FinetuneConfig(**base, weights="bf16", dtype="float16"))
+        validate(FinetuneConfig.build({**base, "weights": "bf16", "dtype": "float16"}))
     with pytest.raises(ConfigError, match="--states: unknown state precision '4bit'; allowed: 32bit, 8bit"):
-        validate(FinetuneConfig(**base, states="4bit"))
+        validate(FinetuneConfig.build({**base, "states": "4bit"}))

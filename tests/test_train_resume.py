@@ -56,9 +56,25 @@ def test_checkpoint_holds_plain_types_only(tiny, tmp_path):
     assert main(tiny_argv(tiny, out, max_steps=3, eval_every=0)) == 0
     (step, path), = list_checkpoints(out)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    assert step == 3 and state["step"] == 3 and state["config"]["method"] == "fira"
+    assert step == 3 and state["step"] == 3 and state["config"]["optim"]["method"] == "fira"
     assert set(state) >= {"model", "optimizer", "scheduler", "data", "rng", "tokens", "config"}
     assert state["data"]["doc"] >= 0 and state["optimizer"]["state"]
+
+
+def test_a_checkpoint_with_a_flat_config_resumes(tiny, tmp_path):
+    """Checkpoints of earlier versions hold the config flat (``lr``, not ``optim: {lr}``)."""
+    from fullrank.train.config import from_dict
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(tiny_argv(tiny, full, max_steps=4, eval_every=0)) == 0
+    assert main(tiny_argv(tiny, cut, max_steps=2, schedule_steps=4, eval_every=0, save_every=2)) == 0
+    (_, path), = list_checkpoints(cut)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["config"] = from_dict(state["config"], "test").flat()
+    assert "lr" in state["config"] and "optim" not in state["config"]
+    torch.save(state, path)
+    assert main(["pretrain", "--resume", str(cut), "--max-steps", "4", "--no-progress"]) == 0
+    assert [r["loss"] for r in records(cut, "train")] == [r["loss"] for r in records(full, "train")]
 
 
 def test_resume_of_a_finished_run_changes_nothing(tiny, tmp_path):

@@ -35,13 +35,13 @@ def records(run_dir, kind):
 
 def test_recipe_defaults_fit_the_device():
     cpu = C.finalize(C.build({"model": "llama_tiny", "device": "cpu"}))
-    assert (cpu.batch_size, cpu.grad_accum, cpu.eval_tokens) == (4, 1, 16_384)
+    assert (cpu.data.batch_size, cpu.data.grad_accum, cpu.data.eval_tokens) == (4, 1, 16_384)
     paper = C.finalize(C.build({"model": "llama_tiny", "device": "cpu", "recipe": "paper"}))
-    assert (paper.batch_size, paper.grad_accum, paper.eval_tokens) == (64, 8, 10_000_000)
-    assert C.finalize(C.build({"model": "llama_60m", "device": "cuda"})).grad_accum == 8  # auto on a GPU: paper
+    assert (paper.data.batch_size, paper.data.grad_accum, paper.data.eval_tokens) == (64, 8, 10_000_000)
+    assert C.finalize(C.build({"model": "llama_60m", "device": "cuda"})).data.grad_accum == 8  # auto on a GPU: paper
     explicit = C.finalize(C.build({"model": "llama_tiny", "device": "cpu", "recipe": "paper", "batch_size": 2}))
-    assert (explicit.batch_size, explicit.grad_accum) == (2, 8)
-    assert cpu.schedule_steps is None  # follows max_steps, also when a saved config.yaml is rerun with another
+    assert (explicit.data.batch_size, explicit.data.grad_accum) == (2, 8)
+    assert cpu.optim.schedule_steps is None  # follows max_steps, also when a saved config.yaml is rerun with another
 
 
 def _cpu_use(monkeypatch, percent, cores=2):

@@ -13,6 +13,7 @@ from pathlib import Path
 from ._quiet import quiet_third_party
 from .finetune.cli import register as register_finetune
 from .memory.cli import register as register_memory
+from .config import add_flags, given_values
 from .train import config as C
 from .train.errors import ConfigError, TrainingError
 
@@ -77,35 +78,6 @@ class HelpOptim(argparse.Action):
         parser.exit()
 
 
-def _default_text(field) -> str:
-    value = C.field_default(field)
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return f" (default: {'on' if value else 'off'})"
-    if isinstance(value, list):
-        return f" (default: {','.join(value)})"
-    if isinstance(value, dict):
-        return ""
-    return f" (default: {value})"
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    for name, field in C.FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        kind = C._base_type(field)
-        help_text = field.metadata["help"] + _default_text(field)
-        if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif kind == "dict":
-            parser.add_argument("--optim-arg", dest=name, action="append", type=C.parse_key_value, default=argparse.SUPPRESS,
-                                metavar="KEY=VALUE", help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, type={"int": int, "float": float}.get(kind, str),
-                                default=argparse.SUPPRESS, metavar={"int": "N", "float": "X"}.get(kind, name.upper()),
-                                help=help_text)
-
-
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="fullrank", description="Memory-efficient full-rank LLM training (Fira, GaLore).")
     parser.add_argument("--version", action="version", version=f"fullrank {_version()}")
@@ -116,7 +88,7 @@ def build_parser() -> OneLineParser:
     pre.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS,
                      help="YAML file of config keys (the flag names with underscores); flags override it")
     pre.add_argument("--help-optim", action=HelpOptim, help="list the --optim-arg keys of every method and exit")
-    _add_config_flags(pre)
+    add_flags(pre, C.TrainConfig)
     register_finetune(sub)
     register_memory(sub)
     plot = sub.add_parser("plot", help="overlay the loss curves of run directories",
@@ -135,13 +107,7 @@ def build_parser() -> OneLineParser:
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Config values: the YAML file's, then the flags given on the command line."""
     values = C.load_yaml(args.config) if getattr(args, "config", None) else {}
-    for name in C.FIELDS:
-        if hasattr(args, name):
-            value = getattr(args, name)
-            if name == "optim_args":
-                value = {**values.get("optim_args", {}), **dict(value)}
-            values[name] = C.coerce(name, value, "--" + name.replace("_", "-"))
-    return values
+    return given_values(args, C.TrainConfig, values)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 
 
-from ..train.config import parse_key_value
-from ..train.errors import ConfigError
-from .config import FIELDS, LIST_FIELDS
+from ..config import add_flags, given_values
+from ..errors import ConfigError
+from .config import FinetuneConfig
 
 FINETUNE_HELP = """\
 Fine-tune a causal LM on the commonsense-reasoning benchmark (Fira paper §5.3, Table 3) with any
@@ -31,31 +31,12 @@ checkpoints/, predictions.jsonl, summary.json, loss.png, hf_model/.
 """
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def register(sub) -> argparse.ArgumentParser:
     """Add the ``finetune`` subcommand to the ``fullrank`` subparsers."""
     parser = sub.add_parser("finetune", help="fine-tune on the commonsense benchmark (paper Table 3)",
                             description=FINETUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its newest checkpoint")
-    for name, f in FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        shown = ",".join(default) if isinstance(default, list) else default
-        help_text = f.metadata["help"] + ("" if shown in ("", {}, None) or isinstance(default, dict) else f" (default: {shown})")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif isinstance(default, dict):
-            parser.add_argument("--optim-arg", dest=name, action="append", type=parse_key_value, default=argparse.SUPPRESS,
-                                metavar="KEY=VALUE", help=help_text)
-        elif name in LIST_FIELDS:
-            parser.add_argument(flag, dest=name, type=_csv, default=argparse.SUPPRESS, metavar="A,B,...", help=help_text)
-        else:
-            kind = type(default)
-            parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS,
-                                metavar={int: "N", float: "X"}.get(kind, name.upper()), help=help_text)
+    add_flags(parser, FinetuneConfig)
     parser.set_defaults(handler=run)
     return parser
 
@@ -64,9 +45,7 @@ def run(args: argparse.Namespace) -> dict:
     """Run ``fullrank finetune`` from parsed arguments."""
     from .training import finetune
 
-    values = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    if "optim_args" in values:
-        values["optim_args"] = dict(values["optim_args"])
+    values = given_values(args, FinetuneConfig)
     if args.resume is None and "model" not in values:
         raise ConfigError("--model: required (or --resume RUN_DIR)")
     return finetune(values, resume=args.resume)

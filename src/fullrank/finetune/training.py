@@ -13,19 +13,18 @@ import math
 import re
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import yaml
 
 from .._quiet import no_hub_progress_bars
-from ..train.errors import ConfigError, TrainingError, first_line
-from ..optim.base.options import check_range
+from ..config import save_yaml
+from ..errors import ConfigError, TrainingError, first_line
+from ..run_dir import remove_outputs
 from ..train.metrics import MetricsLog, peak_memory
-from ..train.config import STATE_PRECISIONS, WEIGHT_PRECISIONS
+from ..train.models import enable_activation_checkpointing
 from ..train.threads import choose_threads
-from ..train.setup import enable_activation_checkpointing, precision_options, refused, remove_outputs
 from . import data as D
 from .scoring import SCORINGS, accuracy, score_generations, score_likelihood
 
@@ -38,81 +37,32 @@ from .config import (  # noqa: F401 (FinetuneConfig and its tables are imported 
     RESUME_FREE,
     RUN_OUTPUTS,
     FinetuneConfig,
+    validate_options,
 )
 
 
-def _methods() -> tuple[str, ...]:
-    import fullrank
-
-    return (*fullrank.optimizer_methods(), LORA)
-
-
-def _range(name: str, value, low, high=math.inf, integer=True) -> None:
-    """``optim.components.check_range`` naming the flag, as a ConfigError."""
-    check_range("--" + name.replace("_", "-"), value, low, high, high_open=high == math.inf, integer=integer,
-                error=ConfigError)  # (a flag is finite)
-
-
 def validate(cfg: FinetuneConfig) -> FinetuneConfig:
-    """Range and choice checks (one-line ConfigErrors naming the flag); fills derived defaults."""
-    if not cfg.model:
-        raise ConfigError("--model: required; give a Hugging Face causal-LM folder, a `fullrank pretrain` run directory or a LLaMA config name")
-    if cfg.method not in _methods():
-        raise ConfigError(f"--method: unknown method '{cfg.method}'; allowed: {', '.join(_methods())}")
-    for name in ("rank", "batch_size", "micro_batch_size", "cutoff_len", "max_new_tokens", "eval_batch_size", "keep_checkpoints", "update_proj_gap"):
-        _range(name, getattr(cfg, name), 1)
-    for name in ("train_limit", "eval_limit", "max_steps", "warmup_steps", "threads", "save_every"):
-        _range(name, getattr(cfg, name), 0)
-    for name, low in (("lr", 0.0), ("weight_decay", 0.0), ("max_grad_norm", 0.0), ("scale", 0.0), ("lora_alpha", 0.0), ("epochs", 0.0)):
-        _range(name, getattr(cfg, name), low, integer=False)
-    _range("lora_dropout", cfg.lora_dropout, 0.0, 1.0, integer=False)
-    if cfg.lr <= 0:
-        raise ConfigError(f"--lr: must be a number > 0, got {cfg.lr}")
-    if cfg.max_steps == 0 and cfg.epochs <= 0:
-        raise ConfigError(f"--epochs: must be > 0 when --max-steps is 0, got {cfg.epochs}")
-    if cfg.batch_size % cfg.micro_batch_size:
-        raise ConfigError(f"--batch-size: must be a multiple of --micro-batch-size ({cfg.micro_batch_size}), got {cfg.batch_size}")
-    bad = [s for s in cfg.scoring if s not in SCORINGS]
-    if bad or not cfg.scoring:
-        raise ConfigError(f"--scoring: allowed: {', '.join(SCORINGS)} (comma-separated), got {','.join(cfg.scoring) or 'nothing'}")
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype: allowed: float32, bfloat16, float16, got '{cfg.dtype}'")
-    if cfg.weights not in ("", *WEIGHT_PRECISIONS):
-        raise ConfigError(f"--weights: unknown weight precision '{cfg.weights}'; allowed: {', '.join(WEIGHT_PRECISIONS)}")
-    if cfg.weights:
-        dtype = "float32" if cfg.weights == "fp32" else "bfloat16"
-        if cfg.dtype not in ("float32", dtype):
-            raise ConfigError(f"--weights {cfg.weights} loads {dtype} weights; drop --dtype {cfg.dtype} or give --dtype {dtype}")
-        cfg.dtype = dtype
-    if cfg.states not in STATE_PRECISIONS:
-        raise ConfigError(f"--states: unknown state precision '{cfg.states}'; allowed: {', '.join(STATE_PRECISIONS)}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device: allowed: auto, cpu, cuda, got '{cfg.device}'")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+    """The option checks (``config.validate_options``), then what needs torch or the data: the device,
+    the target patterns, the task files. One-line ConfigErrors naming the flag; fills derived defaults."""
+    validate_options(cfg)
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device: cuda requested but no CUDA device is available")
-    if not cfg.target_modules:
-        raise ConfigError("--target-modules: give at least one module name or pattern, or all-linear")
-    for pattern in cfg.target_modules:
+    for pattern in cfg.optim.target_modules:
         try:
             re.compile(pattern)
         except re.error as err:
             raise ConfigError(f"--target-modules: '{pattern}' is not a valid regular expression ({err})") from None
-    D.check_tasks(cfg.train, Path(cfg.data_dir), "train", "--train")
-    D.check_tasks(cfg.eval, Path(cfg.data_dir), "test", "--eval")
-    if not cfg.out_dir:
-        cfg.out_dir = str(Path("runs") / f"finetune_{Path(cfg.model.rstrip('/')).name}_{cfg.method}")
+    D.check_tasks(cfg.data.train, Path(cfg.data.data_dir), "train", "--train")
+    D.check_tasks(cfg.data.eval, Path(cfg.data.data_dir), "test", "--eval")
     return cfg
 
 
 def build_config(values: dict) -> FinetuneConfig:
-    unknown = set(values) - set(FIELDS)
-    if unknown:
-        raise ConfigError(f"unknown fine-tuning option(s): {', '.join(sorted(unknown))}; allowed: {', '.join(FIELDS)}")
-    return validate(FinetuneConfig(**values))
+    return validate(FinetuneConfig.build(values, "fine-tuning options"))
 
 
 def _target_spec(cfg: FinetuneConfig):
-    return "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    return "all-linear" if cfg.optim.target_modules == ["all-linear"] else list(cfg.optim.target_modules)
 
 
 # ----------------------------------------------------------------------------------------- run
@@ -120,15 +70,15 @@ def _target_spec(cfg: FinetuneConfig):
 def _training_args(cfg: FinetuneConfig, run_dir: Path):
     from transformers import TrainingArguments
 
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    cuda = cfg.run.device != "cpu" and torch.cuda.is_available()
     return TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.batch_size // cfg.micro_batch_size, num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
-        lr_scheduler_type="linear", warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
-        logging_steps=1, save_strategy="steps", save_steps=cfg.save_every or 10**9, save_total_limit=cfg.keep_checkpoints,
-        report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda, bf16=cfg.bf16 and cuda,
-        disable_tqdm=not cfg.progress, remove_unused_columns=False, dataloader_num_workers=0,
+        output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.data.micro_batch_size,
+        gradient_accumulation_steps=cfg.data.batch_size // cfg.data.micro_batch_size, num_train_epochs=cfg.run.epochs,
+        max_steps=cfg.run.max_steps if cfg.run.max_steps > 0 else -1, learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        lr_scheduler_type="linear", warmup_steps=cfg.optim.warmup_steps, max_grad_norm=cfg.optim.max_grad_norm,
+        logging_steps=1, save_strategy="steps", save_steps=cfg.run.save_every or 10**9, save_total_limit=cfg.run.keep_checkpoints,
+        report_to="none", seed=cfg.run.seed, data_seed=cfg.run.seed, use_cpu=not cuda, bf16=cfg.precision.bf16 and cuda,
+        disable_tqdm=not cfg.run.progress, remove_unused_columns=False, dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding", save_only_model=False, eval_strategy="no",
     )
 
@@ -169,47 +119,47 @@ def prepare_model(cfg: FinetuneConfig):
     from .. import hf
     from .models import apply_lora, load_model
 
-    model, tokenizer = load_model(cfg.model, cfg.tokenizer or None, cfg.seed, cfg.dtype, cfg.progress)
-    if cfg.activation_checkpointing:
+    model, tokenizer = load_model(cfg.model.name, cfg.model.tokenizer or None, cfg.run.seed, cfg.precision.dtype, cfg.run.progress)
+    if cfg.precision.activation_checkpointing:
         enable_activation_checkpointing(model)
-    precision = precision_options(cfg)
+    precision = cfg.precision.engine_options()
     try:
         names = hf.target_module_names(model, _target_spec(cfg))
         if not names:
-            raise ValueError(f"--target-modules: {','.join(cfg.target_modules)} matches no nn.Linear module of the model")
-        if cfg.method == LORA:
-            torch.manual_seed(cfg.seed)
-            model = apply_lora(model, names, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
-            optimizer = hf.optimizer_cls_and_kwargs(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                                    **cfg.optim_args, **precision)
+            raise ValueError(f"--target-modules: {','.join(cfg.optim.target_modules)} matches no nn.Linear module of the model")
+        if cfg.optim.method == LORA:
+            torch.manual_seed(cfg.run.seed)
+            model = apply_lora(model, names, cfg.optim.rank, cfg.optim.lora_alpha, cfg.optim.lora_dropout)
+            optimizer = hf.optimizer_cls_and_kwargs(model, "adamw", lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                                    **cfg.optim.optim_args, **precision)
         else:
-            options = {**cfg.optim_args, **precision}
-            if cfg.method != "adamw":
-                options.setdefault("seed", cfg.seed)
+            options = {**cfg.optim.optim_args, **precision}
+            if cfg.optim.method != "adamw":
+                options.setdefault("seed", cfg.run.seed)
             optimizer = hf.optimizer_cls_and_kwargs(
-                model, cfg.method, rank=cfg.rank, target_modules=names, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                update_proj_gap=cfg.update_proj_gap, scale=cfg.scale or None, proj_type=cfg.proj_type, **options)
+                model, cfg.optim.method, rank=cfg.optim.rank, target_modules=names, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                update_proj_gap=cfg.optim.update_proj_gap, scale=cfg.optim.scale, proj_type=cfg.optim.proj_type, **options)
     except (ValueError, TypeError) as err:
         message = first_line(err)
         if message.startswith("--"):
             raise ConfigError(message) from None
-        raise refused(cfg, err) from None
+        raise cfg.precision.refusal(cfg.optim.method, err) from None
     return model, tokenizer, optimizer
 
 
 def start_run_dir(cfg: FinetuneConfig, resume: bool) -> Path:
-    run_dir = Path(cfg.out_dir)
+    run_dir = Path(cfg.run.out_dir)
     if resume:
         return run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out-dir: '{run_dir}' exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not cfg.overwrite:
+        if not cfg.run.overwrite:
             raise ConfigError(f"--out-dir: run directory '{run_dir}' already exists and is not empty; "
                               f"pass --overwrite to replace its outputs or --resume {run_dir} to continue it")
         remove_outputs(run_dir, RUN_OUTPUTS)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), encoding="utf-8")
+    save_yaml(cfg, run_dir / "config.yaml")
     return run_dir
 
 
@@ -218,9 +168,10 @@ def resume_config(run_dir: str, overrides: dict) -> FinetuneConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--resume: '{run_dir}' is not a fine-tuning run directory (no config.yaml)")
-    saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(saved, dict) or set(saved) - set(FIELDS):
-        raise ConfigError(f"--resume: '{path}' is not a fullrank finetune config")
+    try:
+        saved = FinetuneConfig.build(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, f"--resume {path}").flat()
+    except (ConfigError, AttributeError, yaml.YAMLError):
+        raise ConfigError(f"--resume: '{path}' is not a fullrank finetune config") from None
     for key, value in overrides.items():
         if key not in RESUME_FREE and key != "out_dir" and saved.get(key) != value:
             raise ConfigError(f"--resume: a resumed run keeps its config; drop --{key.replace('_', '-')} "
@@ -233,16 +184,16 @@ def evaluate(model, tokenizer, cfg: FinetuneConfig, log: MetricsLog | None, run_
     """``{scoring: {task: accuracy}}`` on the test sets, plus ``counts``; predictions to predictions.jsonl."""
     encoder = D.PromptEncoder(tokenizer)
     max_length = getattr(model.config, "max_position_embeddings", None)
-    results, counts, lines = {s: {} for s in cfg.scoring}, {}, []
-    for task in cfg.eval:
-        records = D.load_task(Path(cfg.data_dir), task, "test", cfg.eval_limit, cfg.seed)
+    results, counts, lines = {s: {} for s in cfg.run.scoring}, {}, []
+    for task in cfg.data.eval:
+        records = D.load_task(Path(cfg.data.data_dir), task, "test", cfg.data.eval_limit, cfg.run.seed)
         counts[task] = len(records)
-        for scoring in cfg.scoring:
+        for scoring in cfg.run.scoring:
             if scoring == "generate":
-                scored = score_generations(model, encoder, records, cfg.eval_batch_size, cfg.max_new_tokens, max_length,
-                                           cfg.progress, desc=f"{task} generate")
+                scored = score_generations(model, encoder, records, cfg.data.eval_batch_size, cfg.run.max_new_tokens, max_length,
+                                           cfg.run.progress, desc=f"{task} generate")
             else:
-                scored = score_likelihood(model, encoder, records, cfg.eval_batch_size, cfg.progress, desc=f"{task} likelihood")
+                scored = score_likelihood(model, encoder, records, cfg.data.eval_batch_size, cfg.run.progress, desc=f"{task} likelihood")
             results[scoring][task] = accuracy(scored)
             if log is not None:
                 log.write({"type": "accuracy", "task": task, "scoring": scoring, "accuracy": results[scoring][task], "examples": len(records)})
@@ -257,12 +208,12 @@ def finetune(values: dict, resume: str | None = None) -> dict:
     """Run (or with ``resume`` continue) a fine-tuning run; returns the summary (also in summary.json)."""
     wall_start = time.perf_counter()
     cfg = resume_config(resume, values) if resume else build_config(values)
-    if cfg.device == "cpu" or not torch.cuda.is_available():
-        threads, why = choose_threads(cfg.threads)
+    if cfg.run.device == "cpu" or not torch.cuda.is_available():
+        threads, why = choose_threads(cfg.run.threads)
         torch.set_num_threads(threads)
         print(f"CPU threads: {threads} ({why}; --threads N sets it)", flush=True)
-    elif cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    elif cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
     checkpoint = None
     if resume:
         checkpoint = latest_trainer_checkpoint(Path(resume))
@@ -270,23 +221,23 @@ def finetune(values: dict, resume: str | None = None) -> dict:
             raise ConfigError(f"--resume: '{resume}' holds no checkpoint (checkpoints/checkpoint-N)")
     model, tokenizer, optimizer = prepare_model(cfg)  # all input checked before the run directory is touched
     encoder = D.PromptEncoder(tokenizer)
-    records = [r for task in cfg.train for r in D.load_task(Path(cfg.data_dir), task, "train", cfg.train_limit, cfg.seed)]
-    examples, dropped = D.encode_dataset(records, encoder, cfg.cutoff_len)
+    records = [r for task in cfg.data.train for r in D.load_task(Path(cfg.data.data_dir), task, "train", cfg.data.train_limit, cfg.run.seed)]
+    examples, dropped = D.encode_dataset(records, encoder, cfg.data.cutoff_len)
     if not examples:
-        raise ConfigError(f"--cutoff-len: all {len(records)} training examples are longer than {cfg.cutoff_len} tokens")
+        raise ConfigError(f"--cutoff-len: all {len(records)} training examples are longer than {cfg.data.cutoff_len} tokens")
     run_dir = start_run_dir(cfg, resume is not None)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=int(checkpoint.name.split("-")[1]) if checkpoint else None)
     if resume:  # evaluation records of the finished session are written again below
         kept = [line for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if '"type": "accuracy"' not in line]
         (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     if dropped:
-        print(f"warning: dropped {dropped} of {len(records)} training examples longer than --cutoff-len {cfg.cutoff_len}", file=sys.stderr)
+        print(f"warning: dropped {dropped} of {len(records)} training examples longer than --cutoff-len {cfg.data.cutoff_len}", file=sys.stderr)
     summary = train_and_evaluate(cfg, model, tokenizer, optimizer, examples, run_dir, log, checkpoint)
     summary.update(train_examples=len(examples), dropped_examples=dropped, wall_time_s=time.perf_counter() - wall_start)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     from ..train.plot import plot_runs
 
-    plot_runs([run_dir], run_dir / "loss.png", title=f"finetune {Path(cfg.model).name} {cfg.method}")
+    plot_runs([run_dir], run_dir / "loss.png", title=f"finetune {Path(cfg.model.name).name} {cfg.optim.method}")
     print(format_summary(summary), flush=True)
     return summary
 
@@ -303,8 +254,8 @@ def train_and_evaluate(cfg, model, tokenizer, optimizer, examples, run_dir, log,
                       data_collator=D.PadCollator(tokenizer.pad_token_id), optimizer_cls_and_kwargs=optimizer,
                       callbacks=[_metrics_callback(log)])
     trainer.remove_callback(PrinterCallback)
-    print(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable; method {cfg.method}"
-          f"{'' if cfg.method == 'adamw' else f' (rank {cfg.rank})'}, {len(examples)} training examples, run dir {run_dir}", flush=True)
+    print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.2f}M trainable; method {cfg.optim.method}"
+          f"{'' if cfg.optim.method == 'adamw' else f' (rank {cfg.optim.rank})'}, {len(examples)} training examples, run dir {run_dir}", flush=True)
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except RuntimeError as err:
@@ -319,14 +270,14 @@ def train_and_evaluate(cfg, model, tokenizer, optimizer, examples, run_dir, log,
     mem, kind = peak_memory(next(model.parameters()).device)
     losses = [r["loss"] for r in state.log_history if "loss" in r]
     scores = evaluate(trainer.model, tokenizer, cfg, log, run_dir)
-    if cfg.save_model:
-        out = trainer.model.merge_and_unload() if cfg.method == LORA else trainer.model
+    if cfg.run.save_model:
+        out = trainer.model.merge_and_unload() if cfg.optim.method == LORA else trainer.model
         with no_hub_progress_bars():
             out.save_pretrained(run_dir / "hf_model")
         tokenizer.save_pretrained(run_dir / "hf_model")
     return {
-        "model": cfg.model, "method": cfg.method, "rank": cfg.rank, "target_modules": cfg.target_modules,
-        "parameters": n_params, "trainable_parameters": n_trainable, "train_tasks": cfg.train,
+        "model": cfg.model.name, "method": cfg.optim.method, "rank": cfg.optim.rank, "target_modules": cfg.optim.target_modules,
+        "parameters": n_params, "trainable_parameters": n_trainable, "train_tasks": cfg.data.train,
         "steps": state.global_step, "epochs": state.epoch, "tokens": state.num_input_tokens_seen,
         "final_train_loss": losses[-1] if losses else None, **scores,
         "optimizer_state_bytes": optimizer_state_bytes(opt),

@@ -314,9 +314,9 @@ def trace(model="llama_7b", method="fira", *, rank=None, batch_size=1, seq_len=2
     # the larger iteration peak; on a tie the later one, whose split sees the optimizer state in place
     peak, phase, snapshot = max(reversed(peaks), key=lambda p: p[0])
     resident = _categories(current, ref)
-    settings = dict(model=str(model), method=cfg.method, rank=cfg.rank if cfg.method not in ("adamw", "adamw8bit") else None,
-                    batch_size=cfg.batch_size, seq_len=cfg.seq_len, weights=cfg.weights, states=cfg.states,
-                    layerwise=cfg.layerwise, activation_checkpointing=cfg.activation_checkpointing, device=device)
+    settings = dict(model=str(model), method=cfg.optim.method, rank=cfg.optim.rank if cfg.optim.method not in ("adamw", "adamw8bit") else None,
+                    batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len, weights=cfg.precision.weights, states=cfg.precision.states,
+                    layerwise=cfg.optim.layerwise, activation_checkpointing=cfg.precision.activation_checkpointing, device=device)
     if fsdp:
         settings.update(nproc=nproc, fsdp=True, traced_rank=traced_rank)
     return MemoryTrace(settings, peak, _categories(snapshot, ref), phase,
@@ -340,10 +340,10 @@ def check_settings(model="llama_7b", method="fira", *, rank=None, batch_size=1, 
                          states=states, layerwise=layerwise, activation_checkpointing=activation_checkpointing,
                          target_modules=target_modules, optim_args=optim_args, device=device, nproc=nproc,
                          fsdp=fsdp, traced_rank=traced_rank)
-    mconfig = model_config(cfg.model)
+    mconfig = model_config(cfg.model.name)
     with torch.device("meta"):
-        net = _build(LlamaForCausalLM, mconfig, torch.float32 if cfg.weights == "fp32" else torch.bfloat16)
-    C.validate_against_model(cfg, mconfig, projected_linears(net, cfg.target_modules))
+        net = _build(LlamaForCausalLM, mconfig, torch.float32 if cfg.precision.weights == "fp32" else torch.bfloat16)
+    C.validate_against_model(cfg, mconfig, projected_linears(net, cfg.optim.target_modules))
     if not fsdp:
         make_optimizer(cfg, prepare_model(net, cfg))
 
@@ -376,7 +376,7 @@ def fake_process_group(nproc: int, traced_rank: int = 0, device: str = "cpu"):
 def build_step(cfg, device="cpu", mesh=None):
     """(model, optimizer) of a traced config, built as ``fullrank pretrain`` builds them (on fake
     tensors when called under ``FakeTensorMode``; with real ones otherwise, for checks). With
-    ``cfg.fsdp`` the model is sharded over ``mesh`` with the GPU's policy (bf16 compute, fp32
+    ``cfg.run.fsdp`` the model is sharded over ``mesh`` with the GPU's policy (bf16 compute, fp32
     reduction) before the optimizer is made on its shards."""
     from transformers import LlamaForCausalLM
 
@@ -384,12 +384,12 @@ def build_step(cfg, device="cpu", mesh=None):
     from ..train.models import model_config, projected_linears
     from ..train.setup import make_optimizer, prepare_model
 
-    mconfig = model_config(cfg.model)
+    mconfig = model_config(cfg.model.name)
     with torch.device(device):
-        net = _build(LlamaForCausalLM, mconfig, torch.float32 if cfg.weights == "fp32" else torch.bfloat16)
-        C.validate_against_model(cfg, mconfig, projected_linears(net, cfg.target_modules))
+        net = _build(LlamaForCausalLM, mconfig, torch.float32 if cfg.precision.weights == "fp32" else torch.bfloat16)
+        C.validate_against_model(cfg, mconfig, projected_linears(net, cfg.optim.target_modules))
         net = prepare_model(net, cfg)
-        if cfg.fsdp:
+        if cfg.run.fsdp:
             from ..train.fsdp import shard_model
 
             shard_model(net, torch.device(device), bf16=True, mesh=mesh)
@@ -402,13 +402,13 @@ def training_iterations(net, optimizer, cfg, device="cpu", *, mark=lambda phase:
     """``ITERATIONS`` iterations of ``fullrank pretrain``'s step on random tokens: forward (bf16
     autocast for fp32 weights), backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``."""
     vocab = net.config.vocab_size
-    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if cfg.weights == "fp32" \
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if cfg.precision.weights == "fp32" \
         else contextlib.nullcontext
     with torch.device(device):
         for iteration in range(1, ITERATIONS + 1):
             before(iteration)
             mark(f"forward {iteration}")
-            x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len))
+            x = torch.randint(0, vocab, (cfg.data.batch_size, cfg.data.seq_len))
             with autocast():
                 loss = net(input_ids=x, labels=x).loss
             mark(f"backward {iteration}")

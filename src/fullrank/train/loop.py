@@ -59,7 +59,7 @@ def autocast(env: DistEnv):
 @torch.no_grad()
 def evaluate(run: Run) -> float:
     """Mean next-token cross-entropy over the fixed validation blocks (split across processes)."""
-    model, env, bs = run.model, run.env, run.cfg.batch_size
+    model, env, bs = run.model, run.env, run.cfg.data.batch_size
     model.eval()
     mine = run.val_blocks[env.rank::env.world_size]
     total = torch.zeros(2, dtype=torch.float64, device=env.device)
@@ -81,15 +81,15 @@ def save(run: Run, step: int, data_state: dict, rng: dict | None = None) -> None
     meta = {"step": step, "tokens": run.tokens, "train_time": run.train_time, "wall_time": wall_time(run),
             "config": C.to_dict(run.cfg),
             "scheduler": run.scheduler.state_dict(), "data": data_state, "rng": rngs}
-    if run.cfg.fsdp:  # every process writes its shards (fsdp.py); meta.pt holds the rest
+    if run.cfg.run.fsdp:  # every process writes its shards (fsdp.py); meta.pt holds the rest
         from . import fsdp
         fsdp.save(checkpoint_dir(run.run_dir) / f"step_{step:07d}", run.model, run.optimizer,
                   {**meta, "format_version": FORMAT_VERSION}, run.env.main)
         if run.env.main:
-            prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
+            prune_checkpoints(run.run_dir, run.cfg.run.keep_checkpoints)
     elif run.env.main:
         payload = {**meta, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()}
-        save_checkpoint(run.run_dir, step, payload, run.cfg.keep_checkpoints)
+        save_checkpoint(run.run_dir, step, payload, run.cfg.run.keep_checkpoints)
     all_gather_objects(None, run.env)
 
 
@@ -177,21 +177,21 @@ def accumulate_gradients(run: Run, ddp: torch.nn.Module, prefetch: Prefetcher) -
     and the data position after the step; raises ``CorpusExhausted`` when the corpus runs out.
     """
     cfg, env = run.cfg, run.env
-    rows = slice(env.rank * cfg.batch_size, (env.rank + 1) * cfg.batch_size)
+    rows = slice(env.rank * cfg.data.batch_size, (env.rank + 1) * cfg.data.batch_size)
     loss_sum = torch.zeros((), device=env.device)
-    for micro in range(cfg.grad_accum):
+    for micro in range(cfg.data.grad_accum):
         batch, state = prefetch.get()
         x = batch[rows].to(env.device, non_blocking=True)
         # FSDP2 reduce-scatters (and a layer-wise step runs) on the last micro-batch only, on one process too
-        sync = micro == cfg.grad_accum - 1 or not (env.enabled or cfg.fsdp)
-        if cfg.fsdp:
+        sync = micro == cfg.data.grad_accum - 1 or not (env.enabled or cfg.run.fsdp)
+        if cfg.run.fsdp:
             context = fsdp_sync(ddp, sync)
         else:
             context = contextlib.nullcontext() if sync else ddp.no_sync()
         with context:
             with autocast(env):
                 loss = ddp(input_ids=x, labels=x).loss
-            (loss / cfg.grad_accum).backward()
+            (loss / cfg.data.grad_accum).backward()
         loss_sum += loss.detach()
     return loss_sum, state
 
@@ -199,7 +199,7 @@ def accumulate_gradients(run: Run, ddp: torch.nn.Module, prefetch: Prefetcher) -
 def optimizer_step(run: Run, params: list[torch.Tensor], step: int) -> tuple[float, float | None]:
     """Optional global clipping, the optimizer and scheduler steps; returns (lr used, grad norm)."""
     cfg, opt = run.cfg, run.optimizer
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if cfg.grad_clip > 0 else None
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip).item() if cfg.optim.grad_clip > 0 else None
     lr = opt.param_groups[0]["lr"]
     probes = getattr(run, "probes", None)
     if probes is not None:  # the --probe instruments: the gradients are final here
@@ -218,18 +218,18 @@ def optimizer_step(run: Run, params: list[torch.Tensor], step: int) -> tuple[flo
 def train(run: Run) -> dict:
     """Steps ``start_step`` .. ``max_steps`` (or until the corpus runs out); returns the summary."""
     cfg, env = run.cfg, run.env
-    if cfg.method == "relora":
+    if cfg.optim.method == "relora":
         from .lora import relora_restart
-    if env.enabled and not cfg.fsdp:
+    if env.enabled and not cfg.run.fsdp:
         ddp = DistributedDataParallel(run.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     else:
         ddp = run.model
     params = [p for p in run.model.parameters() if p.requires_grad]
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
+    tokens_per_step = cfg.data.batch_size * cfg.data.grad_accum * env.world_size * cfg.data.seq_len
     data_state = run.train_stream.state_dict()  # before the prefetch thread moves the stream on
-    prefetch = Prefetcher(run.train_stream, cfg.batch_size * env.world_size)
-    bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc=cfg.method, unit="step",
-               disable=not (cfg.progress and env.main), dynamic_ncols=True, file=sys.stderr)
+    prefetch = Prefetcher(run.train_stream, cfg.data.batch_size * env.world_size)
+    bar = tqdm(total=cfg.run.max_steps, initial=run.start_step, desc=cfg.optim.method, unit="step",
+               disable=not (cfg.run.progress and env.main), dynamic_ncols=True, file=sys.stderr)
     ranks = RankTracker(run.optimizer)
     from .probes import loop_probes, probe_summary  # the --probe instruments
     run.probes = loop_probes(cfg, run.model, run.optimizer, run.run_dir) if env.main else None
@@ -241,12 +241,12 @@ def train(run: Run) -> dict:
         if evaluation_missing(run):  # an interrupt cut the evaluation of the resumed step short
             last_eval = (run.start_step, evaluate(run))
             log_eval(run, *last_eval)
-        for step in range(run.start_step, cfg.max_steps):
+        for step in range(run.start_step, cfg.run.max_steps):
             t0 = time.perf_counter()
             try:
-                if cfg.method == "relora" and step > 0 and step % cfg.relora_every == 0:
+                if cfg.optim.method == "relora" and step > 0 and step % cfg.optim.relora_every == 0:
                     with stop.critical():
-                        relora_restart(run.model, run.optimizer, cfg.relora_prune)
+                        relora_restart(run.model, run.optimizer, cfg.optim.relora_prune)
                 try:
                     loss_sum, state = accumulate_gradients(run, ddp, prefetch)
                 except CorpusExhausted as err:
@@ -259,7 +259,7 @@ def train(run: Run) -> dict:
                     lr, grad_norm = optimizer_step(run, params, step)
                     done, data_state = step + 1, state
                     # one reduction for the logged loss and for a stop request (Ctrl-C) on any process
-                    shared = all_reduce_sum(torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(stop.requested), device=env.device)]), env)
+                    shared = all_reduce_sum(torch.stack([loss_sum / cfg.data.grad_accum, torch.tensor(float(stop.requested), device=env.device)]), env)
                     loss, interrupted = shared[0].item() / env.world_size, shared[1].item() > 0
                     if not math.isfinite(loss):
                         raise TrainingError(f"step {done}: the training loss is {loss}; lower --lr or set --grad-clip")
@@ -279,8 +279,8 @@ def train(run: Run) -> dict:
                         bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{ppl(loss):.1f}", lr=f"{lr:.2e}",
                                         tok_s=f"{session_tokens / session_time:,.0f}", refresh=False)
                         bar.update(1)
-                        if session_steps == ETA_AFTER_STEPS and done < cfg.max_steps:
-                            tqdm.write(eta_line(session_time / session_steps, cfg.max_steps - done), file=sys.stderr)
+                        if session_steps == ETA_AFTER_STEPS and done < cfg.run.max_steps:
+                            tqdm.write(eta_line(session_time / session_steps, cfg.run.max_steps - done), file=sys.stderr)
                     if interrupted:
                         save(run, done, data_state)
                         raise Interrupted(f"interrupted: checkpoint saved after step {done}; continue with: fullrank pretrain --resume {run.run_dir}")
@@ -288,11 +288,11 @@ def train(run: Run) -> dict:
                 if evaluated:
                     last_eval = (done, evaluate(run))
                     log_eval(run, *last_eval)
-                saved = (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps
+                saved = (cfg.run.save_every and done % cfg.run.save_every == 0) or done == cfg.run.max_steps
                 if saved:
                     with stop.critical():
                         save(run, done, data_state)
-                if evaluated and done < cfg.max_steps and requested_anywhere(stop, env):  # Ctrl-C during the evaluation
+                if evaluated and done < cfg.run.max_steps and requested_anywhere(stop, env):  # Ctrl-C during the evaluation
                     with stop.critical():
                         if not saved:
                             save(run, done, data_state)
@@ -317,7 +317,7 @@ ETA_AFTER_STEPS = 3
 
 
 def is_eval_step(cfg: C.TrainConfig, step: int) -> bool:
-    return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
+    return bool(cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == cfg.run.max_steps
 
 
 def requested_anywhere(stop: StopFlag, env) -> bool:
@@ -352,15 +352,15 @@ def summarize(run: Run, step: int, val_loss: float, tokens_per_s: float, stopped
 
     mem, kind = peak_memory(run.env.device)
     return {
-        "model": run.cfg.model, "method": run.cfg.method, "rank": run.cfg.rank,
+        "model": run.cfg.model.name, "method": run.cfg.optim.method, "rank": run.cfg.optim.rank,
         "parameters": run.n_params, "trainable_parameters": run.n_trainable,
         "steps": step, "tokens": run.tokens, "final_val_loss": val_loss, "final_val_ppl": ppl(val_loss),
         "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
         "projected_state_bytes": projected_state_bytes(run.optimizer),
-        "memory": memory_comparison(run.model, run.optimizer, run.cfg.target_modules),
+        "memory": memory_comparison(run.model, run.optimizer, run.cfg.optim.target_modules),
         "final_ranks": final_ranks(run.optimizer),
         "peak_memory_bytes": mem, "peak_memory_kind": kind, "tokens_per_s": tokens_per_s,
-        "train_time_s": run.train_time, "wall_time_s": wall_time(run), "threads": run.cfg.threads or None,
+        "train_time_s": run.train_time, "wall_time_s": wall_time(run), "threads": run.cfg.run.threads or None,
         "world_size": run.env.world_size, "device": str(run.env.device), "stopped_early": stopped_early,
         "run_dir": str(run.run_dir),
     }
@@ -376,18 +376,18 @@ def final_ranks(optimizer) -> dict | None:
 
 def header(run: Run) -> str:
     cfg, env = run.cfg, run.env
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
-    method = cfg.method if cfg.method == "adamw" else f"{cfg.method} (rank {cfg.rank})"
+    tokens_per_step = cfg.data.batch_size * cfg.data.grad_accum * env.world_size * cfg.data.seq_len
+    method = cfg.optim.method if cfg.optim.method == "adamw" else f"{cfg.optim.method} (rank {cfg.optim.rank})"
     resumed = f", resuming after step {run.start_step}" if run.start_step else ""
-    schedule = "" if cfg.schedule_steps in (None, cfg.max_steps) else (
-        f"; lr schedule planned for {cfg.schedule_steps} steps, then at the floor {cfg.min_lr_ratio:g} x lr")
+    schedule = "" if cfg.optim.schedule_steps in (None, cfg.run.max_steps) else (
+        f"; lr schedule planned for {cfg.optim.schedule_steps} steps, then at the floor {cfg.optim.min_lr_ratio:g} x lr")
     n_val = run.val_blocks.shape[0] * run.val_blocks.shape[1]
     return (
-        f"model {cfg.model}: {run.n_params:,} parameters ({run.n_params / 1e6:.2f}M), {run.n_trainable:,} trainable\n"
-        f"method {method}, lr {cfg.lr:g}, {cfg.max_steps} steps of {tokens_per_step:,} tokens "
-        f"({cfg.batch_size} x {cfg.grad_accum} x {env.world_size} x {cfg.seq_len}; recipe {C.resolved_recipe(cfg)}) "
-        f"= {tokens_per_step * cfg.max_steps:,} tokens{schedule}\n"
-        f"evaluation on {n_val:,} validation tokens every {cfg.eval_every or cfg.max_steps} steps; "
+        f"model {cfg.model.name}: {run.n_params:,} parameters ({run.n_params / 1e6:.2f}M), {run.n_trainable:,} trainable\n"
+        f"method {method}, lr {cfg.optim.lr:g}, {cfg.run.max_steps} steps of {tokens_per_step:,} tokens "
+        f"({cfg.data.batch_size} x {cfg.data.grad_accum} x {env.world_size} x {cfg.data.seq_len}; recipe {C.resolved_recipe(cfg)}) "
+        f"= {tokens_per_step * cfg.run.max_steps:,} tokens{schedule}\n"
+        f"evaluation on {n_val:,} validation tokens every {cfg.run.eval_every or cfg.run.max_steps} steps; "
         f"on {env.device}{resumed}\n"
         f"run dir {run.run_dir}"
     )
@@ -398,8 +398,8 @@ def finished(cfg: C.TrainConfig, ckpt) -> dict | None:
     if ckpt is None:
         return None
     step = int(load_checkpoint(ckpt, lazy=True)["step"])
-    summary_path = Path(cfg.out_dir) / "summary.json"
-    if step < cfg.max_steps or not summary_path.is_file():
+    summary_path = Path(cfg.run.out_dir) / "summary.json"
+    if step < cfg.run.max_steps or not summary_path.is_file():
         return None
     try:
         return json.loads(summary_path.read_text(encoding="utf-8"))
@@ -410,7 +410,7 @@ def finished(cfg: C.TrainConfig, ckpt) -> dict | None:
 def export_hf_model(run: Run) -> Path:
     """``RUN_DIR/hf_model``: the trained model (LoRA adapters merged) and the tokenizer, for
     ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``."""
-    if run.cfg.fsdp:  # gathered whole (collective), written by the main process from an unsharded copy
+    if run.cfg.run.fsdp:  # gathered whole (collective), written by the main process from an unsharded copy
         from .fsdp import full_model_state
         from .models import build_model
         state = full_model_state(run.model)
@@ -428,20 +428,20 @@ def pretrain(overrides: dict) -> dict:
     cfg, ckpt = resolve_config(overrides)
     done = finished(cfg, ckpt)
     if done is not None:
-        print(f"run {cfg.out_dir} already finished {done.get('steps', cfg.max_steps)} of {cfg.max_steps} steps: "
-              f"nothing to do (outputs unchanged); pass --max-steps N (N > {cfg.max_steps}) to extend it", flush=True)
+        print(f"run {cfg.run.out_dir} already finished {done.get('steps', cfg.run.max_steps)} of {cfg.run.max_steps} steps: "
+              f"nothing to do (outputs unchanged); pass --max-steps N (N > {cfg.run.max_steps}) to extend it", flush=True)
         return done
-    env = setup(cfg.device, single_process_group=cfg.fsdp)
+    env = setup(cfg.run.device, single_process_group=cfg.run.fsdp)
     threads_note = None
     if env.device.type == "cpu":
-        threads, why = choose_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        if ckpt is not None and cfg.threads and "threads" not in overrides:
+        threads, why = choose_threads(cfg.run.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if ckpt is not None and cfg.run.threads and "threads" not in overrides:
             why = "the run's first session's: the same float sums, so the same losses"
-        cfg = dataclasses.replace(cfg, threads=threads)  # recorded in config.yaml and the checkpoints
+        cfg = cfg.replace(threads=threads)  # recorded in config.yaml and the checkpoints
         torch.set_num_threads(threads)
         threads_note = f"CPU threads: {threads} ({why}; --threads N sets it)"
-    elif cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    elif cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
     run, finished_here = None, False
     try:
         run = build_run(cfg, env, ckpt)
@@ -453,16 +453,16 @@ def pretrain(overrides: dict) -> dict:
         finally:
             if env.main:
                 run.log.close()
-        if cfg.fsdp:
+        if cfg.run.fsdp:
             export_hf_model(run)  # (collective)
         if env.main:
-            if not cfg.fsdp:
+            if not cfg.run.fsdp:
                 export_hf_model(run)
             (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-            plot_runs([run.run_dir], run.run_dir / "loss.png", title=f"{cfg.model} {cfg.method}")
+            plot_runs([run.run_dir], run.run_dir / "loss.png", title=f"{cfg.model.name} {cfg.optim.method}")
             rank_png = run.run_dir / "rank.png"
             if ranks_changed(run.run_dir):
-                plot_ranks(run.run_dir, rank_png, title=f"{cfg.model} {cfg.method}: rank per matrix")
+                plot_ranks(run.run_dir, rank_png, title=f"{cfg.model.name} {cfg.optim.method}: rank per matrix")
             else:
                 rank_png.unlink(missing_ok=True)
             print(format_summary(summary), flush=True)

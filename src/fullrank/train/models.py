@@ -98,3 +98,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(all parameters, trainable parameters), each tensor counted once."""
     params = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' activation (gradient) checkpointing of every decoder layer, non-reentrant."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the older name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError(f"--activation-checkpointing: {type(model).__name__} is not a transformers model")

@@ -32,18 +32,18 @@ def default_probe_ranks(model: nn.Module, target_modules=("self_attn", "mlp")) -
 
 def loop_probes(cfg, model: nn.Module, optimizer, run_dir: str | Path) -> Probes | None:
     """The probes ``fullrank pretrain`` carries for a config with ``probe`` (and ``probe_ranks``) set;
-    None when ``cfg.probe`` is empty. Call on the main process only."""
+    None when ``cfg.run.probe`` is empty. Call on the main process only."""
     try:
-        names = parse_probe_names(getattr(cfg, "probe", ""))
+        names = parse_probe_names(cfg.run.probe)
     except ValueError as err:
         raise ConfigError(f"--probe: {err}") from None
     if not names:
         return None
-    if getattr(cfg, "layerwise", False):
+    if cfg.optim.layerwise:
         raise ConfigError("--probe: not available with --layerwise (each gradient is freed during backward, "
                           "before the probes can read it); drop one of them")
-    targets = tuple(cfg.target_modules)
-    given = getattr(cfg, "probe_ranks", None) or []
+    targets = tuple(cfg.optim.target_modules)
+    given = cfg.run.probe_ranks or []
     try:
         ranks = [int(r) for r in given]
     except (TypeError, ValueError):
@@ -51,9 +51,9 @@ def loop_probes(cfg, model: nn.Module, optimizer, run_dir: str | Path) -> Probes
     if any(r < 1 for r in ranks):
         raise ConfigError(f"--probe-ranks: give integers >= 1 (comma-separated), got {given}")
     ranks = ranks or default_probe_ranks(model, targets)
-    return make_probes(model, optimizer, run_dir, update_proj_gap=cfg.update_proj_gap,
+    return make_probes(model, optimizer, run_dir, update_proj_gap=cfg.optim.update_proj_gap,
                        scaling_ranks=ranks if "scaling" in names else None, spikes="spikes" in names,
-                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, target_modules=targets, seed=cfg.seed)
+                       betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, target_modules=targets, seed=cfg.run.seed)
 
 
 def probe_summary(run_dir: str | Path) -> dict:

@@ -40,14 +40,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_sche
 
 
 def schedule_fn(cfg) -> WarmupCosine:
-    relora = cfg.method == "relora"
-    steps = cfg.schedule_steps or cfg.max_steps
+    relora = cfg.optim.method == "relora"
+    steps = cfg.optim.schedule_steps or cfg.run.max_steps
     return WarmupCosine(
         max_steps=steps,
-        warmup=max(1, round(cfg.warmup_ratio * steps)) if cfg.warmup_ratio > 0 else 0,
-        min_ratio=cfg.min_lr_ratio,
-        restart_every=cfg.relora_every if relora else 0,
-        restart_warmup=cfg.relora_warmup if relora else 0,
+        warmup=max(1, round(cfg.optim.warmup_ratio * steps)) if cfg.optim.warmup_ratio > 0 else 0,
+        min_ratio=cfg.optim.min_lr_ratio,
+        restart_every=cfg.optim.relora_every if relora else 0,
+        restart_warmup=cfg.optim.relora_warmup if relora else 0,
     )
 
 
