@@ -40,23 +40,22 @@ def _fullrank_checkpointer(checkpoint) -> CheckpointManager.Config:
     return CheckpointManager.Config(**{f.name: getattr(checkpoint, f.name) for f in fields(checkpoint) if f.init})
 
 
+def _with_fira(config: Trainer.Config, rank: int, scale: float) -> Trainer.Config:
+    """torchtitan's ``config`` with Fira (paper lr, T and γ; ``rank`` and α = ``scale``) and
+    fullrank's checkpointer."""
+    config.optimizer = subspace_optimizer("fira", lr=PAPER_LR, rank=rank, update_proj_gap=PAPER_UPDATE_PROJ_GAP,
+                                          scale=scale, gamma=PAPER_GAMMA)
+    config.checkpoint = _fullrank_checkpointer(config.checkpoint)
+    return config
+
+
 def llama3_debugmodel_fira() -> Trainer.Config:
     """torchtitan's ``llama3_debugmodel`` (6 layers, d_model 256, its test tokenizer and c4_test data)
     trained by Fira at rank 64, lr 0.01, T = 200, α = 0.25, γ = 1.01."""
-    config = llama3_registry.llama3_debugmodel()
-    config.optimizer = subspace_optimizer("fira", lr=PAPER_LR, rank=DEBUGMODEL_RANK,
-                                          update_proj_gap=PAPER_UPDATE_PROJ_GAP, scale=PAPER_SCALE_SMALL,
-                                          gamma=PAPER_GAMMA)
-    config.checkpoint = _fullrank_checkpointer(config.checkpoint)
-    return config
+    return _with_fira(llama3_registry.llama3_debugmodel(), DEBUGMODEL_RANK, PAPER_SCALE_SMALL)
 
 
 def llama3_8b_fira() -> Trainer.Config:
     """torchtitan's ``llama3_8b`` trained by Fira with the paper's ≥ 1B settings: rank 1024, lr 0.01,
     T = 200, α = 0.0625, γ = 1.01."""
-    config = llama3_registry.llama3_8b()
-    config.optimizer = subspace_optimizer("fira", lr=PAPER_LR, rank=PAPER_RANK_7B,
-                                          update_proj_gap=PAPER_UPDATE_PROJ_GAP, scale=PAPER_SCALE_LARGE,
-                                          gamma=PAPER_GAMMA)
-    config.checkpoint = _fullrank_checkpointer(config.checkpoint)
-    return config
+    return _with_fira(llama3_registry.llama3_8b(), PAPER_RANK_7B, PAPER_SCALE_LARGE)
