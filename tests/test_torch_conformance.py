@@ -302,6 +302,30 @@ def test_readme_trainer_snippet_prints_no_third_party_warning(tmp_path):
     assert run.stdout.splitlines()[-1] == "trained"
 
 
+EIGHT_BIT_SCRIPT = """
+import torch
+import fullrank
+torch.manual_seed(0)
+w = torch.nn.Parameter(torch.randn(64, 96))
+opt = fullrank.Fira([{"params": [w], "rank": 8}], lr=1e-2, states="8bit")
+w.grad = torch.randn(64, 96)
+opt.step()
+print("stepped")
+"""
+
+
+def test_8bit_states_in_a_user_script_print_nothing_on_stderr():
+    """``states="8bit"`` imports bitsandbytes, whose CPU backend logs about its optional kernels on
+    import: a script that asks for 8-bit states sees only its own output."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", EIGHT_BIT_SCRIPT], check=False, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "", run.stderr
+    assert run.stdout.splitlines() == ["stepped"]
+
+
 def test_quiet_third_party_raises_unset_loggers_to_error_and_keeps_chosen_levels():
     import logging
 
