@@ -13,8 +13,8 @@ measured peak. Target (issue #17): within 5% of the traced peak, for llama_tiny 
 ``--nproc N`` checks the sharded trace (``fullrank memory --fsdp --nproc N``, a fake process group,
 rank 0 traced) against N real CPU processes (gloo) running the same FSDP2 step: each process
 measures its own peak with the profiler, and the trace of each rank (``traced_rank``) is compared
-with that process's; one more step, on a small model of its own (``REFRESH_MODEL``), peaks in the
-refresh on rank 0. Target: within 1%. What gloo allocates for itself and frees it makes out of the
+with that process's; one more step, on a small model of its own (``REFRESH_MODEL``), refreshes three
+matrices, two owned by rank 0 and one by rank 1. Target: within 1%. What gloo allocates for itself and frees it makes out of the
 profiler's sight are handled in ``profiled_peak`` and ``synchronous_collectives``.
 
 The GPU side (``torch.cuda.max_memory_allocated`` for llama_350m and llama_1b) is
@@ -52,9 +52,8 @@ TOLERANCE = 0.05
 NPROC_TOLERANCE = 0.01
 # the sharded cases: every case of the one-process check
 NPROC_CASES = dict(CASES)
-# A step whose peak is the refresh on its owner: only the down projections are projected (one per
-# layer, 3 layers: rank 0 owns two of them, rank 1 one), on a model with a tiny vocabulary and a
-# short sequence, so the whole gradients gathered to their owner are the largest thing alive.
+# A step with an uneven refresh: only the down projections are projected (one per layer, 3 layers:
+# rank 0 owns two of them, rank 1 one), on a model with a tiny vocabulary and a short sequence.
 REFRESH_CASE = "fira_refresh_owner"
 REFRESH_SETTINGS = dict(method="fira", weights="fp32", rank=8, target_modules=("down_proj",))
 REFRESH_MODEL = dict(vocab_size=64, hidden_size=128, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,

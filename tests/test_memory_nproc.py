@@ -100,18 +100,17 @@ def test_the_layers_being_computed_are_whole_in_bf16(small):
     assert gathered < output + embedding, (gathered, output, embedding)
 
 
-def test_rank_0_counts_the_whole_gradients_it_gathers_for_a_refresh(tmp_path):
-    """Only the three down projections are projected (rank 0 owns two, rank 1 one): rank 0's peak is
-    the refresh, with at least its two whole fp32 gradients among the temporaries; rank 1 owns one,
-    and its peak is lower."""
+def test_an_owner_gathers_one_whole_gradient_at_a_time(tmp_path):
+    """Only the three down projections are projected and all refresh in the traced step: rank 0 owns
+    two of the refreshes, rank 1 one. The refresh runs in rounds of one matrix per owner, so rank 0
+    never holds its two whole gradients at once and both ranks peak alike (in backward, not in the
+    refresh)."""
     path = memory_check.refresh_model(tmp_path)
     settings = dict(memory_check.REFRESH_SETTINGS, batch_size=1, seq_len=8, nproc=2, fsdp=True)
     owner = trace(path, **settings)
     other = trace(path, **settings, traced_rank=1)
-    whole = 128 * 512 * 4
-    assert owner.peak_phase.startswith("optimizer step")
-    assert owner.by_category["temporaries"] >= 2 * whole
-    assert owner.peak_bytes > other.peak_bytes
+    assert owner.peak_bytes == other.peak_bytes
+    assert owner.peak_phase.startswith("backward")
 
 
 def test_trace_is_within_1_percent_of_two_real_gloo_processes(tmp_path):
@@ -224,14 +223,14 @@ def test_llama_13b_and_70b_are_llama_2_with_grouped_query_attention():
 
 def test_layerwise_on_fsdp_frees_each_gradient_shard_after_its_step(tmp_path):
     """``--layerwise --fsdp`` goes through ``fullrank pretrain``'s layer-wise optimizer on the sharded
-    model: each shard steps once reduce-scattered and its gradient goes. The refresh-owner step,
-    whose peak holds every gradient shard without it, peaks lower and with almost none of them."""
+    model: each shard steps once reduce-scattered and its gradient goes. The step whose peak holds
+    almost every gradient shard without it peaks lower and with almost none of them."""
     path = memory_check.refresh_model(tmp_path)
     settings = dict(memory_check.REFRESH_SETTINGS, batch_size=1, seq_len=8, nproc=2, fsdp=True)
     plain = trace(path, **settings)
     layerwise = trace(path, **settings, layerwise=True)
     assert layerwise.settings["layerwise"] and layerwise.settings["fsdp"]
-    assert plain.peak_phase.startswith("optimizer step") and plain.by_category["gradients"] > 0
+    assert plain.by_category["gradients"] > 0
     assert layerwise.by_category["gradients"] < plain.by_category["gradients"] / 4
     assert layerwise.peak_bytes < plain.peak_bytes
 

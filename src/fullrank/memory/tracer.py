@@ -24,10 +24,10 @@ fp32 gradient reduction) and the optimizer is built on the DTensor shards; torch
 unsharded parameters of the layers being computed, and the all-gather buffers they are copied out
 of) and ``reduce_scatter_inputs`` (the whole gradients of a layer before the reduce-scatter, and
 its input buffer). ``weights`` and ``gradients`` are then the rank's shards. The optimizer's own
-collectives run too: in a refresh each due gradient is gathered whole to its owner rank and rank 0
-owns the first (and the most) of them, so its gathered copies are among rank 0's temporaries, and
-so is the exact SVD's own copy of its input (torch clones the matrix inside the op for LAPACK or
-cuSOLVER, below any tracker; it is added at that op, as the refresh is often a sharded step's peak).
+collectives run too: in a refresh each due gradient is gathered whole to its owner rank, one per
+owner at a time, so the gathered copy is among the owner's temporaries, and so is the exact SVD's
+own copy of its input (torch clones the matrix inside the op for LAPACK or cuSOLVER, below any
+tracker; it is added at that op, for a refresh that is a step's peak).
 FSDP2 keeps ⌈m/N⌉ rows of storage for an m-row weight on every rank; the last ranks use fewer
 rows and keep less optimizer state: rank 0 is the heaviest or as heavy.
 """

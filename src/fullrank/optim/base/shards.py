@@ -15,8 +15,9 @@ updates equal the unsharded optimizer's — and every rank keeps only its share 
 * **norms of whole matrices** (‖ψ‖, ‖R‖ of eq. 10, ‖S‖ of eq. 12, ‖G‖): partial sums of squares,
   summed by an all-reduce of one B-vector per bucket; the limiter then sees the same norms on
   every rank, so its kept norm is replicated.
-* **refresh** (exact, randomized or warm SVD): the due matrices of a shape are dealt round-robin to
-  owner ranks; each matrix's gradient is **gathered to its owner** only, the owner runs exactly the
+* **refresh** (exact, randomized or warm SVD): the due matrices of a shape are dealt to owner ranks
+  in rounds of w (one matrix per owner and round, so an owner holds one whole gradient at a time);
+  each matrix's gradient is **gathered to its owner** only, the owner runs exactly the
   unsharded refresh on the whole gradient (so P is bit-for-bit the one a single process would find,
   and the SVD work is split w ways), then **broadcasts** the new P (m×r) or Q (r×n) and, for an
   adaptive rank, the rank. Rank k keeps its rows of P. AdaRankGrad's moment rotation is local for a

@@ -63,14 +63,23 @@ def due_subspaces(plan: GroupPlan, items: list[Item], states, flagged: set[int],
 
 def sharded_subspaces(plan: GroupPlan, pairs: list, geometry: tuple) -> list[NewSubspace]:
     """The refresh of FSDP2 row-sharded matrices of one ``geometry`` (shape, side, warm;
-    ``base/shards.py``): the due matrices are dealt round-robin to owner ranks, the first to rank
-    ``ordinal % w`` (a layer-wise refresh of one matrix), and each is gathered whole to its owner; the
-    owners run the unsharded refresh on their matrices at the same time (the SVD work is split w
-    ways), then each broadcasts its new P or Q (and the ranks). An owner holds its share of the due
-    gradients whole meanwhile. Returns the whole new bases on every rank."""
+    ``base/shards.py``), in rounds of w matrices (w ranks): in each round the matrices are dealt to
+    the owner ranks, the first to rank ``ordinal % w`` (a layer-wise refresh of one matrix), and each
+    is gathered whole to its owner; the owners run the unsharded refresh at the same time (the SVD work
+    is split w ways), then each broadcasts its new P or Q (and the ranks). An owner holds one whole
+    gradient at a time, not its share of the bucket. Returns the whole new bases on every rank."""
+    shard = pairs[0][0].shard
+    shards.BucketShard(shard, geometry[1])  # refuses what cannot be sharded, before any collective
+    found: list = []
+    for start in range(0, len(pairs), shard.world):
+        found.extend(_sharded_round(plan, pairs[start:start + shard.world], geometry))
+    return found
+
+
+def _sharded_round(plan: GroupPlan, pairs: list, geometry: tuple) -> list[NewSubspace]:
+    """One round of :func:`sharded_subspaces`: at most one matrix per owner rank."""
     shape, side, warm = geometry
     shard = pairs[0][0].shard
-    shards.BucketShard(shard, side)  # refuses what cannot be sharded, before any collective
     grads = stack([item.grad for item, _ in pairs])
     first = pairs[0][0].ordinal % shard.world
     dealt = [(owner, positions) for owner, positions in enumerate(shards.deal(len(pairs), shard.world, first))
