@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fullrank.optim import layerwise, make_optimizer, param_groups
 from fullrank.optim.base.shards import CommLog
+from fullrank.train.distributed import cleanup
 
 VOCAB, HIDDEN, INTERMEDIATE, RANK, GAP = 61, 36, 51, 8, 3
 STEPS = 7
@@ -322,9 +323,8 @@ def run_phase(rank: int, world: int, init_file: str, out_dir: str, phase: str, b
         dist.all_gather_object(gathered, result)
         if rank == 0:
             (Path(out_dir) / f"{phase}.json").write_text(json.dumps(gathered))
-        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        cleanup(synchronize=True)  # free the runs' FSDP2 state and pending gloo work before the group goes
 
 
 def main(rank: int, world: int, init_file: str, out_dir: str, phase: str) -> None:

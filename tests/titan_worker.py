@@ -30,6 +30,7 @@ from torchtitan.models.llama3 import model_registry
 
 import fullrank
 from fullrank.titan import CheckpointManager, subspace_optimizer
+from fullrank.train.distributed import cleanup
 
 VOCAB = 2048
 LAYERS = 2
@@ -216,9 +217,10 @@ def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.all_gather_object(gathered, result)
         if rank == 0:
             (out / "titan.json").write_text(json.dumps(gathered))
-        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        # what the runs left (FSDP2 state, pending gloo work) goes before the group does, as in
+        # ``fullrank pretrain``: freed at interpreter exit it aborts the process (SIGABRT)
+        cleanup(synchronize=True)
 
 
 if __name__ == "__main__":  # by hand: python tests/titan_worker.py OUT_DIR
