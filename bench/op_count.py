@@ -84,6 +84,22 @@ def count_steady(package, method: str, layers: int, device: torch.device = torch
     return sum(top_level_ops(opt.step).values())
 
 
+def device_generic_norms(package) -> None:
+    """Count the device-generic column norms (as on a GPU) in ``package``: its CPU row blocking off,
+    wherever its version keeps the switch (``optim/base/norms.py``; ``optim/residual.py`` before)."""
+    import importlib
+
+    for module in ("optim.base.norms", "optim.residual"):
+        try:
+            found = importlib.import_module(f"{package.__name__}.{module}")
+        except ImportError:
+            continue
+        if hasattr(found, "CPU_ROW_BLOCK"):
+            found.CPU_ROW_BLOCK = 0
+            return
+    raise RuntimeError(f"{package.__name__}: no CPU_ROW_BLOCK switch found to count the device-generic path")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 6, 12])
@@ -96,14 +112,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import fullrank
-    from fullrank.optim.base import norms
-
-    if not args.cpu_path:
-        norms.CPU_ROW_BLOCK = 0
 
     engines = {"v2": fullrank}
     if args.baseline_ref:
         engines[f"baseline@{args.baseline_ref}"] = tm.load_baseline(args.baseline_ref)
+    if not args.cpu_path:
+        for package in engines.values():
+            device_generic_norms(package)
     rows = []
     for layers in args.layers:
         adamw = count_steady(fullrank, "adamw_foreach", layers)

@@ -120,6 +120,14 @@ def build_plan(group: dict, names: list[str]) -> GroupPlan:
     return GroupPlan(values, AdamOptions.of(values), STORE_REGISTRY.get(values.states), units)
 
 
+def _signature_value(group: dict, name: str, missing):
+    """A group option as the plan cache compares it. ``capturable`` is read as a bool: from torch
+    2.15, Dynamo hands a compiled step a trace-time stand-in for every group's ``capturable`` (so
+    that torch's optimizers take their tensor path) that converts to bool and supports nothing else."""
+    value = group.get(name, missing)
+    return bool(value) if name == "capturable" and value is not missing else value
+
+
 class Plans:
     """Each group's plan, kept while its options and the declared units stay as they are."""
 
@@ -138,7 +146,7 @@ class Plans:
     def of(self, group: dict, offset: int = 0) -> GroupPlan:
         """The plan of ``group`` (``offset``: its first parameter's position over all groups, for names)."""
         names = self._option_names()
-        signature = (declaration_version(), tuple(group.get(name, self._MISSING) for name in names))
+        signature = (declaration_version(), tuple(_signature_value(group, name, self._MISSING) for name in names))
         cached = self._plans.get(id(group))
         if cached is not None and cached[0] == signature:
             return cached[1]
