@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import importlib
 
+from ._quiet import quiet_third_party
+
 __version__ = "0.1.0"
+
+# bitsandbytes (8-bit states; imported by peft and galore-torch too) logs about optional kernels of
+# its CPU backend on import: quieted by logger name and level, for the command line and user scripts
+quiet_third_party()
 
 _SUBPACKAGES = ("optim", "memory")
 

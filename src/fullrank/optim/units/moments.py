@@ -230,9 +230,6 @@ def require_bitsandbytes(name: str) -> None:
     """A clear error when ``states='8bit'`` is asked for without bitsandbytes installed."""
     if name != "8bit":
         return
-    from ..._quiet import quiet_third_party
-
-    quiet_third_party()  # its CPU backend logs about optional 4-bit kernels on import (see fullrank/_quiet.py)
     try:
         import bitsandbytes.functional  # noqa: F401
     except ImportError as err:
