@@ -86,7 +86,7 @@ def command(model: str, settings: dict) -> str:
     return " ".join(parts)
 
 
-def run_nproc(models, counts, goals=True) -> list[dict]:
+def run_nproc(models, counts, goals=True, on_row=None) -> list[dict]:
     """Every NPROC_ROWS setting of every model on every number of ranks (and the GOALS)."""
     from fullrank.memory import trace
     from fullrank.train.errors import ConfigError
@@ -117,6 +117,8 @@ def run_nproc(models, counts, goals=True) -> list[dict]:
                 row["met"] = False
             print(f"{model:<10}{label:<36}{settings['nproc']:>3} ranks    error: {err}", flush=True)
         out.append(row)
+        if on_row is not None:
+            on_row(out)
     return out
 
 
@@ -262,14 +264,19 @@ def main_nproc(args, argv: list) -> int:
         raise SystemExit(f"--nproc: rank counts must be positive integers, got {counts[0]}")
     models = args.models or list(NPROC_MODELS)
     start = time.perf_counter()
-    rows = run_nproc(models, counts, goals=args.goals)
     output = args.output or NPROC_RESULTS
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(dict(
-        command=" ".join(["PYTHONPATH=src python bench/memory_table.py", *argv]), date=time.strftime("%Y-%m-%d"),
-        torch=torch.__version__, threads=torch.get_num_threads(), load_average=os.getloadavg(),
-        wall_s=time.perf_counter() - start, nproc=counts, batch_size=1, seq_len=256, traced_rank=0, rows=rows),
-        indent=2) + "\n")
+
+    def save(rows: list[dict], complete: bool) -> None:
+        """The results so far (after every trace: a run stopped midway keeps what it traced)."""
+        output.write_text(json.dumps(dict(
+            command=" ".join(["PYTHONPATH=src python bench/memory_table.py", *argv]), date=time.strftime("%Y-%m-%d"),
+            torch=torch.__version__, threads=torch.get_num_threads(), load_average=os.getloadavg(),
+            wall_s=time.perf_counter() - start, complete=complete, nproc=counts, batch_size=1, seq_len=256,
+            traced_rank=0, rows=rows), indent=2) + "\n")
+
+    rows = run_nproc(models, counts, goals=args.goals, on_row=lambda done: save(done, False))
+    save(rows, True)
     print(nproc_markdown(rows, counts))
     print(f"wrote {output}")
     return 0
