@@ -14,8 +14,9 @@ measured peak. Target (issue #17): within 5% of the traced peak, for llama_tiny 
 rank 0 traced) against N real CPU processes (gloo) running the same FSDP2 step: each process
 measures its own peak with the profiler, and the trace of each rank (``traced_rank``) is compared
 with that process's; one more step, on a small model of its own (``REFRESH_MODEL``), refreshes three
-matrices, two owned by rank 0 and one by rank 1. Target: within 1%. What gloo allocates for itself and frees it makes out of the
-profiler's sight are handled in ``profiled_peak`` and ``synchronous_collectives``.
+matrices, two owned by rank 0 and one by rank 1. Target: within 1%. What the CPU's collectives allocate for themselves, and the frees
+that gloo makes out of the profiler's sight, are handled in ``profiled_peak`` and
+``synchronous_collectives``.
 
 The GPU side (``torch.cuda.max_memory_allocated`` for llama_350m and llama_1b) is
 ``bench/gpu_check.py``'s ``memory_trace_check``.
@@ -94,8 +95,10 @@ def _alive_bytes(*objects) -> int:
 
 def _allocations(prof) -> list[tuple[int, tuple[int, int], int, bool]]:
     """(time, (thread, pointer), bytes, inside a collective) of every CPU allocation (bytes > 0) and
-    free (bytes < 0) the profiler saw, in time order; "inside a collective": under a ``c10d::`` op or
-    a ``gloo:`` work item. A block is freed on the thread that allocated it here (gloo's worker
+    free (bytes < 0) the profiler saw, in time order; "scratch": made under a ``c10d::`` op or a
+    ``gloo:`` work item, or inside the reduce-scatter copy-in (``fsdp::chunk_cat…``: the CPU's
+    ``_chunk_cat`` concatenates a shape's gradients in their own dtype before casting them into the
+    fp32 input, where CUDA's kernel casts as it copies). A block is freed on the thread that allocated it here (gloo's worker
     threads free their own scratch), so (thread, pointer) names one block even when the allocator
     hands the same address to another thread and the two threads' time stamps interleave."""
     from torch._C._profiler import _EventType
@@ -103,7 +106,7 @@ def _allocations(prof) -> list[tuple[int, tuple[int, int], int, bool]]:
     out, stack = [], [(e, False) for e in prof.profiler.kineto_results.experimental_event_tree()]
     while stack:
         event, inside = stack.pop()
-        inside = inside or event.name.startswith(("c10d::", "gloo:"))
+        inside = inside or event.name.startswith(SCRATCH_OPS)
         if event.tag == _EventType.Allocation:
             out.append((event.start_time_ns, (event.start_tid, event.extra_fields.ptr), event.extra_fields.alloc_size,
                         inside))
@@ -111,6 +114,7 @@ def _allocations(prof) -> list[tuple[int, tuple[int, int], int, bool]]:
     return sorted(out)
 
 
+SCRATCH_OPS = ("c10d::", "gloo:", "fsdp::chunk_cat")  # CPU-only memory of the collectives (``_allocations``)
 SETTLE_S = 0.002  # after a collective: time for gloo's worker thread to let go of it
 
 
@@ -140,9 +144,9 @@ def profiled_peak(model: str, batch_size: int = 2, seq_len: int = 64, mesh=None,
     """Peak bytes of a real CPU run of the traced iterations, from the profiler's memory events
     (with ``mesh``: this process's, its model sharded over ``mesh`` as the sharded trace shards it).
 
-    ``peak_bytes`` counts every allocation. ``peak_bytes_without_gloo_scratch`` leaves out the
-    memory that gloo's collectives allocate for themselves (an allocation made inside a ``c10d::``
-    collective or a ``gloo:`` work item, and its free, wherever it happens): gloo's CPU
+    ``peak_bytes`` counts every allocation. ``peak_bytes_without_cpu_scratch`` leaves out the
+    memory that the CPU's collectives allocate for themselves (``SCRATCH_OPS``; an allocation made
+    inside one, and its free, wherever it happens): gloo's CPU
     reduce-scatter clones its whole input and its all-gather gathers into a buffer of its own
     before copying out. NCCL on a GPU works in the buffers it is given (its own staging memory is
     not torch's), and the trace's fake process group allocates nothing either. Without a process
@@ -162,13 +166,13 @@ def profiled_peak(model: str, batch_size: int = 2, seq_len: int = 64, mesh=None,
         alive += nbytes
         peak = max(peak, alive)
     peak_outside, scratch_bytes, unseen = _peak_without_scratch(events)
-    return dict(peak_bytes=base + peak, peak_bytes_without_gloo_scratch=base + peak_outside,
-                largest_gloo_scratch_bytes=scratch_bytes, unseen_frees=unseen, start_bytes=base,
+    return dict(peak_bytes=base + peak, peak_bytes_without_cpu_scratch=base + peak_outside,
+                largest_cpu_scratch_bytes=scratch_bytes, unseen_frees=unseen, start_bytes=base,
                 end_bytes=base + alive, events=len(events))
 
 
 def _peak_without_scratch(events) -> tuple[int, int, int]:
-    """(peak of the bytes alive outside gloo's scratch, the largest scratch block, frees the
+    """(peak of the bytes alive outside the CPU scratch, the largest scratch block, frees the
     profiler did not see) over ``_allocations`` events.
 
     The profiler records a free only on a thread it watches; gloo's worker threads are watched
@@ -248,12 +252,12 @@ def compare_sharded(jobs: list, nproc: int = 2) -> list[dict]:
         for k, real in enumerate(ranks):
             traced = trace(model, batch_size=batch_size, seq_len=seq_len, nproc=nproc, fsdp=True, traced_rank=k,
                            **sharded_settings(case))
-            measured = real["peak_bytes_without_gloo_scratch"]
+            measured = real["peak_bytes_without_cpu_scratch"]
             error = traced.peak_bytes / measured - 1
             rows.append(dict(model=model, case=case, nproc=nproc, rank=k, batch_size=batch_size, seq_len=seq_len,
                              traced_bytes=traced.peak_bytes, measured_bytes=measured,
-                             measured_bytes_with_gloo_scratch=real["peak_bytes"],
-                             largest_gloo_scratch_bytes=real["largest_gloo_scratch_bytes"], relative_error=error,
+                             measured_bytes_with_cpu_scratch=real["peak_bytes"],
+                             largest_cpu_scratch_bytes=real["largest_cpu_scratch_bytes"], relative_error=error,
                              within=abs(error) <= NPROC_TOLERANCE, traced_phase=traced.peak_phase,
                              traced_by_category=traced.by_category, trace_seconds=traced.seconds))
     return rows
@@ -308,11 +312,11 @@ def main_sharded(args, argv: list) -> int:
     for row in rows:  # the refresh model's config is in the JSON, its temporary path is not
         row["model"] = "refresh_model" if row["case"] == REFRESH_CASE else row["model"]
     print(f"{'model':<14}{'case':<26}{'rank':>5}{'traced MiB':>11}{'measured MiB':>13}{'error':>9}"
-          f"{'with gloo scratch':>19}")
+          f"{'with CPU scratch':>19}")
     for row in rows:
         print(f"{row['model']:<14}{row['case']:<26}{row['rank']:>5}{row['traced_bytes'] / 2**20:>11.2f}"
               f"{row['measured_bytes'] / 2**20:>13.2f}{row['relative_error']:>+9.3%}"
-              f"{row['measured_bytes_with_gloo_scratch'] / 2**20:>19.2f}")
+              f"{row['measured_bytes_with_cpu_scratch'] / 2**20:>19.2f}")
     output = args.output or NPROC_RESULTS
     output.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(["PYTHONPATH=src python bench/memory_check.py", *argv])

@@ -148,8 +148,11 @@ def test_a_rejected_rank_does_not_stay_in_the_group():
     saved["param_groups"][0]["rank"] = 3  # the states are rank-2 moments: refused
     model = _model()
     opt = _trained(model, rank=2)
-    _refused_load_changes_nothing(opt, model, saved, "rank")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _refused_load_changes_nothing(opt, model, saved, "rank")
     assert opt.param_groups[0]["rank"] == 2
+    assert not [w for w in caught if "training continues" in str(w.message)], "a refused load said it continues"
 
 
 def test_loading_another_rank_warns_naming_both():

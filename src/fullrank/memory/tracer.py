@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -109,6 +110,37 @@ def _tracker_class(sharded: bool = False):
             if t is None:  # a layer-wise hook freed the gradient before the tracker's own hook ran
                 return set()
             return super()._update_and_maybe_create_winfos(t, reftype, update_existing)
+
+        if sharded:
+            def _fsdp_param_group_post_backward(self, fsdp_mod, original):
+                """torch's wrapper of FSDP's post-backward (categories before and after it), less one
+                reference: torch's keeps the group's last unsharded gradient in a local variable
+                until the post-backward returns, which no real run has. FSDP frees the unsharded
+                gradients once they are copied into the reduce-scatter input (torch 2.15; torch
+                2.13's reduce keeps the last one alive to its end in a loop variable of its own, which
+                the trace then follows as the real run does)."""
+                from torch.distributed._tools.fsdp2_mem_tracker import _FSDPModState, _FSDPState
+
+                @functools.wraps(original)
+                def post_backward(*args, **kwargs):
+                    group = fsdp_mod._get_fsdp_state()._fsdp_param_group
+                    self._track_group_grads(group, "_unsharded_param", Ref.UNSHARDED_GRAD)
+                    snapshots = self.memory_tracking[fsdp_mod].snapshots
+                    snapshots.setdefault(_FSDPModState.BEF_POST_BW, []).append(self.get_tracker_snapshot())
+                    self._fsdp_state = _FSDPState.POST_BW
+                    original(*args, **kwargs)
+                    self._track_group_grads(group, "sharded_param", Ref.SHARDED_GRAD)
+                    snapshots.setdefault(_FSDPModState.AFT_POST_BW, []).append(self.get_tracker_snapshot())
+
+                return post_backward
+
+            def _track_group_grads(self, group, attribute, reftype) -> None:
+                """Categorize the gradients of ``group``'s parameters (``attribute``: the unsharded or
+                the sharded ones) without holding any of them after the call."""
+                for fsdp_param in group.fsdp_params if group else ():
+                    if getattr(fsdp_param, attribute).grad is not None:
+                        self._update_and_maybe_create_winfos(getattr(fsdp_param, attribute).grad, reftype,
+                                                             update_existing=reftype is Ref.UNSHARDED_GRAD)
 
         def _update_peak_stats(self, peak_state):
             # the global peak only: torch's also updates every module's peak (not reported here), at

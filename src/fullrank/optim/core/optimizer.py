@@ -171,22 +171,26 @@ class SubspaceAdamW(Optimizer):
         super().load_state_dict(state_dict)
         self._forget()
         try:
-            self._check_loaded(saved_ids, saved_state, configured)
+            rank_changes = self._check_loaded(saved_ids, saved_state, configured)
         except Exception:
             self.__setstate__({"state": before[0], "param_groups": before[1]})
             raise
         self.skipped_steps = skipped
+        for saved_rank, rank in rank_changes:  # said once the load is accepted, not before a refusal
+            warnings.warn(f"load_state_dict: the checkpoint's projected group was saved at rank {saved_rank}, "
+                          f"this optimizer was configured with rank {rank}; training continues at rank "
+                          f"{saved_rank} (the checkpoint's). Start without the checkpoint's optimizer state "
+                          f"to train at rank {rank}.", stacklevel=2)
 
-    def _check_loaded(self, saved_ids: list, saved_state: dict, configured: list) -> None:
+    def _check_loaded(self, saved_ids: list, saved_state: dict, configured: list) -> list[tuple[int, int]]:
         """Restore the state tensors that keep their own dtype, validate every group and projected state,
-        then convert the state to this optimizer's choices (``loaded_state.py``)."""
+        then convert the state to this optimizer's choices (``loaded_state.py``); returns the (saved,
+        configured) rank of each projected group whose fixed rank the checkpoint changes."""
+        rank_changes = []
         for group, (rank, kept) in zip(self.param_groups, configured):
             group.update(kept)
             if is_projected(group) and rank is not None and group["rank"] != rank and group.get("rank_energy") is None:
-                warnings.warn(f"load_state_dict: the checkpoint's projected group was saved at rank {group['rank']}, "
-                              f"this optimizer was configured with rank {rank}; training continues at rank "
-                              f"{group['rank']} (the checkpoint's). Start without the checkpoint's optimizer state "
-                              f"to train at rank {rank}.", stacklevel=3)
+                rank_changes.append((group["rank"], rank))
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, param in zip(saved_ids, params):
             for key, value in saved_state.get(saved_id, {}).items():
@@ -204,6 +208,7 @@ class SubspaceAdamW(Optimizer):
         for group, _, _, param, name in self.named_parameters():
             if self.state.get(param):
                 loaded_state.convert(self.plan(group), self.state[param], param, self._row_shard(param, name))
+        return rank_changes
 
     def forget_caches(self) -> None:
         """Drop what the engine derived from the groups and the state (plans, parameter positions, the
