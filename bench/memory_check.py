@@ -14,9 +14,9 @@ measured peak. Target (issue #17): within 5% of the traced peak, for llama_tiny 
 rank 0 traced) against N real CPU processes (gloo) running the same FSDP2 step: each process
 measures its own peak with the profiler, and the trace of each rank (``traced_rank``) is compared
 with that process's; one more step, on a small model of its own (``REFRESH_MODEL``), refreshes three
-matrices, two owned by rank 0 and one by rank 1. Target: within 1%. What the CPU's collectives allocate for themselves, and the frees
-that gloo makes out of the profiler's sight, are handled in ``profiled_peak`` and
-``synchronous_collectives``.
+matrices, two owned by rank 0 and one by rank 1. Target: within 1%. What the CPU's collectives
+allocate for themselves, and the frees that gloo makes out of the profiler's sight, are handled in
+``profiled_peak`` and ``synchronous_collectives``.
 
 The GPU side (``torch.cuda.max_memory_allocated`` for llama_350m and llama_1b) is
 ``bench/gpu_check.py``'s ``memory_trace_check``.
@@ -97,10 +97,11 @@ def _allocations(prof) -> list[tuple[int, tuple[int, int], int, bool]]:
     """(time, (thread, pointer), bytes, inside a collective) of every CPU allocation (bytes > 0) and
     free (bytes < 0) the profiler saw, in time order; "scratch": made under a ``c10d::`` op or a
     ``gloo:`` work item, or inside the reduce-scatter copy-in (``fsdp::chunk_cat…``: the CPU's
-    ``_chunk_cat`` concatenates a shape's gradients in their own dtype before casting them into the
-    fp32 input, where CUDA's kernel casts as it copies). A block is freed on the thread that allocated it here (gloo's worker
-    threads free their own scratch), so (thread, pointer) names one block even when the allocator
-    hands the same address to another thread and the two threads' time stamps interleave."""
+    ``_chunk_cat`` concatenates a layer's gradients in their own dtype before casting them into the
+    fp32 input, where CUDA's kernel casts as it copies). A block is freed on the thread that
+    allocated it here (gloo's worker threads free their own scratch), so (thread, pointer) names one
+    block even when the allocator hands the same address to another thread and the two threads'
+    time stamps interleave."""
     from torch._C._profiler import _EventType
 
     out, stack = [], [(e, False) for e in prof.profiler.kineto_results.experimental_event_tree()]

@@ -116,9 +116,8 @@ def _tracker_class(sharded: bool = False):
                 """torch's wrapper of FSDP's post-backward (categories before and after it), less one
                 reference: torch's keeps the group's last unsharded gradient in a local variable
                 until the post-backward returns, which no real run has. FSDP frees the unsharded
-                gradients once they are copied into the reduce-scatter input (torch 2.15; torch
-                2.13's reduce keeps the last one alive to its end in a loop variable of its own, which
-                the trace then follows as the real run does)."""
+                gradients once they are copied into the reduce-scatter input, and the trace then
+                frees them where the installed torch's real step does (docs/benchmarks.md)."""
                 from torch.distributed._tools.fsdp2_mem_tracker import _FSDPModState, _FSDPState
 
                 @functools.wraps(original)
