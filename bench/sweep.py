@@ -102,9 +102,9 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def table(runs: Path, output: Path) -> int:
+def table(runs: Path, output: Path, command: str) -> int:
     data = collect(runs)
-    output.write_text(json.dumps(dict(command="python bench/sweep.py table", date=time.strftime("%Y-%m-%d"),
+    output.write_text(json.dumps(dict(command=command, date=time.strftime("%Y-%m-%d"),
                                       profiles={p: quality.PROFILES[p] for p in PROFILES}, rows=data), indent=1) + "\n")
     for profile, rows in data.items():
         print(f"\n{profile}\n{markdown(rows)}")
@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     run.add_argument("--jobs", type=int, default=2)
     collected = sub.add_parser("table", help="collect the cached runs into a JSON file and print the tables")
     collected.add_argument("--output", type=Path, default=RESULTS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.command == "run":
         if args.jobs < 1:
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
             return train(args.specs, args.runs, args.jobs)
         except ValueError as err:
             parser.error(str(err))
-    return table(args.runs, args.output)
+    return table(args.runs, args.output, " ".join(["python bench/sweep.py", *argv]))
 
 
 if __name__ == "__main__":
