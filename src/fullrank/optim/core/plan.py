@@ -120,14 +120,6 @@ def build_plan(group: dict, names: list[str]) -> GroupPlan:
     return GroupPlan(values, AdamOptions.of(values), STORE_REGISTRY.get(values.states), units)
 
 
-def _signature_value(group: dict, name: str, missing):
-    """A group option as the plan cache compares it. ``capturable`` is read as a bool: from torch
-    2.15, Dynamo hands a compiled step a trace-time stand-in for every group's ``capturable`` (so
-    that torch's optimizers take their tensor path) that converts to bool and supports nothing else."""
-    value = group.get(name, missing)
-    return bool(value) if name == "capturable" and value is not missing else value
-
-
 class Plans:
     """Each group's plan, kept while its options and the declared units stay as they are."""
 
@@ -138,15 +130,21 @@ class Plans:
         self._names: tuple[int, tuple[str, ...]] | None = None
 
     def _option_names(self) -> tuple[str, ...]:
+        """The options a plan depends on, but ``lr`` and ``capturable`` (``of`` reads that one as a bool)."""
         version = declaration_version()
         if self._names is None or self._names[0] != version:
-            self._names = (version, (*(n for n in engine_options() if n != "lr"), *GROUP_KEYS))
+            names = (*(n for n in engine_options() if n != "lr"), *GROUP_KEYS)
+            self._names = (version, tuple(n for n in names if n != "capturable"))
         return self._names[1]
 
     def of(self, group: dict, offset: int = 0) -> GroupPlan:
-        """The plan of ``group`` (``offset``: its first parameter's position over all groups, for names)."""
+        """The plan of ``group`` (``offset``: its first parameter's position over all groups, for names).
+        ``capturable`` is compared as a bool: from torch 2.15, Dynamo hands a compiled step a trace-time
+        stand-in for it that converts to bool and supports nothing else."""
         names = self._option_names()
-        signature = (declaration_version(), tuple(_signature_value(group, name, self._MISSING) for name in names))
+        capturable = group.get("capturable", self._MISSING)
+        signature = (declaration_version(), tuple(group.get(name, self._MISSING) for name in names),
+                     capturable if capturable is self._MISSING else bool(capturable))
         cached = self._plans.get(id(group))
         if cached is not None and cached[0] == signature:
             return cached[1]
