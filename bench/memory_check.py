@@ -232,22 +232,24 @@ def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str, jobs: l
         dist.destroy_process_group()
 
 
-def sharded_profiled_peaks(jobs: list, nproc: int = 2) -> list[list[dict]]:
+def sharded_profiled_peaks(jobs: list, nproc: int = 2, spawn=None) -> list[list[dict]]:
     """For each job (model, case, batch, seq): the profiled peak of every one of ``nproc`` real CPU
-    processes (gloo) running the sharded step; one spawn for all the jobs."""
+    processes (gloo) running the sharded step; one ``spawn`` for all the jobs (default
+    ``torch.multiprocessing.spawn``; the tests pass theirs, which forks from a preloaded server)."""
     import tempfile
 
     import torch.multiprocessing as mp
 
+    spawn = spawn or mp.spawn
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_sharded_worker, args=(nproc, str(Path(tmp) / "init"), tmp, [list(j) for j in jobs]), nprocs=nproc)
+        spawn(_sharded_worker, args=(nproc, str(Path(tmp) / "init"), tmp, [list(j) for j in jobs]), nprocs=nproc)
         per_rank = [json.loads((Path(tmp) / f"rank{k}.json").read_text()) for k in range(nproc)]
     return [[per_rank[k][j] for k in range(nproc)] for j in range(len(jobs))]
 
 
-def compare_sharded(jobs: list, nproc: int = 2) -> list[dict]:
+def compare_sharded(jobs: list, nproc: int = 2, spawn=None) -> list[dict]:
     """Traced vs measured peak of each rank, for each job (model, case, batch, seq)."""
-    measured = sharded_profiled_peaks(jobs, nproc)
+    measured = sharded_profiled_peaks(jobs, nproc, spawn)
     rows = []
     for (model, case, batch_size, seq_len), ranks in zip(jobs, measured):
         for k, real in enumerate(ranks):

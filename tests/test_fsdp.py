@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_worker  # noqa: E402
+from processes import spawn as spawn_processes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 def spawn(tmp: Path, phase: str, world: int) -> list[dict]:
     init = tmp / f"init_{phase}"
-    mp.spawn(fsdp_worker.main, args=(world, str(init), str(tmp), phase), nprocs=world)
+    spawn_processes(fsdp_worker.main, args=(world, str(init), str(tmp), phase), nprocs=world)
     return json.loads((tmp / f"{phase}.json").read_text())
 
 

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 pytest.importorskip("bitsandbytes")
 import fsdp_layerwise_worker as worker  # noqa: E402
+from processes import spawn as spawn_processes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
 
 
 def spawn(tmp: Path, phase: str, world: int) -> list[dict]:
-    mp.spawn(worker.main, args=(world, str(tmp / f"init_{phase}"), str(tmp), phase), nprocs=world)
+    spawn_processes(worker.main, args=(world, str(tmp / f"init_{phase}"), str(tmp), phase), nprocs=world)
     return json.loads((tmp / f"{phase}.json").read_text())
 
 

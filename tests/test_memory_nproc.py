@@ -18,6 +18,7 @@ from fullrank.train.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import memory_check  # noqa: E402
+from processes import spawn as spawn_processes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is needed")
@@ -119,7 +120,7 @@ def test_trace_is_within_1_percent_of_two_real_gloo_processes(tmp_path):
     stochastic rounding, 8-bit states, layer-wise updates) and activation checkpointing."""
     jobs = [(memory_check.refresh_model(tmp_path), memory_check.REFRESH_CASE, 1, 8),
             ("llama_tiny", "fira_bf16sr_8bit_layerwise_checkpointing", 2, 32)]
-    rows = memory_check.compare_sharded(jobs, nproc=2)
+    rows = memory_check.compare_sharded(jobs, nproc=2, spawn=spawn_processes)
     assert len(rows) == 4
     for row in rows:
         assert abs(row["relative_error"]) <= 0.01, row

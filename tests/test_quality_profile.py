@@ -83,7 +83,7 @@ def test_rows_name_the_issue_conventions_and_bad_rows_are_refused():
 
 @needs_data
 def test_quick_dry_run_trains_caches_and_defers(tmp_path, quality):
-    rows = "adamw_lr1e-3,fira,fira_8bit"
+    rows = "adamw_lr1e-3,fira_8bit"
     code, out, err = quality("--quick", "--rows", rows, "--threads", "1", "--out", str(tmp_path))
     assert code == 0, err[-2000:]
     assert "plan (gpu60m-quick)" in out and "est. GPU s (H200)" in out
@@ -91,7 +91,7 @@ def test_quick_dry_run_trains_caches_and_defers(tmp_path, quality):
     results = json.loads(results_path.read_text())
     assert (tmp_path / "quality_gpu60m-quick.png").stat().st_size > 0
     trained = {r["row"]: r for r in results["runs"].values()}
-    assert set(trained) == {"adamw_lr1e-3", "fira", "fira_8bit"}  # (states="8bit" is in this build)
+    assert set(trained) == {"adamw_lr1e-3", "fira_8bit"}  # (states="8bit" is in this build)
     assert all(math.isfinite(r["final_val_ppl"]) and r["final_val_ppl"] > 1 and r["seed"] == 0 for r in trained.values())
     assert results["unavailable"] == {}
     summaries = {key: (tmp_path / "runs" / key / "summary.json").stat().st_mtime_ns for key in results["runs"]}

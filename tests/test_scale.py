@@ -355,9 +355,9 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_fsdp2_sharded_updates_equal_unsharded():
-    import torch.multiprocessing as mp
+    from processes import spawn as spawn_processes
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result"
-        mp.spawn(_fsdp_worker, args=(2, str(Path(tmp) / "init"), str(out)), nprocs=2)
+        spawn_processes(_fsdp_worker, args=(2, str(Path(tmp) / "init"), str(out)), nprocs=2)
         assert out.read_text() == "ok"

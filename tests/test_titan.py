@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("torchtitan.models.llama3",
                     reason='torchtitan 0.3.0 and its model code are needed: pip install "fullrank[titan]" '
@@ -26,6 +25,7 @@ from fullrank.titan import CheckpointManager, SubspaceOptimizersContainer, subsp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import titan_worker  # noqa: E402
+from processes import spawn as spawn_processes  # noqa: E402
 
 REGISTRY = ["--module", "fullrank.titan", "--config"]
 
@@ -33,7 +33,7 @@ REGISTRY = ["--module", "fullrank.titan", "--config"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("titan")
-    mp.spawn(titan_worker.main, args=(2, str(tmp / "init"), str(tmp)), nprocs=2)
+    spawn_processes(titan_worker.main, args=(2, str(tmp / "init"), str(tmp)), nprocs=2)
     return json.loads((tmp / "titan.json").read_text())
 
 

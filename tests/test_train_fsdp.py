@@ -1,6 +1,7 @@
-"""``fullrank pretrain --fsdp``: 2 CPU processes (torchrun, gloo) train what 1 process trains, resume
-exactly from their DCP checkpoints, and resume on 1 process; ``--fsdp --layerwise`` (each weight's
-shard updated in backward) trains what ``--fsdp`` trains and resumes exactly."""
+"""``fullrank pretrain --fsdp``: 2 CPU processes (gloo) train what 1 process trains, resume exactly from
+their DCP checkpoints, and resume on 1 process; ``--fsdp --layerwise`` (each weight's shard updated in
+backward) trains what ``--fsdp`` trains and resumes exactly. The first run of each kind goes through
+``torchrun`` (its exit status on every rank included), the others through tests/processes.py."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from processes import pretrain
 from train_fixtures import setup_tiny, single_thread, tiny_argv  # noqa: F401 (autouse fixture)
 
 from fullrank.cli import main
@@ -31,6 +33,11 @@ def train_losses(run_dir) -> list[float]:
     return [r["loss"] for r in rows if r["type"] == "train"]
 
 
+def forked(tiny, out: Path, logs: Path, **flags) -> None:
+    """The same 2-rank run as ``torchrun``, its processes forked from tests/processes.py's server."""
+    pretrain(tiny_argv(tiny, out, **flags), 2, logs)
+
+
 def torchrun(tiny, out: Path, processes: int = 2, **flags) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -46,14 +53,25 @@ def weights(run_dir: Path) -> dict:
     return AutoModelForCausalLM.from_pretrained(run_dir / "hf_model").state_dict()
 
 
+def copy_run_at(source: Path, target: Path, step: int) -> None:
+    """``target``: the run ``source`` as it was when its checkpoint of ``step`` was written."""
+    import shutil
+    (target / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl"):
+        shutil.copy(source / name, target / name)
+    shutil.copytree(dict(list_checkpoints(source))[step], target / "checkpoints" / f"step_{step:07d}")
+    lines = (target / "metrics.jsonl").read_text().splitlines()
+    (target / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= step))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp_train")
     tiny = setup_tiny(tmp)
     torchrun(tiny, tmp / "fsdp", batch_size=1, max_steps=4, fsdp=True, **COMMON)
     assert main(tiny_argv(tiny, tmp / "single", batch_size=2, max_steps=4, **COMMON)) == 0
-    torchrun(tiny, tmp / "resumed", batch_size=1, max_steps=2, fsdp=True, **COMMON)
-    torchrun(tiny, tmp / "resumed", batch_size=1, max_steps=4, fsdp=True, **COMMON, resume=tmp / "resumed")
+    copy_run_at(tmp / "fsdp", tmp / "resumed", 2)
+    forked(tiny, None, tmp / "logs", batch_size=1, max_steps=4, fsdp=True, **COMMON, resume=tmp / "resumed")
     return tiny, tmp
 
 
@@ -86,14 +104,7 @@ def test_resume_on_one_process(runs):
     """The 2-process checkpoint of step 2, resharded onto 1 process at the same global batch."""
     tiny, tmp = runs
     one = tmp / "one"
-    one.mkdir()
-    (one / "checkpoints").mkdir()
-    import shutil
-    for name in ("config.yaml", "metrics.jsonl"):
-        shutil.copy(tmp / "resumed" / name, one / name)
-    shutil.copytree(dict(list_checkpoints(tmp / "resumed"))[2], one / "checkpoints" / "step_0000002")
-    lines = (one / "metrics.jsonl").read_text().splitlines()
-    (one / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= 2))
+    copy_run_at(tmp / "fsdp", one, 2)
     assert main(tiny_argv(tiny, None, resume=one, batch_size=2, max_steps=4, fsdp=True, **COMMON)) == 0
     assert train_losses(one) == pytest.approx(train_losses(tmp / "fsdp"), rel=1e-5)
     assert latest_checkpoint(one).name == "step_0000004"
@@ -120,17 +131,6 @@ def test_fsdp_refuses_what_it_cannot_shard(tmp_path, capsys, flags, message):
 LAYERWISE = dict(COMMON, grad_clip=0.0)  # (global clipping needs every gradient before the first update)
 
 
-def copy_run_at(source: Path, target: Path, step: int) -> None:
-    """``target``: the run ``source`` as it was when its checkpoint of ``step`` was written."""
-    import shutil
-    (target / "checkpoints").mkdir(parents=True)
-    for name in ("config.yaml", "metrics.jsonl"):
-        shutil.copy(source / name, target / name)
-    shutil.copytree(dict(list_checkpoints(source))[step], target / "checkpoints" / f"step_{step:07d}")
-    lines = (target / "metrics.jsonl").read_text().splitlines()
-    (target / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= step))
-
-
 @pytest.fixture(scope="module")
 def layerwise_runs(tmp_path_factory):
     """``--fsdp --layerwise`` with gradient accumulation; ``--fsdp`` with the default buckets and with
@@ -138,10 +138,12 @@ def layerwise_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp_layerwise_train")
     tiny = setup_tiny(tmp)
     torchrun(tiny, tmp / "layerwise", batch_size=1, max_steps=4, fsdp=True, layerwise=True, **LAYERWISE)
-    torchrun(tiny, tmp / "stacked", batch_size=1, max_steps=4, fsdp=True, **LAYERWISE)
-    torchrun(tiny, tmp / "per_matrix", batch_size=1, max_steps=4, fsdp=True, optim_arg="bucket_cap_mb=0", **LAYERWISE)
+    forked(tiny, tmp / "stacked", tmp / "logs_stacked", batch_size=1, max_steps=4, fsdp=True, **LAYERWISE)
+    forked(tiny, tmp / "per_matrix", tmp / "logs_per_matrix", batch_size=1, max_steps=4, fsdp=True,
+           optim_arg="bucket_cap_mb=0", **LAYERWISE)
     copy_run_at(tmp / "layerwise", tmp / "resumed", 2)
-    torchrun(tiny, None, batch_size=1, max_steps=4, fsdp=True, layerwise=True, **LAYERWISE, resume=tmp / "resumed")
+    forked(tiny, None, tmp / "logs_resumed", batch_size=1, max_steps=4, fsdp=True, layerwise=True, **LAYERWISE,
+           resume=tmp / "resumed")
     return tmp
 
 
