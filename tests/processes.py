@@ -24,8 +24,10 @@ from torch.multiprocessing.spawn import ProcessException
 
 PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.checkpoint",
            "transformers.models.llama.modeling_llama", "fullrank.optim", "fullrank.train.loop", "fullrank.cli"]
-# (a module that does not import, torchtitan without its extra, is skipped by the server)
-multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+# where there is no forkserver (Windows), every process is spawned and imports for itself
+START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+if START_METHOD == "forkserver":
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
 
 
 def _in_environment(rank: int, environ: dict, fn, args: tuple) -> None:
@@ -37,7 +39,7 @@ def _in_environment(rank: int, environ: dict, fn, args: tuple) -> None:
 def spawn(fn, args: tuple = (), nprocs: int = 1) -> None:
     """``fn(rank, *args)`` for each rank, joined; a process's exception is raised here with its traceback."""
     mp.start_processes(_in_environment, args=(dict(os.environ), fn, tuple(args)), nprocs=nprocs,
-                       start_method="forkserver")
+                       start_method=START_METHOD)
 
 
 def free_port() -> int:
