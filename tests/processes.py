@@ -4,7 +4,9 @@
 torch, transformers and fullrank again: about 5 s of CPU per process before the first step, most of a
 tiny run. Here the processes come from multiprocessing's *forkserver*, a clean interpreter (not a fork
 of pytest) that imports those modules once and forks every later process from itself. Each process
-starts with the test's environment (``os.environ`` at the call), as a spawned one would.
+starts with the test's environment (``os.environ`` at the call), as a spawned one would; what the
+preloaded modules read from the environment at import (huggingface_hub's offline switch, say) they read
+once, when the first call of this test process started the server.
 
 - ``spawn(fn, args, nprocs)``: ``fn(rank, *args)`` in ``nprocs`` processes, like ``mp.spawn``.
 - ``pretrain(argv, nproc, logs)``: ``fullrank pretrain`` on ``nproc`` ranks with the environment
