@@ -97,7 +97,7 @@ def markdown(rows: list[dict]) -> str:
         ppl = {r["seed"]: r["val_ppl"] for r in row["runs"]}
         name, lr = row["label"].split(" lr=")
         cells = [f"{ppl[s]:.1f}" if s in ppl else "—" for s in (0, 1)]
-        spread = (f"{(ppl[0] + ppl[1]) / 2:.1f} ± {abs(ppl[0] - ppl[1]) / 2:.1f}" if 0 in ppl and 1 in ppl else "—")
+        spread = "{:.1f} ± {:.1f}".format(*quality.spread(list(ppl.values()))) if len(ppl) > 1 else "—"
         lines.append(f"| {name} | {lr} | {cells[0]} | {cells[1]} | {spread} |")
     return "\n".join(lines)
 

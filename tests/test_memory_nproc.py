@@ -125,8 +125,8 @@ def test_trace_is_within_1_percent_of_two_real_gloo_processes(tmp_path):
     for row in rows:
         assert abs(row["relative_error"]) <= 0.01, row
     # the CPU collectives' scratch (gloo's copy of a whole reduce-scatter input, the CPU copy-in's
-    # staging) is real on the CPU, not on a GPU, and left out; it
-    # raises a peak only where it coincides with it (not in the layer-wise step, whose peak is in backward)
+    # staging) is real on the CPU, not on a GPU, and left out; it raises a peak only where it coincides
+    # with it (not in the layer-wise step, whose peak is in backward)
     assert all(row["measured_bytes_with_cpu_scratch"] >= row["measured_bytes"] for row in rows)
     assert any(row["measured_bytes_with_cpu_scratch"] > row["measured_bytes"] for row in rows)
 

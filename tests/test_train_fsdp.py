@@ -38,10 +38,10 @@ def forked(tiny, out: Path, logs: Path, **flags) -> None:
     pretrain(tiny_argv(tiny, out, **flags), 2, logs)
 
 
-def torchrun(tiny, out: Path, processes: int = 2, **flags) -> subprocess.CompletedProcess:
+def torchrun(tiny, out: Path, **flags) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fullrank", *tiny_argv(tiny, out, **flags)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
